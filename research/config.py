@@ -1,0 +1,153 @@
+"""Every setting of a run, defined once as an absl flag.
+
+A run's configuration is a plain namespace of resolved flag values. `python -m research.train` builds it from the
+command line and flagfiles; tests and other programs build it with `make_config(**overrides)`, which parses each
+override through the same flag parser, so both paths accept and reject exactly the same values. The resolved
+configuration is written to `model_dir/flags.txt` and is itself a valid `--flagfile`.
+"""
+
+import copy
+import types
+
+from absl import flags
+
+from research import UserError
+
+FLAGS = flags.FLAGS
+
+# --- data -------------------------------------------------------------------------------------------------------
+flags.DEFINE_string("dataset", "mnist", "TFDS image-classification dataset name (mnist, fashion_mnist, cifar10, ...).")
+flags.DEFINE_string("train_split", "train", "TFDS split to train on; TFDS slicing works, e.g. 'train[:90%]'.")
+flags.DEFINE_string("eval_split", "test", "TFDS split to evaluate on, every example exactly once.")
+flags.DEFINE_string("data_dir", None, "Where TFDS keeps prepared datasets (TFDS default: ~/tensorflow_datasets).")
+flags.DEFINE_string(
+    "tfds_manual_dir", None,
+    "Folder holding the dataset's source files fetched by hand (TFDS DownloadConfig(manual_dir=...)), "
+    "e.g. ../shared/datasets/mnist. Used only when the dataset is not yet prepared in --data_dir.")
+flags.DEFINE_list(
+    "augment", [],
+    "Comma-separated training augmentations applied per example in tf.data, e.g. 'translate,rotate'. "
+    "See research/augment.py for the list.")
+
+# --- model ------------------------------------------------------------------------------------------------------
+flags.DEFINE_string("model", "cnn", "Model name from the registry in research/models/ (mlp, cnn, cnn_rgb, ...).")
+flags.DEFINE_list("hidden_units", ["128"], "mlp: width of each hidden Dense layer, e.g. '128,128'.")
+flags.DEFINE_float("dropout", 0.0, "Dropout rate after hidden layers of models that have it (0 = off).")
+
+# --- optimization -----------------------------------------------------------------------------------------------
+flags.DEFINE_enum("optimizer", "rmsprop", ["adam", "adamax", "rmsprop", "sgd", "adamw"], "Optimizer.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (the initial one for exponential decay).")
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "exponential", "cosine"],
+                  "constant; exponential: lr * decay_rate ** (step / decay_steps); "
+                  "cosine: linear warmup over --warmup_steps, then cosine decay to 0 at the last step.")
+flags.DEFINE_integer("decay_steps", 2000, "exponential: steps per decay by --decay_rate.")
+flags.DEFINE_float("decay_rate", 0.9, "exponential: factor applied every --decay_steps.")
+flags.DEFINE_boolean("staircase", False, "exponential: decay in whole steps of --decay_steps.")
+flags.DEFINE_integer("warmup_steps", 0, "cosine: steps of linear warmup from 0 to --learning_rate.")
+flags.DEFINE_float("momentum", 0.0, "sgd and rmsprop: momentum.")
+flags.DEFINE_boolean("nesterov", False, "sgd: Nesterov momentum.")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay for any optimizer (adamw: 0.004 if left at 0).")
+flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy loss.")
+flags.DEFINE_float("clip_grad_norm", 0.0,
+                   "Clip gradients to this global norm, measured on the gradient summed over all replicas (0 = off).")
+
+# --- length and cadence -----------------------------------------------------------------------------------------
+flags.DEFINE_integer("batch_size", 32, "Global batch size, split evenly over all replicas.")
+flags.DEFINE_integer("train_epochs", None, "Train this many passes over --train_split.")
+flags.DEFINE_integer("train_steps", None, "Train this many steps; overrides --train_epochs when set.")
+flags.DEFINE_integer("steps_per_loop", 100,
+                     "Steps run inside one tf.function call; also the cadence of train logs and summaries.")
+flags.DEFINE_integer("eval_every", 0, "Evaluate every this many steps (0 = at the end of each epoch) and at the end.")
+flags.DEFINE_integer("checkpoint_every", 1000, "Save a checkpoint every this many steps, and always at the end.")
+flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.")
+
+# --- run --------------------------------------------------------------------------------------------------------
+flags.DEFINE_string("model_dir", None, "Run directory: summaries, checkpoints, flags.txt, metrics.jsonl, results.json.")
+flags.DEFINE_integer("seed", 0, "Seed of every random choice: initialisation, shuffling, dropout, augmentation.")
+flags.DEFINE_boolean("deterministic", False, "Turn on TF op determinism (bit-identical reruns; slower on GPU).")
+flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored"],
+                  "tf.distribute strategy. auto: mirrored over all visible GPUs if more than one, one_device on a "
+                  "single GPU, default on CPU.")
+
+flags.DEFINE_string("init_checkpoint", None,
+                    "Start a new run from the model weights of this checkpoint or run directory (optimizer and step "
+                    "start fresh). Ignored when --model_dir already has a checkpoint to resume.")
+flags.DEFINE_enum("on_nonfinite", "stop", ["stop", "restore"],
+                  "On a NaN/Inf loss or gradient: stop with an error naming the step, or restore the last "
+                  "checkpoint's weights and optimizer and go on with the next batch (--max_nonfinite_restores).")
+flags.DEFINE_integer("max_nonfinite_restores", 3, "--on_nonfinite=restore: give up after this many restores.")
+
+REQUIRED = ("model_dir",)
+
+
+def _our_flags():
+    """The flags this module defines, in definition order (absl keeps them per defining module)."""
+    return FLAGS.get_flags_for_module(__name__)
+
+
+def config_from_flags():
+    """The configuration from parsed command-line flags."""
+    return validate(types.SimpleNamespace(**{f.name: f.value for f in _our_flags()}))
+
+
+def make_config(**overrides):
+    """A configuration from flag defaults plus overrides, each parsed as if given on the command line."""
+    values = {f.name: copy.deepcopy(f.default) for f in _our_flags()}
+    for name, value in overrides.items():
+        if name not in values:
+            raise UserError(f"unknown flag --{name}")
+        values[name] = None if value is None else _parse(FLAGS[name], value)
+    return validate(types.SimpleNamespace(**values))
+
+
+def _parse(flag, value):
+    try:
+        return flag.parser.parse(value)
+    except ValueError as e:
+        raise UserError(f"flag --{flag.name}={value!r}: {e}") from None
+
+
+def validate(config):
+    """Checks that hold between flags; each failure is one line naming the flag."""
+
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    for name in REQUIRED:
+        need(getattr(config, name), f"--{name} is required")
+    need(config.batch_size > 0, f"--batch_size must be positive, got {config.batch_size}")
+    need(config.train_steps or config.train_epochs,
+         "set the training length with --train_epochs or --train_steps")
+    for name in ("train_steps", "train_epochs"):
+        need(getattr(config, name) is None or getattr(config, name) > 0, f"--{name} must be positive")
+    need(config.steps_per_loop > 0, "--steps_per_loop must be positive")
+    need(config.checkpoint_every > 0, "--checkpoint_every must be positive")
+    need(config.keep_checkpoints > 0, "--keep_checkpoints must be positive")
+    need(config.eval_every >= 0, "--eval_every must be >= 0")
+    need(config.learning_rate > 0, "--learning_rate must be positive")
+    need(0 <= config.dropout < 1, "--dropout must be in [0, 1)")
+    need(0 <= config.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
+    need(config.clip_grad_norm >= 0, "--clip_grad_norm must be >= 0")
+    try:
+        config.hidden_units = [int(u) for u in config.hidden_units]
+    except ValueError:
+        raise UserError(f"--hidden_units must be integers, got {','.join(config.hidden_units)}") from None
+    need(all(u > 0 for u in config.hidden_units), "--hidden_units must be positive")
+    return config
+
+
+def to_flagfile(config):
+    """The configuration as flagfile lines (`--name=value`), readable back with --flagfile."""
+    lines = []
+    for flag in _our_flags():
+        value = getattr(config, flag.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            lines.append(f"--{'' if value else 'no'}{flag.name}")
+        elif isinstance(value, list):
+            lines.append(f"--{flag.name}={','.join(str(v) for v in value)}")
+        else:
+            lines.append(f"--{flag.name}={value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,44 @@
+"""Optimizer, learning-rate schedule and loss, from flags."""
+
+import tensorflow as tf
+
+keras = tf.keras
+
+
+def learning_rate(config, total_steps):
+    """The schedule, a function of the optimizer's step count."""
+    if config.lr_schedule == "exponential":
+        return keras.optimizers.schedules.ExponentialDecay(
+            config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase)
+    if config.lr_schedule == "cosine":
+        warmup = min(config.warmup_steps, total_steps - 1)
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else config.learning_rate, decay_steps=total_steps - warmup,
+            warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+    return config.learning_rate
+
+
+def create_optimizer(config, total_steps):
+    """Create inside `strategy.scope()`. Gradient clipping is not set here: the train step clips on the norm of the
+    gradient summed over replicas, which Keras' own clipnorm (applied per replica) would not."""
+    lr = learning_rate(config, total_steps)
+    decay = config.weight_decay or None
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(lr, weight_decay=decay)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay or 0.004)
+    if config.optimizer == "adamax":
+        return keras.optimizers.Adamax(lr, weight_decay=decay)
+    if config.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(lr, momentum=config.momentum, weight_decay=decay)
+    return keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=decay)
+
+
+def per_example_loss(labels, logits, label_smoothing=0.0):
+    """Sparse softmax cross-entropy from logits, with optional label smoothing; shape [batch]."""
+    if not label_smoothing:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    num_classes = tf.shape(logits)[-1]
+    targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / tf.cast(
+        num_classes, tf.float32)
+    return tf.nn.softmax_cross_entropy_with_logits(targets, logits)

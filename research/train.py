@@ -1,0 +1,252 @@
+"""Train and evaluate an image classifier: `python -m research.train --flagfile=configs/cnn.cfg --model_dir=runs/x`.
+
+Read `train_and_evaluate` top to bottom for the whole run, and `make_train_loop` for one train step. Running the
+same command again resumes from the run directory's latest checkpoint; a finished run says so and exits 0.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import tensorflow as tf
+from absl import app, logging
+
+from research import UserError, checkpoint, config as config_lib, data, distribute, models, optim, reporting
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint was saved; exit non-zero so schedulers requeue the job."""
+
+    def __init__(self, signum, step):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, checkpoint saved; "
+                         "rerun the same command to resume")
+        self.exit_code = 128 + signum
+
+
+def make_train_loop(strategy, model, optimizer, step, config):
+    """`train_loop(iterator, num_steps)` runs `num_steps` train steps inside one tf.function call.
+
+    Returns the sums over the steps run of [mean loss, correct, examples, gradient norm], the number of steps run,
+    and whether all were finite: at the first non-finite loss or gradient it stops (that step's update is applied,
+    and the caller never saves such a state: it stops or restores the last checkpoint).
+    """
+    variables = model.trainable_variables
+    num_replicas = strategy.num_replicas_in_sync
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            losses = optim.per_example_loss(labels, logits, config.label_smoothing)
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
+        grads = tape.gradient(loss, variables)
+        # Sum the gradient over replicas here, so that its norm (for clipping and the NaN check) is the global
+        # batch's, identical on every replica. Keras' apply_gradients sums over replicas again and has no switch
+        # to skip that, so it gets 1/n of the sum: n identical copies add up to the sum (exactly, for n = 2^k).
+        grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
+        norm = tf.linalg.global_norm(grads)
+        if config.clip_grad_norm:
+            grads, _ = tf.clip_by_global_norm(grads, config.clip_grad_norm, use_norm=norm)
+        optimizer.apply_gradients(zip([g / num_replicas for g in grads], variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
+        examples = tf.cast(tf.shape(labels)[0], tf.float32)
+        return tf.stack([loss, correct, examples, norm / num_replicas])  # Summed over replicas by the caller.
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        totals = tf.zeros([4])
+        steps_run = tf.constant(0)
+        finite = tf.constant(True)
+        for _ in tf.range(num_steps):
+            stats = strategy.reduce(SUM, strategy.run(replica_step, args=next(iterator)), axis=None)
+            step.assign_add(1)
+            totals += stats
+            steps_run += 1
+            finite = tf.reduce_all(tf.math.is_finite(stats))
+            if not finite:
+                break
+        return totals, steps_run, finite
+
+    return train_loop
+
+
+def make_evaluate(strategy, model, num_classes):
+    """`evaluate(distributed_dataset)` -> (summed cross-entropy, confusion matrix) over every example once."""
+
+    def replica_eval(images, labels):
+        logits = model(images, training=False)
+        loss = tf.reduce_sum(optim.per_example_loss(labels, logits))
+        confusion = tf.math.confusion_matrix(labels, tf.argmax(logits, -1), num_classes, dtype=tf.float32)
+        return loss, confusion
+
+    @tf.function
+    def evaluate(dist_dataset):
+        loss, confusion = tf.constant(0.0), tf.zeros([num_classes, num_classes])
+        for images, labels in dist_dataset:
+            replica_loss, replica_confusion = strategy.run(replica_eval, args=(images, labels))
+            loss += strategy.reduce(SUM, replica_loss, axis=None)
+            confusion += strategy.reduce(SUM, replica_confusion, axis=None)
+        return loss, confusion
+
+    return evaluate
+
+
+def train_and_evaluate(config):
+    """Trains `config.model` on `config.dataset` in `config.model_dir`, resuming if it holds a checkpoint.
+
+    Returns the results dict also written to `model_dir/results.json`.
+    """
+    # ------------------------------------------------------------------ Setup: seeds, strategy, run directory
+    tf.keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = distribute.create_strategy(config)
+    chief = distribute.is_chief(strategy)
+    os.makedirs(config.model_dir, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if chief:
+            stack.enter_context(checkpoint.RunLock(config.model_dir))
+        stop_signal = stack.enter_context(_catch_stop_signals())
+
+        # -------------------------------------------------------------- Data
+        dataset = data.load(config)
+        steps_per_epoch = dataset.num_train // config.batch_size
+        if steps_per_epoch == 0:
+            raise UserError(f"--batch_size={config.batch_size} exceeds the {dataset.num_train} examples of "
+                            f"--train_split={config.train_split}")
+        if config.batch_size % strategy.num_replicas_in_sync:
+            raise UserError(f"--batch_size={config.batch_size} does not split over "
+                            f"{strategy.num_replicas_in_sync} replicas")
+        total_steps = config.train_steps or config.train_epochs * steps_per_epoch
+        eval_every = config.eval_every or steps_per_epoch
+
+        # -------------------------------------------------------------- Model, optimizer, checkpoint
+        with strategy.scope():
+            model = models.create(config, dataset)
+            model(tf.zeros([1, *dataset.image_shape]))  # Creates the variables before any restore or tf.function.
+            optimizer = optim.create_optimizer(config, total_steps)
+            optimizer.build(model.trainable_variables)
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        ckpt = tf.train.Checkpoint(step=step, model=model, optimizer=optimizer,
+                                   seed_states=checkpoint.seed_states(model))
+        checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
+                                             distribute.worker_id(strategy))
+        if checkpoints.candidates():
+            checkpoint.check_resume_config(config.model_dir, config)
+            restored = checkpoints.restore_latest()
+            if restored is None:
+                raise UserError(f"{config.model_dir} has checkpoints but none is readable; nothing was changed")
+            print(f"Resuming from {restored} at step {int(step)}")
+        elif config.init_checkpoint:
+            checkpoint.restore_weights(model, config.init_checkpoint)
+            print(f"Initialised weights from {config.init_checkpoint}")
+        results_path = os.path.join(config.model_dir, "results.json")
+        if int(step) >= total_steps and os.path.exists(results_path):
+            print(f"Run in {config.model_dir} already finished at step {int(step)}; results in {results_path}")
+            return json.load(open(results_path))
+        if chief:
+            with open(os.path.join(config.model_dir, "flags.txt"), "w") as f:
+                f.write(config_lib.to_flagfile(config))
+            model.summary(expand_nested=True)
+
+        # -------------------------------------------------------------- Train: loops of steps, evals, saves
+        train_loop = make_train_loop(strategy, model, optimizer, step, config)
+        evaluate = make_evaluate(strategy, model, dataset.num_classes)
+        iterator = iter(strategy.distribute_datasets_from_function(
+            data.train_input_fn(dataset, config, int(step))))
+        eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
+        reporter = reporting.Reporter(config.model_dir, total_steps, steps_per_epoch, int(step), chief)
+        started, restores, train_metrics, last_eval = time.time(), 0, {}, None
+
+        def run_eval(current):
+            loss, confusion = (t.numpy() for t in evaluate(eval_data))
+            examples = int(confusion.sum())
+            metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
+                       "examples": examples}
+            reporter.eval(current, {**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}})
+            return metrics, confusion
+
+        current = int(step)
+        while current < total_steps:
+            num_steps = min(config.steps_per_loop, total_steps - current,
+                            eval_every - current % eval_every, config.checkpoint_every - current % config.checkpoint_every)
+            loop_start = time.time()
+            totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
+            (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step)
+            if not finite:
+                last_good = checkpoints.manager.latest_checkpoint
+                if config.on_nonfinite != "restore" or restores >= config.max_nonfinite_restores or not last_good:
+                    raise UserError(f"non-finite loss or gradient at step {current}; last good checkpoint: "
+                                    f"{last_good or 'none'} (left intact)")
+                restores += 1
+                logging.warning("non-finite loss or gradient at step %d: restoring %s (%d/%d) and going on "
+                                "with the next batch", current, last_good, restores, config.max_nonfinite_restores)
+                checkpoints.restore(last_good)
+                step.assign(current)
+                continue
+            train_metrics = {"loss": loss / steps_run, "accuracy": correct / examples, "grad_norm": norm / steps_run,
+                             "learning_rate": optimizer.learning_rate,
+                             "images_per_sec": examples / (time.time() - loop_start)}
+            train_metrics = {k: float(v) for k, v in train_metrics.items()}
+            reporter.train(current, train_metrics)
+            if current % eval_every == 0 or current == total_steps:
+                last_eval = run_eval(current)
+                checkpoints.save_best(current, last_eval[0]["accuracy"])
+            saved = current % config.checkpoint_every == 0 or current == total_steps
+            if saved:
+                checkpoints.save(current)
+            if stop_signal:
+                if not saved:
+                    checkpoints.save(current)
+                raise Preempted(stop_signal[0], current)
+
+        # -------------------------------------------------------------- Results
+        eval_metrics, confusion = last_eval or run_eval(current)
+        results = {"step": current, "eval": eval_metrics, "train": train_metrics,
+                   "wall_time_s": round(time.time() - started, 1), "params": int(model.count_params()),
+                   "dataset": config.dataset, "model": config.model, "confusion_matrix": confusion.astype(int).tolist()}
+        reporter.flush()
+        if chief:
+            with open(results_path, "w") as f:
+                json.dump(results, f, indent=1)
+        print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
+              f"({results['wall_time_s']} s)")
+        return results
+
+
+@contextlib.contextmanager
+def _catch_stop_signals():
+    """Turns SIGTERM/SIGINT into a request, honoured after the current loop of steps (a list holding the signal)."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO chatter (saver callbacks) hides the training log.
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        train_and_evaluate(config_lib.config_from_flags())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    app.run(main)
