@@ -1,13 +1,22 @@
 """The tf.distribute strategy for `--strategy`, and the few facts about it the loop needs."""
 
+import functools
+
 import tensorflow as tf
 
 from research import UserError
 
 
 def create_strategy(config):
+    return _strategy(config.strategy)
+
+
+@functools.lru_cache(maxsize=None)
+def _strategy(name):
+    """One strategy object per kind and process: two MirroredStrategy objects in one process reuse collective keys
+    and abort each other's all-reduces, which matters wherever train_and_evaluate runs more than once."""
     gpus = tf.config.list_logical_devices("GPU")
-    name = config.strategy
+    requested = name
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "one_device" if gpus else "default"
     if name == "default":
@@ -18,7 +27,7 @@ def create_strategy(config):
         # With no GPU, mirror over the logical CPUs (tests split the CPU into two to exercise this path).
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
-    raise UserError(f"--strategy={config.strategy} is unknown")
+    raise UserError(f"--strategy={requested} is unknown")
 
 
 def is_chief(strategy):

@@ -19,8 +19,11 @@ def _fmt_time(seconds):
 
 
 class Reporter:
-    def __init__(self, model_dir, total_steps, steps_per_epoch, start_step, is_chief=True):
-        self.model_dir = model_dir
+    """Created by the train loop after the model is built; `dataset` is a research.data.Dataset."""
+
+    def __init__(self, config, dataset, model, total_steps, steps_per_epoch, start_step, is_chief=True):
+        self.config, self.dataset, self.model = config, dataset, model
+        model_dir = self.model_dir = config.model_dir
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.is_chief = is_chief
@@ -56,8 +59,9 @@ class Reporter:
               + f" lr {metrics['learning_rate']:.3g} {metrics['images_per_sec']:.0f} img/s ETA {_fmt_time(eta)}",
               flush=True)
 
-    def eval(self, step, metrics):
-        """After each evaluation: console line, eval scalars, one metrics.jsonl line."""
+    def eval(self, step, metrics, confusion):
+        """After each evaluation: console line, eval scalars, one metrics.jsonl line. `confusion` is the
+        [true, predicted] count matrix over the whole eval split."""
         self.scalars("eval", step, {k: v for k, v in metrics.items() if k in ("loss", "accuracy")})
         if self.tty and self.progbar is not None:
             print()
@@ -67,6 +71,10 @@ class Reporter:
         if self.is_chief:
             with open(os.path.join(self.model_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def finish(self, results):
+        """At the end of training, with the dict written to results.json."""
+        self.flush()
 
     def flush(self):
         if self.is_chief:

@@ -141,26 +141,29 @@ def train_and_evaluate(config):
             restored = checkpoints.restore_latest()
             if restored is None:
                 raise UserError(f"{config.model_dir} has checkpoints but none is readable; nothing was changed")
-            print(f"Resuming from {restored} at step {int(step)}")
+            print(f"Resuming from {restored} at step {int(step.numpy())}")
         elif config.init_checkpoint:
             checkpoint.restore_weights(model, config.init_checkpoint)
             print(f"Initialised weights from {config.init_checkpoint}")
         results_path = os.path.join(config.model_dir, "results.json")
-        if int(step) >= total_steps and os.path.exists(results_path):
-            print(f"Run in {config.model_dir} already finished at step {int(step)}; results in {results_path}")
+        if int(step.numpy()) >= total_steps and os.path.exists(results_path):
+            print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in {results_path}")
             return json.load(open(results_path))
         if chief:
             with open(os.path.join(config.model_dir, "flags.txt"), "w") as f:
                 f.write(config_lib.to_flagfile(config))
+            with open(os.path.join(config.model_dir, "dataset.json"), "w") as f:
+                json.dump({"name": dataset.name, "image_shape": list(dataset.image_shape),
+                           "class_names": dataset.class_names}, f)
             model.summary(expand_nested=True)
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
         train_loop = make_train_loop(strategy, model, optimizer, step, config)
         evaluate = make_evaluate(strategy, model, dataset.num_classes)
         iterator = iter(strategy.distribute_datasets_from_function(
-            data.train_input_fn(dataset, config, int(step))))
+            data.train_input_fn(dataset, config, int(step.numpy()))))
         eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
-        reporter = reporting.Reporter(config.model_dir, total_steps, steps_per_epoch, int(step), chief)
+        reporter = reporting.Reporter(config, dataset, model, total_steps, steps_per_epoch, int(step.numpy()), chief)
         started, restores, train_metrics, last_eval = time.time(), 0, {}, None
 
         def run_eval(current):
@@ -168,16 +171,16 @@ def train_and_evaluate(config):
             examples = int(confusion.sum())
             metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
                        "examples": examples}
-            reporter.eval(current, {**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}})
+            reporter.eval(current, {**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
             return metrics, confusion
 
-        current = int(step)
+        current = int(step.numpy())
         while current < total_steps:
             num_steps = min(config.steps_per_loop, total_steps - current,
                             eval_every - current % eval_every, config.checkpoint_every - current % config.checkpoint_every)
             loop_start = time.time()
             totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
-            (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step)
+            (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step.numpy())
             if not finite:
                 last_good = checkpoints.manager.latest_checkpoint
                 if config.on_nonfinite != "restore" or restores >= config.max_nonfinite_restores or not last_good:
@@ -190,7 +193,7 @@ def train_and_evaluate(config):
                 step.assign(current)
                 continue
             train_metrics = {"loss": loss / steps_run, "accuracy": correct / examples, "grad_norm": norm / steps_run,
-                             "learning_rate": optimizer.learning_rate,
+                             "learning_rate": tf.convert_to_tensor(optimizer.learning_rate),
                              "images_per_sec": examples / (time.time() - loop_start)}
             train_metrics = {k: float(v) for k, v in train_metrics.items()}
             reporter.train(current, train_metrics)
@@ -210,10 +213,10 @@ def train_and_evaluate(config):
         results = {"step": current, "eval": eval_metrics, "train": train_metrics,
                    "wall_time_s": round(time.time() - started, 1), "params": int(model.count_params()),
                    "dataset": config.dataset, "model": config.model, "confusion_matrix": confusion.astype(int).tolist()}
-        reporter.flush()
         if chief:
             with open(results_path, "w") as f:
                 json.dump(results, f, indent=1)
+        reporter.finish(results)
         print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
               f"({results['wall_time_s']} s)")
         return results

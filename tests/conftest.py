@@ -1,0 +1,43 @@
+"""Shared fixtures: mocked TFDS datasets for fast tests, the real MNIST files for integration tests."""
+
+import os
+
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# Two logical CPUs, so MirroredStrategy tests can run two replicas on a CPU-only machine. Must precede any TF op.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+from research import config as config_lib, data  # noqa: E402
+
+MNIST_FILES = os.environ.get(
+    "MNIST_FILES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist"))
+
+
+@pytest.fixture
+def mock_tfds(monkeypatch):
+    """`tfds.testing.mock_data` with 64 random examples per split; downloads are no-ops under the mock, so the
+    offline check that guards real downloads is switched off too."""
+    monkeypatch.setattr(data, "ensure_downloadable", lambda builder, manual_dir: None)
+    with tfds.testing.mock_data(num_examples=64):
+        yield
+
+
+def make_config(model_dir, **overrides):
+    """A small, fast configuration: a few steps of tiny batches."""
+    defaults = dict(model_dir=str(model_dir), dataset="mnist", model="mlp", hidden_units="16", batch_size=8,
+                    train_steps=12, steps_per_loop=4, eval_every=8, checkpoint_every=4, optimizer="adam")
+    return config_lib.make_config(**{**defaults, **overrides})
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir(tmp_path_factory):
+    """A TFDS data_dir with real MNIST prepared from ../shared/datasets/mnist (skips where the files are absent)."""
+    if not os.path.exists(os.path.join(MNIST_FILES, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"real MNIST files not found in {MNIST_FILES} (set MNIST_FILES); CI always has them")
+    data_dir = tmp_path_factory.mktemp("tfds")
+    tfds.builder("mnist", data_dir=str(data_dir)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=MNIST_FILES))
+    return str(data_dir)
