@@ -50,6 +50,9 @@ flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay for any optimize
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy loss.")
 flags.DEFINE_float("clip_grad_norm", 0.0,
                    "Clip gradients to this global norm, measured on the gradient summed over all replicas (0 = off).")
+flags.DEFINE_float("ema_decay", 0.0,
+                   "Keep an exponential moving average of the weights with this decay (e.g. 0.999); evaluation, the "
+                   "best checkpoint and exports then use the averaged weights (0 = off).")
 
 # --- length and cadence -----------------------------------------------------------------------------------------
 flags.DEFINE_integer("batch_size", 32, "Global batch size, split evenly over all replicas.")
@@ -65,9 +68,20 @@ flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep
 flags.DEFINE_string("model_dir", None, "Run directory: summaries, checkpoints, flags.txt, metrics.jsonl, results.json.")
 flags.DEFINE_integer("seed", 0, "Seed of every random choice: initialisation, shuffling, dropout, augmentation.")
 flags.DEFINE_boolean("deterministic", False, "Turn on TF op determinism (bit-identical reruns; slower on GPU).")
-flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored"],
+flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker_mirrored"],
                   "tf.distribute strategy. auto: mirrored over all visible GPUs if more than one, one_device on a "
-                  "single GPU, default on CPU.")
+                  "single GPU, default on CPU. multi_worker_mirrored: one process per host, cluster from --cluster.")
+flags.DEFINE_integer("num_gpus", None, "Use only the first N visible GPUs (default: all).")
+flags.DEFINE_enum("cluster", "tf_config", ["tf_config", "slurm"],
+                  "multi_worker_mirrored: read the cluster from the TF_CONFIG environment variable, or from the SLURM "
+                  "allocation (one task per host).")
+flags.DEFINE_boolean("jit_compile", False, "XLA-compile the forward/backward pass (pays on GPUs; slower on CPU).")
+flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "Compute dtype policy; mixed_float16 adds dynamic loss scaling. For GPUs: slower on CPU.")
+flags.DEFINE_integer("histogram_every", 0, "Write weight histograms to TensorBoard every this many steps (0 = off).")
+flags.DEFINE_list("profile_steps", [],
+                  "Capture a TensorBoard profile of the loop of steps containing these steps; 'first' and 'last' "
+                  "name the first loop after warm-up and the final loop.")
 
 flags.DEFINE_string("init_checkpoint", None,
                     "Start a new run from the model weights of this checkpoint or run directory (optimizer and step "
