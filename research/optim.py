@@ -20,7 +20,15 @@ def learning_rate(config, total_steps):
 
 def create_optimizer(config, total_steps):
     """Create inside `strategy.scope()`. Gradient clipping is not set here: the train step clips on the norm of the
-    gradient summed over replicas, which Keras' own clipnorm (applied per replica) would not."""
+    gradient summed over replicas, which Keras' own clipnorm (applied per replica) would not. Under mixed_float16
+    the optimizer is wrapped in Keras' dynamic loss scaler."""
+    optimizer = _optimizer(config, total_steps)
+    if config.mixed_precision == "mixed_float16":
+        return keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _optimizer(config, total_steps):
     lr = learning_rate(config, total_steps)
     decay = config.weight_decay or None
     if config.optimizer == "adam":

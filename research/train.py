@@ -29,32 +29,46 @@ class Preempted(Exception):
         self.exit_code = 128 + signum
 
 
-def make_train_loop(strategy, model, optimizer, step, config):
+def make_train_loop(strategy, model, optimizer, step, config, ema=None):
     """`train_loop(iterator, num_steps)` runs `num_steps` train steps inside one tf.function call.
 
     Returns the sums over the steps run of [mean loss, correct, examples, gradient norm], the number of steps run,
     and whether all were finite: at the first non-finite loss or gradient it stops (that step's update is applied,
-    and the caller never saves such a state: it stops or restores the last checkpoint).
+    and the caller never saves such a state: it stops or restores the last checkpoint). Under mixed_float16 a
+    non-finite gradient is instead the loss scaler's business (it skips the update and lowers the scale).
     """
     variables = model.trainable_variables
     num_replicas = strategy.num_replicas_in_sync
+    loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
 
-    def replica_step(images, labels):
+    def forward_backward(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             losses = optim.per_example_loss(labels, logits, config.label_smoothing)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
-        grads = tape.gradient(loss, variables)
+            scaled_loss = optimizer.scale_loss(loss) if loss_scaling else loss
+        return loss, logits, tape.gradient(scaled_loss, variables)
+
+    if config.jit_compile:
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(images, labels):
+        loss, logits, grads = forward_backward(images, labels)
         # Sum the gradient over replicas here, so that its norm (for clipping and the NaN check) is the global
-        # batch's, identical on every replica. Keras' apply_gradients sums over replicas again and has no switch
-        # to skip that, so it gets 1/n of the sum: n identical copies add up to the sum (exactly, for n = 2^k).
+        # batch's, identical on every replica; for the same reason the loss scaler's finiteness check, which looks
+        # at one replica only, sees every replica's overflow. Keras' apply_gradients sums over replicas again and
+        # has no switch to skip that, so it gets 1/n of the sum: n identical copies add up to the sum (exactly,
+        # for n = 2^k).
         grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
-        norm = tf.linalg.global_norm(grads)
+        scale = optimizer.dynamic_scale if loss_scaling else 1.0
+        norm = tf.linalg.global_norm(grads) / scale
         if config.clip_grad_norm:
-            grads, _ = tf.clip_by_global_norm(grads, config.clip_grad_norm, use_norm=norm)
+            grads, _ = tf.clip_by_global_norm(grads, config.clip_grad_norm * scale, use_norm=norm * scale)
         optimizer.apply_gradients(zip([g / num_replicas for g in grads], variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
         examples = tf.cast(tf.shape(labels)[0], tf.float32)
+        if loss_scaling:
+            norm = tf.where(tf.math.is_finite(norm), norm, 0.0)  # An overflow step is skipped, not an error.
         return tf.stack([loss, correct, examples, norm / num_replicas])  # Summed over replicas by the caller.
 
     @tf.function
@@ -65,6 +79,8 @@ def make_train_loop(strategy, model, optimizer, step, config):
         for _ in tf.range(num_steps):
             stats = strategy.reduce(SUM, strategy.run(replica_step, args=next(iterator)), axis=None)
             step.assign_add(1)
+            if ema is not None:
+                ema.update(step)
             totals += stats
             steps_run += 1
             finite = tf.reduce_all(tf.math.is_finite(stats))
@@ -73,6 +89,37 @@ def make_train_loop(strategy, model, optimizer, step, config):
         return totals, steps_run, finite
 
     return train_loop
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights (`--ema_decay`), updated after every step.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) so that early averages are not dominated by the random
+    initialisation. Its variables go into the checkpoint as `ema`, parallel to `model.trainable_variables`.
+    """
+
+    def __init__(self, variables, decay):
+        self.variables = variables
+        self.decay = decay
+        self.average = [tf.Variable(v, trainable=False, name="ema") for v in variables]
+
+    def update(self, step):
+        t = tf.cast(step, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))
+        for average, v in zip(self.average, self.variables):
+            average.assign(decay * average + (1.0 - decay) * v)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Within the block the model holds the averaged weights (for evaluation)."""
+        current = [v.numpy() for v in self.variables]
+        for average, v in zip(self.average, self.variables):
+            v.assign(average)
+        try:
+            yield
+        finally:
+            for value, v in zip(current, self.variables):
+                v.assign(value)
 
 
 def make_evaluate(strategy, model, num_classes):
@@ -126,14 +173,16 @@ def train_and_evaluate(config):
         eval_every = config.eval_every or steps_per_epoch
 
         # -------------------------------------------------------------- Model, optimizer, checkpoint
+        tf.keras.mixed_precision.set_global_policy(config.mixed_precision)  # Global: set for every run.
         with strategy.scope():
             model = models.create(config, dataset)
             model(tf.zeros([1, *dataset.image_shape]))  # Creates the variables before any restore or tf.function.
             optimizer = optim.create_optimizer(config, total_steps)
             optimizer.build(model.trainable_variables)
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            ema = WeightAverage(model.trainable_variables, config.ema_decay) if config.ema_decay else None
         ckpt = tf.train.Checkpoint(step=step, model=model, optimizer=optimizer,
-                                   seed_states=checkpoint.seed_states(model))
+                                   seed_states=checkpoint.seed_states(model), ema=ema.average if ema else [])
         checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
                                              distribute.worker_id(strategy))
         if checkpoints.candidates():
@@ -158,16 +207,17 @@ def train_and_evaluate(config):
             model.summary(expand_nested=True)
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
-        train_loop = make_train_loop(strategy, model, optimizer, step, config)
+        train_loop = make_train_loop(strategy, model, optimizer, step, config, ema)
         evaluate = make_evaluate(strategy, model, dataset.num_classes)
         iterator = iter(strategy.distribute_datasets_from_function(
             data.train_input_fn(dataset, config, int(step.numpy()))))
         eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
         reporter = reporting.Reporter(config, dataset, model, total_steps, steps_per_epoch, int(step.numpy()), chief)
-        started, restores, train_metrics, last_eval = time.time(), 0, {}, None
+        started, restores, loops_run, train_metrics, last_eval = time.time(), 0, 0, {}, None
 
         def run_eval(current):
-            loss, confusion = (t.numpy() for t in evaluate(eval_data))
+            with ema.swapped_in() if ema else contextlib.nullcontext():
+                loss, confusion = (t.numpy() for t in evaluate(eval_data))
             examples = int(confusion.sum())
             metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
                        "examples": examples}
@@ -179,7 +229,9 @@ def train_and_evaluate(config):
             num_steps = min(config.steps_per_loop, total_steps - current,
                             eval_every - current % eval_every, config.checkpoint_every - current % config.checkpoint_every)
             loop_start = time.time()
-            totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
+            with _profiling(config, current, num_steps, total_steps, loops_run):
+                totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
+            loops_run += 1
             (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step.numpy())
             if not finite:
                 last_good = checkpoints.manager.latest_checkpoint
@@ -220,6 +272,17 @@ def train_and_evaluate(config):
         print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
               f"({results['wall_time_s']} s)")
         return results
+
+
+def _profiling(config, current, num_steps, total_steps, loops_run):
+    """A TensorBoard profile (model_dir/train, Profile tab) of this loop if --profile_steps asks for it: a step
+    number inside it, 'first' for the first loop after the one that traced, 'last' for the final loop."""
+    wanted = any(s.isdigit() and current < int(s) <= current + num_steps for s in config.profile_steps) or (
+        "first" in config.profile_steps and loops_run == 1) or (
+        "last" in config.profile_steps and current + num_steps == total_steps)
+    if not wanted:
+        return contextlib.nullcontext()
+    return tf.profiler.experimental.Profile(os.path.join(config.model_dir, "train"))
 
 
 @contextlib.contextmanager
