@@ -21,10 +21,7 @@ OPS = ("translate", "rotate", "zoom", "flip", "crop", "cutout")
 
 
 def parse(names, image_shape):
-    """Validated op names in canonical order (order of application is fixed, not the order given)."""
-    unknown = sorted(set(names) - set(OPS))
-    if unknown:
-        raise UserError(f"--augment: unknown op {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    """Op names (already checked by research.config) in canonical order: the order of application is fixed."""
     if len(image_shape) != 3:
         raise UserError(f"--augment needs [H, W, C] images, got shape {image_shape}")
     return tuple(op for op in OPS if op in names)

@@ -11,7 +11,7 @@ import types
 
 from absl import flags
 
-from research import UserError
+from research import UserError, augment, models
 
 FLAGS = flags.FLAGS
 
@@ -148,6 +148,9 @@ def validate(config):
     except ValueError:
         raise UserError(f"--hidden_units must be integers, got {','.join(config.hidden_units)}") from None
     need(all(u > 0 for u in config.hidden_units), "--hidden_units must be positive")
+    need(config.model in models.names(), f"--model={config.model} is unknown; choose from {', '.join(models.names())}")
+    unknown_ops = sorted(set(config.augment) - set(augment.OPS))
+    need(not unknown_ops, f"--augment: unknown op {', '.join(unknown_ops)}; choose from {', '.join(augment.OPS)}")
     return config
 
 

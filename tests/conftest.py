@@ -37,7 +37,6 @@ def mnist_data_dir(tmp_path_factory):
     """A TFDS data_dir with real MNIST prepared from ../shared/datasets/mnist (skips where the files are absent)."""
     if not os.path.exists(os.path.join(MNIST_FILES, "train-images-idx3-ubyte.gz")):
         pytest.skip(f"real MNIST files not found in {MNIST_FILES} (set MNIST_FILES); CI always has them")
-    data_dir = tmp_path_factory.mktemp("tfds")
-    tfds.builder("mnist", data_dir=str(data_dir)).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=MNIST_FILES))
-    return str(data_dir)
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    data.load(config_lib.make_config(model_dir="unused", train_steps=1, data_dir=data_dir, tfds_manual_dir=MNIST_FILES))
+    return data_dir

@@ -1,0 +1,125 @@
+"""The training system end to end: real loop, mocked and real data, run directory contents, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import MNIST_FILES, make_config
+from research import UserError, data, models, optim, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shape_only(shape, classes):
+    """What model builders read from a research.data.Dataset."""
+    return data.Dataset("x", shape, [str(i) for i in range(classes)], *[np.zeros(0)] * 4)
+
+
+@pytest.mark.parametrize("model, shape, params", [
+    ("cnn", (28, 28, 1), 104_202),  # The tutorial's model.summary().
+    ("mlp", (28, 28, 1), 784 * 128 + 128 + 128 * 10 + 10),
+    ("cnn_rgb", (32, 32, 3), 896 + 18_496 + 2304 * 128 + 128 + 1290),
+])
+def test_parameter_counts(model, shape, params):
+    net = models.create(make_config("unused", model=model, hidden_units="128"), _shape_only(shape, 10))
+    net(tf.zeros([1, *shape]))
+    assert net.count_params() == params
+
+
+def test_flag_values_are_checked_before_any_work():
+    with pytest.raises(UserError, match="--model=resnet9000 is unknown; choose from .*cnn"):
+        make_config("unused", model="resnet9000")
+    with pytest.raises(UserError, match="--augment: unknown op spin"):
+        make_config("unused", augment="translate,spin")
+    with pytest.raises(UserError, match="unknown flag --learning_rat"):
+        make_config("unused", learning_rat=0.1)
+    with pytest.raises(UserError, match="--optimizer='adagrad'"):
+        make_config("unused", optimizer="adagrad")
+
+
+@pytest.mark.parametrize("dataset, model", [("mnist", "mlp"), ("fashion_mnist", "cnn"), ("cifar10", "cnn_rgb")])
+def test_trains_and_writes_the_run_directory(mock_tfds, tmp_path, dataset, model):
+    results = train.train_and_evaluate(make_config(tmp_path, dataset=dataset, model=model))
+    assert results["step"] == 12
+    assert results["eval"]["examples"] == 64  # Every mock eval example once, none dropped.
+    assert np.sum(results["confusion_matrix"]) == 64
+    assert json.load(open(tmp_path / "results.json")) == results
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [e["step"] for e in evals] == [8, 12]
+    assert evals[-1]["accuracy"] == results["eval"]["accuracy"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.index")) == ["ckpt-12.index", "ckpt-4.index", "ckpt-8.index"]
+    assert os.listdir(tmp_path / "train") and os.listdir(tmp_path / "eval")
+    flags_txt = (tmp_path / "flags.txt").read_text()
+    assert f"--dataset={dataset}\n" in flags_txt and f"--model={model}\n" in flags_txt
+
+
+def test_rerun_resumes_and_a_finished_run_exits(mock_tfds, tmp_path, capsys):
+    train.train_and_evaluate(make_config(tmp_path, train_steps=8))
+    longer = train.train_and_evaluate(make_config(tmp_path, train_steps=16))
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "at step 8" in out
+    assert longer["step"] == 16
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [8, 16]  # Step continued.
+    again = train.train_and_evaluate(make_config(tmp_path, train_steps=16))
+    assert "already finished at step 16" in capsys.readouterr().out
+    assert again == longer
+
+
+def test_learning_rate_schedules():
+    exponential = optim.learning_rate(make_config("x", lr_schedule="exponential", learning_rate=0.01,
+                                                  decay_steps=2000, decay_rate=0.9), 10_000)
+    assert float(exponential(4000)) == pytest.approx(0.01 * 0.81)
+    cosine = optim.learning_rate(make_config("x", lr_schedule="cosine", learning_rate=0.1, warmup_steps=100), 1100)
+    assert float(cosine(50)) == pytest.approx(0.05)
+    assert float(cosine(100)) == pytest.approx(0.1)
+    assert float(cosine(600)) == pytest.approx(0.05)
+    assert float(cosine(1100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_label_smoothing_matches_keras():
+    labels, logits = tf.constant([1, 0]), tf.constant([[0.5, 2.0, -1.0], [1.0, 0.0, 0.0]])
+    expected = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1, reduction=None)(
+        tf.one_hot(labels, 3), logits)
+    np.testing.assert_allclose(optim.per_example_loss(labels, logits, 0.1), expected, rtol=1e-6)
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "research.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_bad_input_gets_one_line_and_a_nonzero_exit(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--model=nope", "--train_steps=1"], "--model=nope is unknown"),
+        (["--batch_size=0", "--train_steps=1"], "--batch_size must be positive"),
+        (["--dataset=no_such_dataset", "--train_steps=1"], "--dataset=no_such_dataset is not a TFDS dataset"),
+        (["--train_steps=1", f"--tfds_manual_dir={empty}"], "lacks t10k-images-idx3-ubyte.gz"),
+        (["--model=cnn"], "set the training length with --train_epochs or --train_steps"),
+        (["--train_steps=1"], "cannot be downloaded from here: put t10k-images-idx3-ubyte.gz"),
+    ]
+    procs = [subprocess.Popen([sys.executable, "-m", "research.train", f"--model_dir={tmp_path}/run{i}",
+                               f"--data_dir={tmp_path}/tfds", *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i, (args, _) in enumerate(cases)]
+    for proc, (args, message) in zip(procs, cases):
+        _, err = proc.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, (args, err)
+        assert len(lines) == 1 and message in lines[0], (args, err)
+        assert "Traceback" not in err
+
+
+def test_real_mnist_cnn_learns(tmp_path, mnist_data_dir):
+    """A few hundred real steps: a broken loop (wrong labels, no updates, bad scaling) cannot reach 93%."""
+    results = train.train_and_evaluate(make_config(
+        tmp_path, data_dir=mnist_data_dir, tfds_manual_dir=MNIST_FILES, model="cnn", optimizer="rmsprop",
+        batch_size=32, train_steps=400, steps_per_loop=100, eval_every=400, checkpoint_every=400))
+    assert results["eval"]["examples"] == 10_000
+    assert results["eval"]["accuracy"] >= 0.93
+    assert results["params"] == 104_202
