@@ -5,8 +5,22 @@ import tensorflow as tf
 keras = tf.keras
 
 
+class Constant(keras.optimizers.schedules.LearningRateSchedule):
+    """A constant rate as a schedule: Keras keeps a plain float rate in an optimizer variable that a checkpoint
+    restore would bring back, and a rate given by the flags at resume must win."""
+
+    def __init__(self, rate):
+        self.rate = rate
+
+    def __call__(self, step):
+        return tf.constant(self.rate, tf.float32)
+
+    def get_config(self):
+        return {"rate": self.rate}
+
+
 def learning_rate(config, total_steps):
-    """The schedule, a function of the optimizer's step count."""
+    """The schedule, a function of the optimizer's step count (never saved in checkpoints: flags decide it)."""
     if config.lr_schedule == "exponential":
         return keras.optimizers.schedules.ExponentialDecay(
             config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase)
@@ -15,7 +29,7 @@ def learning_rate(config, total_steps):
         return keras.optimizers.schedules.CosineDecay(
             0.0 if warmup else config.learning_rate, decay_steps=total_steps - warmup,
             warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
-    return config.learning_rate
+    return Constant(config.learning_rate)
 
 
 def create_optimizer(config, total_steps):
