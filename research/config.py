@@ -32,6 +32,8 @@ flags.DEFINE_list(
 # --- model ------------------------------------------------------------------------------------------------------
 flags.DEFINE_string("model", "cnn", "Model name from the registry in research/models/ (mlp, cnn, cnn_rgb, ...).")
 flags.DEFINE_list("hidden_units", ["128"], "mlp: width of each hidden Dense layer, e.g. '128,128'.")
+flags.DEFINE_list("widths", ["32", "64", "128"],
+                  "resnet_small: channels of the stem/first stage and of each later stage (each halves resolution).")
 flags.DEFINE_float("dropout", 0.0, "Dropout rate after hidden layers of models that have it (0 = off).")
 
 # --- optimization -----------------------------------------------------------------------------------------------
@@ -148,6 +150,11 @@ def validate(config):
     except ValueError:
         raise UserError(f"--hidden_units must be integers, got {','.join(config.hidden_units)}") from None
     need(all(u > 0 for u in config.hidden_units), "--hidden_units must be positive")
+    try:
+        config.widths = [int(w) for w in config.widths]
+    except ValueError:
+        raise UserError(f"--widths must be integers, got {','.join(config.widths)}") from None
+    need(config.widths and all(w > 0 for w in config.widths), "--widths must be positive")
     need(config.model in models.names(), f"--model={config.model} is unknown; choose from {', '.join(models.names())}")
     unknown_ops = sorted(set(config.augment) - set(augment.OPS))
     need(not unknown_ops, f"--augment: unknown op {', '.join(unknown_ops)}; choose from {', '.join(augment.OPS)}")

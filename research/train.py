@@ -220,7 +220,7 @@ def train_and_evaluate(config):
                 loss, confusion = (t.numpy() for t in evaluate(eval_data))
             examples = int(confusion.sum())
             metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
-                       "examples": examples}
+                       "examples": examples, "elapsed_s": round(time.time() - started, 1)}
             reporter.eval(current, {**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
             return metrics, confusion
 
