@@ -1,5 +1,8 @@
-"""What a run tells the researcher: console lines (a Keras progress bar on a terminal), TensorBoard scalars under
-`model_dir/train` and `model_dir/eval`, and `metrics.jsonl` (one JSON line per evaluation).
+"""What a run tells the researcher: console lines (a Keras progress bar on a terminal), `metrics.jsonl` (one JSON
+line per evaluation), and TensorBoard: scalars under `model_dir/train` and `model_dir/eval`; a grid of training
+inputs as the model sees them (after augmentation); at each evaluation the confusion matrix and the misclassified
+eval examples; weight histograms every --histogram_every steps; and the run's flags as HParams, in `model_dir`
+itself, so that TensorBoard pointed at a sweep's parent directory lines its runs up in the HParams dashboard.
 
 Only the chief writes files; every worker still computes the numbers (reading them is a collective).
 """
@@ -9,7 +12,19 @@ import os
 import sys
 import time
 
+import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+from research import data, plots
+
+INPUTS_SHOWN = 36  # Training inputs in the grid.
+MISTAKES_SCANNED = 1000  # Eval examples searched for mistakes at each evaluation...
+MISTAKES_SHOWN = 25  # ...and how many of those found are shown.
+NOT_HPARAMS = ("model_dir", "data_dir", "tfds_manual_dir")  # Where the run's files are, not how it trains.
+# The HParams dashboard's metric columns: the last value of these scalars, i.e. of the final evaluation.
+HPARAMS_METRICS = [hp.Metric(tag, group=group, display_name=f"{group} {tag}")
+                   for group in ("eval", "train") for tag in ("accuracy", "loss")]
 
 
 def _fmt_time(seconds):
@@ -31,9 +46,12 @@ class Reporter:
         self.progbar = None
         self.started = time.time()
         self.start_step = start_step
+        self.inputs_written = False
+        self.histograms_at = start_step
         if is_chief:
             self.writers = {name: tf.summary.create_file_writer(os.path.join(model_dir, name))
                             for name in ("train", "eval")}
+            self._write_hparams()
 
     def scalars(self, kind, step, metrics):
         if self.is_chief:
@@ -44,6 +62,10 @@ class Reporter:
     def train(self, step, metrics):
         """After each loop of steps: metrics are means over the loop (loss, accuracy) plus lr and images/s."""
         self.scalars("train", step, metrics)
+        if self.is_chief:
+            if not self.inputs_written:
+                self._write_inputs(step)
+            self._write_histograms(step)
         epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
         shown = {k: metrics[k] for k in ("loss", "accuracy") if k in metrics}
         if self.tty:
@@ -71,6 +93,8 @@ class Reporter:
         if self.is_chief:
             with open(os.path.join(self.model_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.image("eval", "confusion_matrix", step, plots.confusion(confusion, self.dataset.class_names))
+            self.image("eval", "misclassified", step, self._misclassified())
 
     def finish(self, results):
         """At the end of training, with the dict written to results.json."""
@@ -80,3 +104,54 @@ class Reporter:
         if self.is_chief:
             for writer in self.writers.values():
                 writer.flush()
+
+    def image(self, kind, tag, step, figure):
+        """A matplotlib figure as an image summary."""
+        if self.is_chief:
+            with self.writers[kind].as_default(step=step):
+                tf.summary.image(tag, tf.image.decode_png(plots.to_png(figure), channels=3)[None])
+
+    def _write_hparams(self):
+        """The flags as HParams: the experiment (which hparams and metrics exist) and this run's values. Every run
+        writes the same experiment, with no domains, so whichever run's copy TensorBoard picks fits them all."""
+        values = {name: ",".join(map(str, value)) if isinstance(value, list) else value
+                  for name, value in vars(self.config).items() if name not in NOT_HPARAMS and value is not None}
+        writer = tf.summary.create_file_writer(self.model_dir)
+        with writer.as_default():
+            hp.hparams_config(hparams=[hp.HParam(name) for name in vars(self.config) if name not in NOT_HPARAMS],
+                              metrics=HPARAMS_METRICS)
+            hp.hparams(values)
+        writer.close()
+
+    def _write_inputs(self, step):
+        """The first batch of the training stream, rebuilt by the same pipeline, labelled with class names."""
+        batch = data.train_input_fn(self.dataset, self.config, 0)(tf.distribute.InputContext())
+        images, labels = (t[:INPUTS_SHOWN].numpy() for t in next(iter(batch)))
+        captions = [str(self.dataset.class_names[label]) for label in labels]
+        title = f"training inputs (--augment={','.join(self.config.augment) or 'none'})"
+        self.image("train", "inputs", step, plots.image_grid(images, captions, title=title))
+        self.inputs_written = True
+
+    def _write_histograms(self, step):
+        """Histograms of the float weights when a multiple of --histogram_every was passed since the last ones
+        (loops of steps need not end on one)."""
+        every = self.config.histogram_every
+        if not every or step // every == self.histograms_at // every:
+            return
+        self.histograms_at = step
+        with self.writers["train"].as_default(step=step):
+            for variable in self.model.weights:
+                if "float" in str(variable.dtype):
+                    tf.summary.histogram(f"weights/{variable.path}", variable)
+
+    def _misclassified(self):
+        """The Keras tutorial's prediction grid for the mistakes among the first eval examples."""
+        images = self.dataset.eval_images[:MISTAKES_SCANNED]
+        labels = self.dataset.eval_labels[:MISTAKES_SCANNED]
+        batch = self.config.batch_size
+        probabilities = np.concatenate([tf.nn.softmax(self.model(data.to_float(images[i:i + batch]), training=False))
+                                        for i in range(0, len(images), batch)])
+        wrong = np.flatnonzero(np.argmax(probabilities, -1) != labels)
+        shown = wrong[:MISTAKES_SHOWN]
+        return plots.predictions(images[shown], labels[shown], probabilities[shown], self.dataset.class_names,
+                                 title=f"{len(wrong)} of the first {len(images)} eval examples misclassified")

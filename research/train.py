@@ -149,6 +149,7 @@ def train_and_evaluate(config):
     Returns the results dict also written to `model_dir/results.json`.
     """
     # ------------------------------------------------------------------ Setup: seeds, strategy, run directory
+    started = time.time()  # Wall times (metrics.jsonl elapsed_s, results.json) count data loading and tracing.
     tf.keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -213,7 +214,7 @@ def train_and_evaluate(config):
             data.train_input_fn(dataset, config, int(step.numpy()))))
         eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
         reporter = reporting.Reporter(config, dataset, model, total_steps, steps_per_epoch, int(step.numpy()), chief)
-        started, restores, loops_run, train_metrics, last_eval = time.time(), 0, 0, {}, None
+        restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
 
         def run_eval(current):
             with ema.swapped_in() if ema else contextlib.nullcontext():

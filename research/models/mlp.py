@@ -5,9 +5,13 @@ import tensorflow as tf
 from research.models import register
 
 
+@tf.keras.utils.register_keras_serializable(package="research")
 class MLP(tf.keras.Model):
+    """Registered, with `get_config`, so that Keras can save and rebuild it (see research/export.py)."""
+
     def __init__(self, hidden_units, num_classes, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
+        self.hidden_units, self.num_classes, self.dropout_rate = list(hidden_units), num_classes, dropout
         self.flatten = tf.keras.layers.Flatten()
         self.hidden = [tf.keras.layers.Dense(units, activation="relu") for units in hidden_units]
         # The tutorials put dropout after the hidden stack, right before the classifier.
@@ -21,6 +25,10 @@ class MLP(tf.keras.Model):
         if self.dropout is not None:
             x = self.dropout(x, training=training)
         return self.classifier(x)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_units": self.hidden_units, "num_classes": self.num_classes,
+                "dropout": self.dropout_rate}
 
 
 @register("mlp")
