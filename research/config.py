@@ -11,7 +11,7 @@ import types
 
 from absl import flags
 
-from research import UserError, augment, models
+from research import UserError
 
 FLAGS = flags.FLAGS
 
@@ -125,6 +125,7 @@ def _parse(flag, value):
 
 def validate(config):
     """Checks that hold between flags; each failure is one line naming the flag."""
+    from research import augment, models  # Here, not at the top: they load TensorFlow, which flag tools don't need.
 
     def need(ok, message):
         if not ok:

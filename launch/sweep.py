@@ -1,0 +1,241 @@
+"""Grid sweeps: one research.train run per combination of flag values and seed, each a subprocess.
+
+    python -m launch.sweep --flagfile=configs/cnn.cfg --grid=learning_rate=1e-3,3e-3 --grid=batch_size=32,128 \\
+        --seeds=3 --root=runs/lr_bs [--parallel=2] [--dry_run] [--any_train_flag=value ...]
+
+Each run is an ordinary research.train run directory under --root, named from its grid values and seed
+(`lr=0.001_bs=32_s=0`), with its console output appended to `train.log` in it; so whatever works on one run
+(resuming, TensorBoard, `python -m research.compare`) works on a sweep's runs. Runs are separate processes, so a
+failing one cannot take the others down. The sweep keeps no state that the run directories do not already hold:
+rerunning the same command skips runs that have results.json and resumes the others from their checkpoints
+(research.train does that by itself). `root/sweep.json` records, for the latest invocation, each run's flags,
+command, log and status: pending, running, finished, skipped (finished before), failed or interrupted.
+
+Exit status: 0 when no run failed, 1 when some failed (each named with its log), 2 for a bad command line (one
+`error: ...` line on stderr), 130 after Ctrl-C (running runs get the SIGINT too, save a checkpoint and stop).
+"""
+
+import concurrent.futures
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+from research import UserError, cli, config as config_lib
+
+FLAGS = config_lib.FLAGS  # Importing research.config defines every research.train flag here.
+TRAIN_FLAGS = {flag.name: flag for flag in FLAGS.get_flags_for_module(config_lib.__name__)}
+SWEEP_FILE = "sweep.json"
+LOG_FILE = "train.log"
+RESULTS_FILE = "results.json"
+
+
+def parse_args(argv):
+    """(sweep options, extra research.train flags) from the command line; every mistake is a UserError."""
+    parser = cli.Parser(prog="python -m launch.sweep", allow_abbrev=False,
+                       description="Run research.train once per combination of --grid values and seed.",
+                       epilog="Every other --name=value is a research.train flag, passed to every run.")
+    parser.add_argument("--root", required=True, help="Directory that gets one run directory per combination.")
+    parser.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                        help="A research.train flag and its values (repeatable; the sweep runs their product). "
+                             "Separate values with ';' instead when they hold commas: hidden_units=128;128,128.")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="Run each combination with --seed=0..N-1 (default 1), unless --grid=seed=... is given.")
+    parser.add_argument("--flagfile", action="append", default=[], help="research.train flagfile for every run.")
+    parser.add_argument("--parallel", type=int, default=1, help="Runs at a time.")
+    parser.add_argument("--dry_run", action="store_true", help="Print the commands; run and write nothing.")
+    parser.add_argument("--train_command", default=f"{shlex.quote(sys.executable)} -m research.train",
+                        help="Command that trains one run, given research.train flags (default: this Python "
+                             "-m research.train). Tests pass 'python tests/mock_train.py' to train on mock data.")
+    args, extras = parser.parse_known_args(argv)
+    if args.parallel < 1:
+        raise UserError(f"--parallel must be at least 1, got {args.parallel}")
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    for path in args.flagfile:
+        if not os.path.isfile(path):
+            raise UserError(f"--flagfile={path}: no such file")
+    return args, extras
+
+
+def parse_grid(specs):
+    """`["learning_rate=1e-3,3e-3", ...]` -> [(flag, [(value as given, value for the run name), ...]), ...]."""
+    grid = []
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        if not sep or not name:
+            raise UserError(f"--grid={spec}: expected NAME=VALUE1,VALUE2,...")
+        if name not in TRAIN_FLAGS:
+            raise UserError(f"--grid={spec}: --{name} is not a research.train flag (see research/config.py)")
+        if name == "model_dir":
+            raise UserError("--grid=model_dir=...: the sweep names each run's --model_dir under --root")
+        if name in dict(grid):
+            raise UserError(f"--grid: --{name} is given twice; list all its values in one --grid")
+        values = text.split(";" if ";" in text else ",")
+        if not all(v.strip() for v in values):
+            raise UserError(f"--grid={spec}: empty value; expected NAME=VALUE1,VALUE2,...")
+        labels = [_label(name, v) for v in values]
+        repeated = sorted({v for v, label in zip(values, labels) if labels.count(label) > 1})
+        if repeated:
+            raise UserError(f"--grid={spec}: {', '.join(repeated)} name the same value twice")
+        grid.append((name, list(zip(values, labels))))
+    return grid
+
+
+def _label(name, text):
+    """The value as research.train reads it, spelled for a directory name (1e-3 -> 0.001; 128,128 -> 128-128)."""
+    try:
+        value = TRAIN_FLAGS[name].parser.parse(text)
+    except ValueError as e:
+        raise UserError(f"--grid: --{name}={text}: {e}") from None
+    spelled = "-".join(map(str, value)) if isinstance(value, list) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", spelled)
+
+
+def check_extras(extras):
+    """Extra arguments must be research.train flags as --name=value (or --flag/--noflag for booleans)."""
+    for arg in extras:
+        name, has_value, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not name:
+            raise UserError(f"unexpected argument {arg!r}: give research.train flags as --name=value")
+        if name in ("model_dir", "seed"):
+            raise UserError(f"{arg}: the sweep sets --{name} of each run (use --root, --seeds or --grid=seed=...)")
+        boolean_off = name.startswith("no") and name[2:] in FLAGS and FLAGS[name[2:]].boolean
+        if name not in FLAGS and not boolean_off:
+            raise UserError(f"{arg}: unknown flag --{name} (see research/config.py)")
+        if boolean_off and has_value:
+            raise UserError(f"{arg}: --no{name[2:]} takes no value")
+        if not boolean_off and not has_value and not FLAGS[name].boolean:
+            raise UserError(f"{arg} needs a value: --{name}=VALUE")
+        if has_value:
+            try:
+                FLAGS[name].parser.parse(text)
+            except ValueError as e:
+                raise UserError(f"{arg}: {e}") from None
+
+
+def plan(args, extras):
+    """The sweep's runs, in order: dicts of name, dir, flags (grid values and seed), command, log, status."""
+    grid = parse_grid(args.grid)
+    check_extras(extras)
+    for name, _ in grid:
+        if any(arg[2:].partition("=")[0] in (name, f"no{name}") for arg in extras):
+            raise UserError(f"--{name} is both in --grid and given for every run; keep one")
+    if "seed" in dict(grid):
+        if args.seeds is not None:
+            raise UserError("give seeds either with --seeds or with --grid=seed=..., not both")
+    else:
+        grid.append(("seed", [(str(s), str(s)) for s in range(args.seeds or 1)]))
+    short = _short_names([name for name, _ in grid])
+    base = shlex.split(args.train_command) + [f"--flagfile={path}" for path in args.flagfile] + extras
+    runs = []
+    for combination in itertools.product(*(values for _, values in grid)):
+        chosen = [(name, text, label) for (name, _), (text, label) in zip(grid, combination)]
+        run_name = "_".join(f"{short[name]}={label}" for name, _, label in chosen)
+        run_dir = os.path.join(args.root, run_name)
+        command = base + [f"--{name}={text}" for name, text, _ in chosen] + [f"--model_dir={run_dir}"]
+        finished = os.path.exists(os.path.join(run_dir, RESULTS_FILE))
+        runs.append({"name": run_name, "dir": run_dir, "flags": {name: text for name, text, _ in chosen},
+                     "command": command, "log": os.path.join(run_dir, LOG_FILE),
+                     "status": "skipped" if finished else "pending"})
+    return runs
+
+
+def _short_names(names):
+    """learning_rate -> lr, batch_size -> bs, seed -> s; flags whose initials clash keep their full names."""
+    initials = {name: "".join(word[0] for word in name.split("_") if word) for name in names}
+    clashing = {short for short in initials.values() if list(initials.values()).count(short) > 1}
+    return {name: name if short in clashing else short for name, short in initials.items()}
+
+
+class Ledger:
+    """`root/sweep.json`: the runs and their status, rewritten whole (atomically) at every change of status."""
+
+    def __init__(self, root, argv, runs):
+        self.path = os.path.join(root, SWEEP_FILE)
+        self.record = {"argv": argv, "runs": runs}
+        self.lock = threading.Lock()
+
+    def update(self, run, **fields):
+        with self.lock:
+            run.update(fields)
+            self.write()
+
+    def write(self):
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.record, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def execute(run, ledger):
+    """Trains one run, its output appended to its log; returns the run with its final status."""
+    os.makedirs(run["dir"], exist_ok=True)
+    ledger.update(run, status="running")
+    started = time.time()
+    with open(run["log"], "a") as log:
+        log.write(f"$ {shlex.join(run['command'])}\n")
+        log.flush()
+        try:
+            code = subprocess.run(run["command"], stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT).returncode
+        except OSError as e:  # The training command itself cannot start.
+            log.write(f"error: cannot run {run['command'][0]}: {e}\n")
+            code = 127
+    status = "finished" if code == 0 else "interrupted" if code in (130, 143) else "failed"
+    ledger.update(run, status=status, exit_code=code, seconds=round(time.time() - started, 1))
+    return run
+
+
+def _last_line(path):
+    lines = [line for line in open(path, errors="replace").read().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_sweep(args, runs, argv):
+    """Runs what is not finished, --parallel at a time, reporting each as it ends; returns the exit status."""
+    todo = [run for run in runs if run["status"] == "pending"]
+    print(f"sweep: {len(runs)} runs under {args.root}, {len(runs) - len(todo)} finished before, "
+          f"{len(todo)} to run, {args.parallel} at a time", flush=True)
+    os.makedirs(args.root, exist_ok=True)
+    ledger = Ledger(args.root, argv, runs)
+    ledger.write()
+    interrupted = False
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        futures = [pool.submit(execute, run, ledger) for run in todo]
+        try:
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                run = future.result()
+                line = f"[{done}/{len(todo)}] {run['status']} {run['name']} ({run['seconds']} s)"
+                if run["status"] != "finished":
+                    line += f", exit {run['exit_code']}: {_last_line(run['log'])} (log: {run['log']})"
+                print(line, flush=True)
+        except KeyboardInterrupt:  # Running runs got the SIGINT as well: they checkpoint and stop; start no more.
+            interrupted = True
+            for future in futures:
+                future.cancel()
+    counts = {status: sum(run["status"] == status for run in runs)
+              for status in ("finished", "skipped", "failed", "interrupted", "pending")}
+    print("sweep: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+          + f"; statuses in {ledger.path}", flush=True)
+    return 130 if interrupted else 1 if counts["failed"] or counts["interrupted"] else 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, extras = parse_args(argv)
+    runs = plan(args, extras)
+    if args.dry_run:
+        for run in runs:
+            print(f"# {run['name']}: finished, skipped" if run["status"] == "skipped" else shlex.join(run["command"]))
+        return 0
+    return run_sweep(args, runs, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

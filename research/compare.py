@@ -1,0 +1,283 @@
+"""Compare finished and running runs: `python -m research.compare RUN_DIR_OR_SWEEP_ROOT... [--sort=eval_loss]`.
+
+A run is a directory with flags.txt (see research/train.py); a sweep root (launch/sweep.py) is a directory with
+runs beneath it. The table shows only the flags that differ between the runs, since the rest says nothing about
+why their results differ. Runs whose flags differ only in --seed are one row with the mean ± sample standard
+deviation over seeds, because one seed's accuracy is too noisy to rank settings by (--per_run shows every run).
+Finished runs report results.json; unfinished ones (no results.json) their latest metrics.jsonl line, with the
+status column saying so (failed, interrupted or running where the sweep's sweep.json says so). Also saves a plot
+of the runs' eval accuracy curves: `compare.png` in the sweep root, or --plot=PATH. Every mistake is one
+`error: ...` line on stderr, exit status 2.
+"""
+
+import csv
+import json
+import os
+import statistics
+import sys
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from research import UserError, cli  # Not research.config: it imports TensorFlow, and reading files needs none.
+
+ASCENDING = ("eval_loss", "train_loss", "steps", "wall_time_s", "params")
+METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps", "wall_time_s", "params")
+WITH_STD = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss")
+TABLE_METRICS = ("steps", "eval_accuracy", "eval_loss", "wall_time_s", "params")
+IGNORED_FLAGS = ("model_dir",)  # Differs between any two runs and says nothing about them.
+SWEEP_FILE = "sweep.json"  # Written by launch/sweep.py.
+
+
+def find_runs(paths):
+    """Run directories named by `paths` (each a run or a sweep root) -> ([(run_dir, name, sweep status)], roots).
+
+    A run's name is its directory's name when one sweep root is given, else its path.
+    """
+    runs, roots = [], []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise UserError(f"{path}: {'not a directory' if os.path.exists(path) else 'no such directory'}")
+        if os.path.exists(os.path.join(path, "flags.txt")):
+            runs.append((path, os.path.normpath(path), None))
+            continue
+        try:
+            beneath = sorted(e.path for e in os.scandir(path) if os.path.isfile(os.path.join(e.path, "flags.txt")))
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror}") from None
+        if not beneath:
+            raise UserError(f"{path} is not a run directory (no flags.txt) and has no run directories beneath it")
+        statuses = _sweep_statuses(path)
+        name = os.path.basename if len(paths) == 1 else os.path.normpath
+        runs += [(run_dir, name(run_dir), statuses.get(os.path.basename(run_dir))) for run_dir in beneath]
+        roots.append(path)
+    return runs, roots
+
+
+def _sweep_statuses(root):
+    """{run name: status} from the sweep's record, so failed and running runs say so; {} outside sweeps."""
+    path = os.path.join(root, SWEEP_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        runs = [(run["name"], run["status"], run["log"]) for run in _read_json(path)["runs"]]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a launch.sweep record (lacks {e})") from None
+    for name, status, log in runs:
+        if status == "failed" and not os.path.exists(os.path.join(root, name, "flags.txt")):
+            print(f"note: {name} failed before it started training; log: {log}", file=sys.stderr)
+    return {name: status for name, status, _ in runs}
+
+
+def read_run(run_dir, name, sweep_status):
+    """One run's flags, status, final (or latest) metrics and eval accuracy curve."""
+    flags = _read_flags(os.path.join(run_dir, "flags.txt"))
+    evals = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    results_path = os.path.join(run_dir, "results.json")
+    run = {"dir": run_dir, "name": name, "seed": flags.get("seed"), "flags": flags,
+           "curve": [(line["step"], line["accuracy"]) for line in evals]}
+    if os.path.exists(results_path):
+        results = _read_json(results_path)
+        try:
+            run.update(status="finished", steps=results["step"], eval_accuracy=results["eval"]["accuracy"],
+                       eval_loss=results["eval"]["loss"], train_accuracy=results["train"].get("accuracy"),
+                       train_loss=results["train"].get("loss"), wall_time_s=results["wall_time_s"],
+                       params=results["params"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{results_path} is not a research.train results file (lacks {e})") from None
+        return run
+    latest = evals[-1] if evals else {}
+    status = sweep_status if sweep_status in ("failed", "running", "interrupted") else "unfinished"
+    run.update(status=status, steps=latest.get("step"), eval_accuracy=latest.get("accuracy"),
+               eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
+               train_loss=latest.get("train_loss"), wall_time_s=latest.get("elapsed_s"), params=None)
+    return run
+
+
+def _read_flags(path):
+    """flags.txt -> {name: value as written}; booleans (written --flag or --noflag) are 'True'/'False'."""
+    values = {}
+    for line in _read_text(path).splitlines():
+        if not line.startswith("--"):
+            continue
+        name, has_value, value = line[2:].partition("=")
+        if not has_value and name.startswith("no"):
+            name, value = name[2:], "False"
+        values[name] = value if has_value else value or "True"
+    return values
+
+
+def _read_metrics(path):
+    """metrics.jsonl lines; a torn last line (a run writing it right now) is left out."""
+    if not os.path.exists(path):
+        return []
+    lines = _read_text(path).splitlines()
+    parsed = []
+    for number, line in enumerate(lines, 1):
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}: line {number} is not JSON") from None
+    return [line for line in parsed if "step" in line and "accuracy" in line]
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _read_json(path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def differing_flags(runs):
+    """Names of the flags whose values are not the same in every run, in flags.txt order."""
+    names = list(dict.fromkeys(name for run in runs for name in run["flags"]))
+    return [name for name in names if name not in IGNORED_FLAGS
+            and len({run["flags"].get(name) for run in runs}) > 1]
+
+
+def make_rows(runs, per_run):
+    """Rows of the comparison: one per run, or one per group of runs that differ only in seed (and status)."""
+    shown = differing_flags(runs)
+    if not per_run:
+        shown = [name for name in shown if name != "seed"]
+    groups = {}
+    for run in runs:
+        key = (run["dir"],) if per_run else (run["status"], tuple((n, run["flags"].get(n)) for n in shown))
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for members in groups.values():
+        row = {"flags": {name: members[0]["flags"].get(name) for name in shown},
+               "seeds": [run["seed"] for run in members], "status": members[0]["status"]}
+        for metric in METRICS:
+            values = [run[metric] for run in members if run[metric] is not None]
+            row[metric] = statistics.fmean(values) if values else None
+            if metric in ("steps", "params") and row[metric] is not None and row[metric].is_integer():
+                row[metric] = int(row[metric])
+            if metric in WITH_STD:
+                row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        row["runs"] = members
+        rows.append(row)
+    return rows
+
+
+def sort_rows(rows, metric):
+    """Best first: highest accuracy, lowest loss; the other metrics ascending; rows lacking the metric last."""
+    sign = 1 if metric in ASCENDING else -1
+    return sorted(rows, key=lambda row: (row[metric] is None, sign * (row[metric] or 0)))
+
+
+def _row_name(row, per_run):
+    return row["runs"][0]["name"] if per_run else " ".join(f"{k}={v}" for k, v in row["flags"].items())
+
+
+def _fmt(metric, value, std=None):
+    if value is None:
+        return "-"
+    if metric in ("steps", "params", "wall_time_s"):
+        return str(value) if isinstance(value, int) else f"{value:.1f}"
+    return f"{value:.4f}" if std is None else f"{value:.4f} ± {std:.4f}"
+
+
+def format_table(rows, per_run):
+    """Aligned plain-text table, one line per row."""
+    flag_names = list(rows[0]["flags"])
+    header = (["run"] if per_run else []) + flag_names + ([] if per_run else ["seeds"]) + ["status", *TABLE_METRICS]
+    lines = [header]
+    for row in rows:
+        cells = [row["runs"][0]["name"]] if per_run else []
+        cells += [str(row["flags"][name]) for name in flag_names]
+        cells += [] if per_run else [",".join(str(s) for s in row["seeds"])]
+        cells += [row["status"]] + [_fmt(m, row[m], row.get(f"{m}_std")) for m in TABLE_METRICS]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _public(row):
+    """A row as plain data for --json/--csv: every run's numbers, no curves."""
+    runs = [{k: v for k, v in run.items() if k not in ("curve", "flags")} for run in row["runs"]]
+    return {**row, "runs": runs}
+
+
+def write_csv(rows, out):
+    flag_names = list(rows[0]["flags"])
+    columns = ["runs", *flag_names, "seeds", "status"]
+    columns += [c for m in METRICS for c in ([m, f"{m}_std"] if m in WITH_STD else [m])]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        values = {**row, **row["flags"], "runs": " ".join(run["dir"] for run in row["runs"]),
+                  "seeds": " ".join(str(s) for s in row["seeds"])}
+        writer.writerow(["" if values[c] is None else values[c] for c in columns])
+
+
+def plot_curves(rows, path, per_run):
+    """Eval accuracy against step for every run; the runs of one row share a colour and a legend entry."""
+    figure = Figure(figsize=(9, 5.5))  # Not pyplot: no display and no global figure registry (see research/plots.py).
+    ax = figure.add_subplot()
+    for i, row in enumerate(rows):
+        label = _row_name(row, per_run) or row["runs"][0]["name"]
+        if len(row["runs"]) > 1:
+            label += f" ({len(row['runs'])} seeds)"
+        for j, run in enumerate(row["runs"]):
+            if run["curve"]:
+                steps, accuracy = zip(*run["curve"])
+                ax.plot(steps, accuracy, color=f"C{i % 10}", marker=".", alpha=0.8, label=None if j else label)
+    ax.set(xlabel="step", ylabel="eval accuracy", title="Eval accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    try:
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+    except OSError as e:
+        raise UserError(f"cannot write the plot to {path}: {e.strerror}") from None
+
+
+def parse_args(argv):
+    parser = cli.Parser(prog="python -m research.compare", allow_abbrev=False,
+                       description="Compare research.train runs: differing flags, final metrics, accuracy curves.")
+    parser.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_SWEEP_ROOT")
+    parser.add_argument("--sort", default="eval_accuracy", choices=METRICS,
+                        help="Best first by this metric (default eval_accuracy; losses ascending).")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="Print CSV instead of a table.")
+    output.add_argument("--json", action="store_true", help="Print JSON (a list of rows with their runs).")
+    plot = parser.add_mutually_exclusive_group()
+    plot.add_argument("--plot", metavar="PATH", help="Where to save the accuracy plot (default: "
+                      "SWEEP_ROOT/compare.png when given one sweep root; no plot for run directories alone).")
+    plot.add_argument("--no_plot", action="store_true", help="Save no plot.")
+    parser.add_argument("--per_run", action="store_true", help="One row per run: no averaging over seeds.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Prints the comparison and saves the plot."""
+    args = parse_args(argv)
+    found, roots = find_runs(args.paths)
+    runs = [read_run(*entry) for entry in found]
+    rows = sort_rows(make_rows(runs, args.per_run), args.sort)
+    if args.json:
+        print(json.dumps([_public(row) for row in rows], indent=1))
+    elif args.csv:
+        write_csv(rows, sys.stdout)
+    else:
+        print(format_table(rows, args.per_run))
+    plot_path = None if args.no_plot else args.plot or (os.path.join(roots[0], "compare.png") if len(roots) == 1
+                                                        else None)
+    if plot_path:
+        plot_curves(rows, plot_path, args.per_run)
+        print(f"plot: {plot_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
