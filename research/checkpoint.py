@@ -1,8 +1,8 @@
 """Checkpoints of a run directory: save, restore with fallback, best-by-accuracy, and the guards around them.
 
 What a checkpoint holds is everything the rest of the run depends on: the step (from which the data position and
-epoch follow, see research/data.py), model weights, optimizer slots and step count, and the Keras SeedGenerator
-states of dropout layers, which `tf.train.Checkpoint(model=...)` does not track.
+epoch follow, see research/data.py), every variable of the model (weights, batch-norm statistics, the Keras
+SeedGenerator states of dropout layers), optimizer slots and step count, and the weight average if any.
 TensorFlow writes a checkpoint's files first and then atomically rewrites the `checkpoint` index, so a kill during
 a save leaves the previous checkpoint as latest; a checkpoint that is nevertheless unreadable (truncated, corrupt)
 is skipped with a warning in favour of the one before it.
@@ -26,9 +26,14 @@ MEANING_FLAGS = ("dataset", "train_split", "model", "hidden_units", "dropout", "
 BEST = "best"
 
 
-def seed_states(model):
-    """Dropout/augmentation random state of Keras layers (SeedGenerator variables), in a stable order."""
-    return [v for v in model.variables if v.name == "seed_generator_state"]
+def model_state(model):
+    """Every variable of the model, by position: what checkpoints hold of it (as `model_variables`).
+
+    Not the model object itself: Keras 3 hides layers kept in Python lists (`self.blocks = [...]`) from
+    tf.train.Checkpoint's attribute graph (keras-team/keras#18398), which would silently drop their batch-norm
+    statistics, and leaves SeedGenerator states out altogether. `model.variables` has them all, in an order fixed
+    by the architecture."""
+    return list(model.variables)
 
 
 class Checkpoints:
@@ -56,6 +61,11 @@ class Checkpoints:
         found = glob.glob(os.path.join(self.model_dir, "ckpt-*.index"))
         prefixes = set(listed) | {f[: -len(".index")] for f in found}
         return sorted(prefixes, key=lambda p: int(re.search(r"ckpt-(\d+)$", p).group(1)), reverse=True)
+
+    def latest(self):
+        """The newest checkpoint of the run: in model_dir, where the chief saves; also for the other workers, whose
+        own saves are scratch (multi-host runs need model_dir on a filesystem all workers share, as resuming does)."""
+        return tf.train.latest_checkpoint(self.model_dir)
 
     def restore_latest(self):
         """Restores the newest readable checkpoint; returns its path, or None if there is none."""
@@ -100,7 +110,8 @@ def restore_weights(model, path):
         if path is None:
             raise UserError(f"--init_checkpoint: no checkpoint in {path}")
     try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+        tf.train.Checkpoint(model_variables=model_state(model)).restore(path).expect_partial(
+        ).assert_existing_objects_matched()
     except (tf.errors.OpError, ValueError, AssertionError) as e:
         raise UserError(f"--init_checkpoint={path} does not fit --model: {str(e).splitlines()[0][:300]}") from None
 

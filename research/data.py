@@ -8,7 +8,9 @@ Batches are gathered from memory, so no decoding or caching stands between the m
 draws its randomness from (seed, epoch, position in epoch), never from hidden state.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import socket
 import threading
@@ -57,8 +59,13 @@ def load(config):
         raise UserError(f"--dataset={config.dataset} has images of varying size {image_shape}; pick a fixed-size one")
     if not builder.is_prepared():
         ensure_downloadable(builder, config.tfds_manual_dir)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir))
+        # Several processes (the workers of a multi-worker run, parallel sweep runs) may start on one unprepared
+        # data_dir: the first prepares, the others wait for it and then read what it wrote.
+        with _exclusive(os.path.join(os.path.dirname(builder.data_dir), ".prepare.lock")):
+            builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+            if not builder.is_prepared():
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir))
     return Dataset(config.dataset, image_shape, list(features["label"].names),
                    *_read_split(builder, config.train_split, "train_split"),
                    *_read_split(builder, config.eval_split, "eval_split"))
@@ -82,6 +89,15 @@ def ensure_downloadable(builder, manual_dir):
             f"{builder.name} is not prepared in {builder.data_dir} and cannot be downloaded from here: "
             f"put {', '.join(sorted(files.values())) or 'its source files'} in a folder "
             f"and pass --tfds_manual_dir=FOLDER (or --data_dir=DIR where it is already prepared)")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path):
+    """Holds an exclusive lock on `lock_path` (flock: released by the kernel if the process dies)."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _reachable(host, timeout=5.0):

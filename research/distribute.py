@@ -2,16 +2,17 @@
 
 Multi-worker runs (`--strategy=multi_worker_mirrored`) start one process per host, each with the same flags; the
 cluster comes from TF_CONFIG (launch/local_multiworker.sh writes it) or from the SLURM job step (launch/slurm.sbatch).
-All workers run the same loop in lockstep, since every step, evaluation and checkpoint save is a collective; only
-the chief writes the run directory (see research/checkpoint.py and research/reporting.py).
+All workers run the same loop in lockstep, since every step and evaluation is a collective: a choice that could
+differ between processes (stop on a signal one of them got, which checkpoint to restore) must be agreed first
+(`any_worker`). Only the chief writes the run directory (see research/checkpoint.py and research/reporting.py).
 
 When a worker dies or stops responding, the others learn it from the coordination service that
 MultiWorkerMirroredStrategy starts on the chief: each process sends it heartbeats, and a task silent for 10 s
 (TensorFlow's default) aborts every pending and future collective with `tf.errors.UnavailableError` naming the
 task; a peer whose connection drops mid-collective fails it at once. No collective timeout is set
 (`CommunicationOptions(timeout_seconds=...)`): it applies to each all-reduce separately, and must exceed the longest
-legitimate wait of one worker for another (preparing a TFDS dataset took 110 s on a small machine, and the first
-step's tracing, evaluation and the chief's writes also stall the others), so any value that catches a live but stuck
+legitimate wait of one worker for another (two workers preparing MNIST at once took 110 s on a small machine; the
+first step's tracing and the chief's writes also stall the others), so any value that catches a live but stuck
 worker promptly would also kill healthy runs.
 """
 
@@ -171,3 +172,15 @@ def _count_fn(strategy):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(flag,)), axis=None)
 
     return count
+
+
+def lost_worker_message(error):
+    """One line for a `tf.errors.UnavailableError` that aborted the collectives because a worker died or stopped
+    answering (None for any other UnavailableError): which task, and what to do. TensorFlow's own text is a page."""
+    text = " ".join(error.message.split())
+    if "Collective ops is aborted by:" not in text:
+        return None
+    cause = re.split(r" (?:The tasks have crashed|The error could be|while calling|\[\[)", text.split(
+        "Collective ops is aborted by:", 1)[1], maxsplit=1)[0].strip()
+    return (f"lost contact with another worker ({cause}); the run stopped: start every worker again with the same "
+            "command to resume from the last checkpoint")

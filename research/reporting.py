@@ -43,7 +43,10 @@ class Reporter:
         self.steps_per_epoch = steps_per_epoch
         self.is_chief = is_chief
         self.tty = sys.stdout.isatty()
-        self.progbar = None
+        # On a terminal, a Keras progress bar per epoch, created when the epoch starts (its rate counts from
+        # there); its "Epoch k/n" header is printed with its first update.
+        self.progbar = self._new_progbar() if self.tty else None
+        self.shown_epoch = None
         self.started = time.time()
         self.start_step = start_step
         self.inputs_written = False
@@ -52,6 +55,9 @@ class Reporter:
             self.writers = {name: tf.summary.create_file_writer(os.path.join(model_dir, name))
                             for name in ("train", "eval")}
             self._write_hparams()
+
+    def _new_progbar(self):
+        return tf.keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["loss", "accuracy"])
 
     def scalars(self, kind, step, metrics):
         if self.is_chief:
@@ -69,10 +75,12 @@ class Reporter:
         epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
         shown = {k: metrics[k] for k in ("loss", "accuracy") if k in metrics}
         if self.tty:
-            if self.progbar is None or in_epoch + 1 < self.progbar._seen_so_far:
+            if self.shown_epoch != epoch:
                 print(f"Epoch {epoch + 1}/{-(-self.total_steps // self.steps_per_epoch)}")
-                self.progbar = tf.keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=list(shown))
+                self.shown_epoch = epoch
             self.progbar.update(in_epoch + 1, list(shown.items()))
+            if in_epoch + 1 == self.steps_per_epoch:  # The bar ended its line; the next epoch starts now.
+                self.progbar = self._new_progbar()
             return
         done = step - self.start_step
         eta = (time.time() - self.started) / max(done, 1) * (self.total_steps - step)
@@ -85,9 +93,8 @@ class Reporter:
         """After each evaluation: console line, eval scalars, one metrics.jsonl line. `confusion` is the
         [true, predicted] count matrix over the whole eval split."""
         self.scalars("eval", step, {k: v for k, v in metrics.items() if k in ("loss", "accuracy")})
-        if self.tty and self.progbar is not None:
-            print()
-        self.progbar = None
+        if self.tty and step % self.steps_per_epoch:
+            print()  # Leave the unfinished progress bar's line.
         print(f"eval step {step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
               f"({metrics['examples']} examples)", flush=True)
         if self.is_chief:

@@ -15,7 +15,7 @@ import time
 import tensorflow as tf
 from absl import app, logging
 
-from research import UserError, checkpoint, config as config_lib, data, distribute, models, optim, reporting
+from research import UserError, checkpoint, config as config_lib, data, distribute, models, optim, plots, reporting
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -182,8 +182,8 @@ def train_and_evaluate(config):
             optimizer.build(model.trainable_variables)
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             ema = WeightAverage(model.trainable_variables, config.ema_decay) if config.ema_decay else None
-        ckpt = tf.train.Checkpoint(step=step, model=model, optimizer=optimizer,
-                                   seed_states=checkpoint.seed_states(model), ema=ema.average if ema else [])
+        ckpt = tf.train.Checkpoint(step=step, model_variables=checkpoint.model_state(model), optimizer=optimizer,
+                                   ema=ema.average if ema else [])
         checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
                                              distribute.worker_id(strategy))
         if checkpoints.candidates():
@@ -217,25 +217,27 @@ def train_and_evaluate(config):
         restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
 
         def run_eval(current):
-            with ema.swapped_in() if ema else contextlib.nullcontext():
+            with ema.swapped_in() if ema else contextlib.nullcontext():  # The reporter's pictures see them too.
                 loss, confusion = (t.numpy() for t in evaluate(eval_data))
-            examples = int(confusion.sum())
-            metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
-                       "examples": examples, "elapsed_s": round(time.time() - started, 1)}
-            reporter.eval(current, {**metrics, **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
+                examples = int(confusion.sum())
+                metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
+                           "examples": examples}
+                reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - started, 1),
+                                        **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
             return metrics, confusion
 
         current = int(step.numpy())
         while current < total_steps:
-            num_steps = min(config.steps_per_loop, total_steps - current,
-                            eval_every - current % eval_every, config.checkpoint_every - current % config.checkpoint_every)
+            # A loop of steps ends at every event boundary: epoch (progress), evaluation, checkpoint, the end.
+            num_steps = min([config.steps_per_loop, total_steps - current] + [
+                every - current % every for every in (steps_per_epoch, eval_every, config.checkpoint_every)])
             loop_start = time.time()
             with _profiling(config, current, num_steps, total_steps, loops_run):
                 totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
             loops_run += 1
             (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step.numpy())
             if not finite:
-                last_good = checkpoints.manager.latest_checkpoint
+                last_good = checkpoints.latest()
                 if config.on_nonfinite != "restore" or restores >= config.max_nonfinite_restores or not last_good:
                     raise UserError(f"non-finite loss or gradient at step {current}; last good checkpoint: "
                                     f"{last_good or 'none'} (left intact)")
@@ -256,10 +258,12 @@ def train_and_evaluate(config):
             saved = current % config.checkpoint_every == 0 or current == total_steps
             if saved:
                 checkpoints.save(current)
-            if stop_signal:
+            # A signal may reach only some workers, or reach them in different loops: all stop when any got one,
+            # so that they save the same step (a collective on every process; cheap on one).
+            if distribute.any_worker(strategy, stop_signal):
                 if not saved:
                     checkpoints.save(current)
-                raise Preempted(stop_signal[0], current)
+                raise Preempted(stop_signal[0] if stop_signal else signal.SIGTERM, current)
 
         # -------------------------------------------------------------- Results
         eval_metrics, confusion = last_eval or run_eval(current)
@@ -269,6 +273,7 @@ def train_and_evaluate(config):
         if chief:
             with open(results_path, "w") as f:
                 json.dump(results, f, indent=1)
+            plots.write_curves(config.model_dir)
         reporter.finish(results)
         print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
               f"({results['wall_time_s']} s)")
@@ -313,6 +318,12 @@ def main(argv):
     except Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
+    except tf.errors.UnavailableError as e:
+        message = distribute.lost_worker_message(e)  # Multi-worker: another worker died or stopped answering.
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -157,8 +157,8 @@ def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(mock_tfds, t
     train.train_and_evaluate(make_config(tmp_path / "second", train_steps=1, optimizer="sgd", learning_rate=1e-30,
                                          init_checkpoint=str(tmp_path / "first")))
     first, second = _weights(tmp_path / "first"), _weights(tmp_path / "second")
-    kernels = [n for n in first if n.startswith("model/") and "kernel" in n]
-    assert kernels
+    kernels = [n for n in first if n.startswith("model_variables/")]
+    assert len(kernels) == 4  # mlp(16): hidden kernel and bias, classifier kernel and bias.
     for name in kernels:
         np.testing.assert_allclose(first[name], second[name], atol=1e-6)
     assert second["step/.ATTRIBUTES/VARIABLE_VALUE"] == 1

@@ -2,7 +2,7 @@
 
 Each module in this package registers its builders with `@register("name")`; a builder takes the run config and
 the `research.data.Dataset` (image shape, number of classes) and returns a subclassed `tf.keras.Model` whose call
-returns logits. Every module here is imported on first use, so adding a model touches only its own file.
+returns logits. Every module here is imported with the package, so adding a model touches only its own file.
 """
 
 import importlib
@@ -21,17 +21,16 @@ def register(name):
 
 
 def names():
-    _import_all()
     return sorted(_BUILDERS)
 
 
 def create(config, dataset):
-    _import_all()
     if config.model not in _BUILDERS:
-        raise UserError(f"--model={config.model} is unknown; choose from {', '.join(sorted(_BUILDERS))}")
+        raise UserError(f"--model={config.model} is unknown; choose from {', '.join(names())}")
     return _BUILDERS[config.model](config, dataset)
 
 
-def _import_all():
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+# Import every model module now, so that their builders are registered and their Keras classes are known to
+# `keras.saving.load_model` as soon as research.models is imported.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

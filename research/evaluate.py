@@ -1,0 +1,119 @@
+"""Evaluate a run's checkpoint on every example of a split:
+`python -m research.evaluate --model_dir=RUN [--checkpoint=latest|best|PATH] [--split=test]`.
+
+Prints the exact accuracy and loss, the accuracy of each class and the confusion matrix, and writes into the run
+directory report.json (all of it), confusion_matrix.png, predictions.png (the first test images with predicted
+class, confidence and true class, red when wrong) and curves.png (the run's learning curves so far).
+
+The numbers are computed by research.train's own evaluation function over research.data's own eval pipeline,
+with the run's flags (--data_dir / --tfds_manual_dir override the recorded ones, for a run moved to another
+machine), so evaluating the checkpoint of a training evaluation reproduces that evaluation exactly. (The model
+computes in float32: a --mixed_precision run's own evaluations differ by their half-precision rounding.)
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from research import UserError, cli, data, plots, runs, train
+
+REPORT_FILE = "report.json"
+CONFUSION_FILE = "confusion_matrix.png"
+PREDICTIONS_FILE = "predictions.png"
+PREDICTIONS_SHOWN = 25
+PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not printed.
+
+
+def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None):
+    """Evaluates and writes the report files; returns the report dict (also model_dir/report.json)."""
+    overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
+                 if value is not None}
+    restored = runs.load_model(model_dir, checkpoint, **overrides)
+    config, model, info = restored.config, restored.model, restored.dataset
+    split = split or config.eval_split
+    # data.load also reads a training split: the run's eval split stands in for it, so that evaluation neither
+    # reads the training data (60,000 images for MNIST) nor depends on it being there.
+    dataset = data.load(runs.read_config(model_dir, **overrides, train_split=config.eval_split, eval_split=split))
+    if tuple(dataset.image_shape) != info.image_shape or list(dataset.class_names) != info.class_names:
+        raise UserError(f"{config.dataset} as loaded now differs from what {model_dir} trained on "
+                        f"(image shape {dataset.image_shape}, {dataset.num_classes} classes)")
+
+    strategy = tf.distribute.get_strategy()
+    evaluation = train.make_evaluate(strategy, model, dataset.num_classes)
+    loss, confusion = (t.numpy() for t in evaluation(
+        strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))))
+    confusion = confusion.astype(np.int64)
+    examples = int(confusion.sum())
+    correct = np.diag(confusion)
+    per_class = confusion.sum(axis=1)
+    report = {
+        "model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, "split": split,
+        "examples": examples, "accuracy": float(correct.sum() / examples), "loss": float(loss / examples),
+        "per_class": [{"class": i, "name": name, "examples": int(n), "correct": int(c),
+                       "accuracy": float(c / n) if n else None}
+                      for i, (name, n, c) in enumerate(zip(info.class_names, per_class, correct))],
+        "confusion_matrix": confusion.tolist(),
+    }
+
+    images, labels = dataset.eval_images[:PREDICTIONS_SHOWN], dataset.eval_labels[:PREDICTIONS_SHOWN]
+    probabilities = tf.nn.softmax(model(data.to_float(images), training=False)).numpy()
+    files = [plots.save(plots.confusion(confusion, info.class_names), os.path.join(model_dir, CONFUSION_FILE)),
+             plots.save(plots.predictions(images, labels, probabilities, info.class_names,
+                                          title=f"{split}: first {len(images)} examples"),
+                        os.path.join(model_dir, PREDICTIONS_FILE))]
+    if runs.read_metrics(model_dir):  # None before the run's first evaluation.
+        files.append(plots.write_curves(model_dir))
+    path = os.path.join(model_dir, REPORT_FILE)
+    report["files"] = files + [path]
+    try:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    return report
+
+
+def format_report(report):
+    """The report as the lines printed: totals, a per-class table and (for few classes) the confusion matrix."""
+    lines = [f"{report['checkpoint']} (step {report['step']}) on split {report['split']}: "
+             f"accuracy {report['accuracy']:.4f} ({sum(c['correct'] for c in report['per_class'])}/"
+             f"{report['examples']}), loss {report['loss']:.4f}",
+             "", f"{'class':>5}  {'name':<16} {'accuracy':>8} {'examples':>8}"]
+    for c in report["per_class"]:
+        accuracy = "-" if c["accuracy"] is None else f"{c['accuracy']:.4f}"
+        lines.append(f"{c['class']:>5}  {str(c['name'])[:16]:<16} {accuracy:>8} {c['examples']:>8}")
+    matrix = np.array(report["confusion_matrix"])
+    lines.append("")
+    if len(matrix) > PRINTED_MATRIX_MAX_CLASSES:
+        lines.append(f"confusion matrix: {len(matrix)} classes, see {CONFUSION_FILE}")
+        return "\n".join(lines)
+    width = max(len(str(matrix.max())), len(str(len(matrix) - 1))) + 1
+    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    lines.append(" " * 6 + "".join(f"{i:>{width}}" for i in range(len(matrix))))
+    lines += [f"{i:>5} " + "".join(f"{n:>{width}}" for n in row) for i, row in enumerate(matrix)]
+    return "\n".join(lines)
+
+
+def _main(argv):
+    parser = cli.Parser(prog="python -m research.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True, help="The run directory.")
+    parser.add_argument("--checkpoint", default="latest",
+                        help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+    parser.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
+    parser.add_argument("--data_dir", help="TFDS data_dir (default: the run's).")
+    parser.add_argument("--tfds_manual_dir", help="Source files to prepare the dataset from (default: the run's).")
+    args = parser.parse_args(argv)
+    report = evaluate(args.model_dir, args.checkpoint, args.split, args.data_dir, args.tfds_manual_dir)
+    print(format_report(report))
+    print(f"\nwrote {', '.join(report['files'])}")
+
+
+def main(argv=None):
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

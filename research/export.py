@@ -1,0 +1,112 @@
+"""Export a run's model for serving: `python -m research.export --model_dir=RUN --output=DIR [--checkpoint=...]`.
+
+DIR becomes a TensorFlow SavedModel whose `serving_default` signature takes uint8 images [N, H, W, C], as the
+dataset stores them, and returns {"probabilities": float32 [N, classes], "class_ids": int64 [N]}; the scaling to
+[0, 1] is inside, so clients send raw pixels. TF Serving loads it from a numbered version directory (e.g.
+--output=exports/mnist/1). The class names travel with it as the string variable `class_names`.
+
+DIR/model.keras is the same model as a Keras file (float [0, 1] images in, logits out), for
+`keras.saving.load_model(path, safe_mode=True)` once `research.models` is imported (which registers the model
+classes with Keras).
+
+The export is staged next to DIR, loaded back both ways and checked to reproduce the checkpoint's predictions,
+and only then moved to DIR, so a failed export leaves nothing behind.
+"""
+
+import os
+import shutil
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from research import UserError, cli, data, runs
+
+KERAS_FILE = "model.keras"
+TOLERANCE = 1e-5  # Largest difference in any probability between the checkpoint and its reloaded export.
+
+
+class Serving(tf.Module):
+    """What the SavedModel holds: the model, its class names, and the uint8-in serving function."""
+
+    def __init__(self, model, image_shape, class_names):
+        super().__init__()
+        self.model = model
+        self.class_names = tf.Variable(class_names, trainable=False, name="class_names")
+        self.serve = tf.function(
+            self._serve, input_signature=[tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
+
+    def _serve(self, images):
+        probabilities = tf.nn.softmax(self.model(data.to_float(images), training=False))
+        return {"probabilities": probabilities, "class_ids": tf.argmax(probabilities, axis=-1)}
+
+
+def export(model_dir, output, checkpoint="latest"):
+    """Writes the SavedModel and model.keras to `output` (which must not exist, or be empty); returns the
+    checkpoint path exported."""
+    restored = runs.load_model(model_dir, checkpoint)
+    if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)):
+        raise UserError(f"--output={output} already exists; choose a new directory")
+    output = os.path.abspath(output)
+    staging = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # Left by an export killed with this same process id.
+    try:
+        os.makedirs(staging)
+    except OSError as e:
+        raise UserError(f"cannot write {os.path.dirname(output)}: {e.strerror}") from None
+    try:
+        module = Serving(restored.model, restored.dataset.image_shape, restored.dataset.class_names)
+        tf.saved_model.save(module, staging, signatures={"serving_default": module.serve})
+        _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
+        _verify(staging, restored)
+        if os.path.isdir(output):
+            os.rmdir(output)
+        os.rename(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return restored.checkpoint
+
+
+def _save_keras(model, path, name):
+    try:
+        model.save(path)
+    except (NotImplementedError, TypeError, ValueError) as e:
+        raise UserError(f"--model={name} cannot be saved as a Keras file: its class needs get_config() and "
+                        f"@register_keras_serializable (as in research/models/cnn.py): "
+                        f"{str(e).strip().splitlines()[0]}") from None
+
+
+def _verify(directory, restored):
+    """Both reloaded forms must give the restored model's probabilities on the same (random) images."""
+    images = np.random.default_rng(0).integers(0, 256, [8, *restored.dataset.image_shape], dtype=np.uint8)
+    expected = tf.nn.softmax(restored.model(data.to_float(images), training=False)).numpy()
+    serving = tf.saved_model.load(directory).signatures["serving_default"]
+    reloaded = keras.saving.load_model(os.path.join(directory, KERAS_FILE), safe_mode=True)
+    outputs = {"SavedModel": serving(images=tf.constant(images))["probabilities"].numpy(),
+               "Keras file": tf.nn.softmax(reloaded(data.to_float(images), training=False)).numpy()}
+    for form, probabilities in outputs.items():
+        difference = float(np.abs(probabilities - expected).max())
+        if difference > TOLERANCE:
+            raise UserError(f"the exported {form} does not reproduce the checkpoint's predictions "
+                            f"(probabilities differ by up to {difference:.3g}); nothing was written")
+
+
+def _main(argv):
+    parser = cli.Parser(prog="python -m research.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True, help="The run directory.")
+    parser.add_argument("--output", required=True, help="New directory for the SavedModel and model.keras.")
+    parser.add_argument("--checkpoint", default="latest",
+                        help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+    args = parser.parse_args(argv)
+    path = export(args.model_dir, args.output, args.checkpoint)
+    print(f"exported {path} to {args.output} (SavedModel, signature serving_default) "
+          f"and {os.path.join(args.output, KERAS_FILE)}")
+
+
+def main(argv=None):
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Classify image files with a run's model: `python -m research.predict --model_dir=RUN [--top_k=3] IMAGE...`.
+
+Prints one line per image, `PATH: NAME PROBABILITY, ...` with the top-k classes. Any image file Pillow reads
+(PNG, JPEG, BMP, GIF, ...), grayscale or colour, of any size, is converted to the model's channels, resized to
+its input size and scaled to [0, 1] as training scales. The images are taken as they are: a model trained on
+MNIST expects a light digit on a dark background.
+
+An image that cannot be read gets one `error: ...` line on stderr and the others are still classified; the exit
+status is then 1. A problem with the run itself (or the arguments) is one line and exit status 2.
+"""
+
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+from research import UserError, cli, data, runs
+
+MODES = {1: "L", 3: "RGB"}  # Model input channels -> the Pillow mode to convert to.
+BATCH = 256
+
+
+def read_image(path, image_shape):
+    """The file as uint8 [H, W, C] for a model taking `image_shape` images; a UserError names what is wrong."""
+    height, width, channels = image_shape
+    if channels not in MODES:
+        raise UserError(f"the model takes {channels}-channel images; only 1 (grayscale) or 3 (RGB) can be read")
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: empty file")
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I;16"):  # 16-bit grayscale, which convert() would clip rather than scale.
+                image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+            image = image.convert(MODES[channels]).resize((width, height), Image.Resampling.BILINEAR)
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, ValueError) as e:  # Truncated or corrupt image data.
+        raise UserError(f"{path}: unreadable image ({e})") from None
+    return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+
+
+def top_k(model, images, k):
+    """[(class ids, probabilities)] of the k most probable classes of each uint8 image, most probable first."""
+    probabilities = np.concatenate([tf.nn.softmax(model(data.to_float(images[i:i + BATCH]), training=False))
+                                    for i in range(0, len(images), BATCH)])
+    best = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return [(ids, probs[ids]) for ids, probs in zip(best, probabilities)]
+
+
+def predict(restored, paths, k=3):
+    """Classifies the files at `paths` with a `runs.load_model` result.
+
+    Returns ([(path, [(class name, probability)]) for each readable file], [error line for each other one]).
+    """
+    if k < 1:
+        raise UserError(f"--top_k must be at least 1, got {k}")
+    images, readable, errors = [], [], []
+    for path in paths:
+        try:
+            images.append(read_image(path, restored.dataset.image_shape))
+            readable.append(path)
+        except UserError as e:
+            errors.append(str(e))
+    if not images:
+        return [], errors
+    names = restored.dataset.class_names
+    return [(path, [(names[i], float(p)) for i, p in zip(ids, probs)])
+            for path, (ids, probs) in zip(readable, top_k(restored.model, np.stack(images), k))], errors
+
+
+def _main(argv):
+    parser = cli.Parser(prog="python -m research.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True, help="The run directory.")
+    parser.add_argument("--checkpoint", default="latest",
+                        help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+    parser.add_argument("--top_k", type=int, default=3, help="How many of the most probable classes to show.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="Image files.")
+    args = parser.parse_args(argv)
+    restored = runs.load_model(args.model_dir, args.checkpoint)
+    results, errors = predict(restored, args.images, args.top_k)
+    for path, classes in results:
+        print(f"{path}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in classes))
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def main(argv=None):
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
