@@ -155,7 +155,7 @@ class Reporter:
         """The Keras tutorial's prediction grid for the mistakes among the first eval examples."""
         images = self.dataset.eval_images[:MISTAKES_SCANNED]
         labels = self.dataset.eval_labels[:MISTAKES_SCANNED]
-        batch = self.config.batch_size
+        batch = 250  # Eager calls: few and large.
         probabilities = np.concatenate([tf.nn.softmax(self.model(data.to_float(images[i:i + batch]), training=False))
                                         for i in range(0, len(images), batch)])
         wrong = np.flatnonzero(np.argmax(probabilities, -1) != labels)

@@ -143,6 +143,32 @@ def make_evaluate(strategy, model, num_classes):
     return evaluate
 
 
+def run_length(config, dataset, strategy):
+    """(steps per epoch, total steps): every step is one global batch, the remainder of an epoch is dropped."""
+    steps_per_epoch = dataset.num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch_size={config.batch_size} exceeds the {dataset.num_train} examples of "
+                        f"--train_split={config.train_split}")
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise UserError(f"--batch_size={config.batch_size} does not split over "
+                        f"{strategy.num_replicas_in_sync} replicas")
+    return steps_per_epoch, config.train_steps or config.train_epochs * steps_per_epoch
+
+
+def build(config, dataset, strategy, total_steps):
+    """(model, optimizer, step, weight average or None), created in the strategy's scope and built, so that every
+    variable exists before any restore or tf.function (a deferred restore would create duplicates)."""
+    tf.keras.mixed_precision.set_global_policy(config.mixed_precision)  # Global: set for every run.
+    with strategy.scope():
+        model = models.create(config, dataset)
+        model(tf.zeros([1, *dataset.image_shape]))  # model.build() creates no variables on a subclassed model.
+        optimizer = optim.create_optimizer(config, total_steps)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        ema = WeightAverage(model.trainable_variables, config.ema_decay) if config.ema_decay else None
+    return model, optimizer, step, ema
+
+
 def train_and_evaluate(config):
     """Trains `config.model` on `config.dataset` in `config.model_dir`, resuming if it holds a checkpoint.
 
@@ -161,27 +187,11 @@ def train_and_evaluate(config):
             stack.enter_context(checkpoint.RunLock(config.model_dir))
         stop_signal = stack.enter_context(_catch_stop_signals())
 
-        # -------------------------------------------------------------- Data
+        # -------------------------------------------------------------- Data, model, optimizer, checkpoint
         dataset = data.load(config)
-        steps_per_epoch = dataset.num_train // config.batch_size
-        if steps_per_epoch == 0:
-            raise UserError(f"--batch_size={config.batch_size} exceeds the {dataset.num_train} examples of "
-                            f"--train_split={config.train_split}")
-        if config.batch_size % strategy.num_replicas_in_sync:
-            raise UserError(f"--batch_size={config.batch_size} does not split over "
-                            f"{strategy.num_replicas_in_sync} replicas")
-        total_steps = config.train_steps or config.train_epochs * steps_per_epoch
+        steps_per_epoch, total_steps = run_length(config, dataset, strategy)
         eval_every = config.eval_every or steps_per_epoch
-
-        # -------------------------------------------------------------- Model, optimizer, checkpoint
-        tf.keras.mixed_precision.set_global_policy(config.mixed_precision)  # Global: set for every run.
-        with strategy.scope():
-            model = models.create(config, dataset)
-            model(tf.zeros([1, *dataset.image_shape]))  # Creates the variables before any restore or tf.function.
-            optimizer = optim.create_optimizer(config, total_steps)
-            optimizer.build(model.trainable_variables)
-            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            ema = WeightAverage(model.trainable_variables, config.ema_decay) if config.ema_decay else None
+        model, optimizer, step, ema = build(config, dataset, strategy, total_steps)
         ckpt = tf.train.Checkpoint(step=step, model_variables=checkpoint.model_state(model), optimizer=optimizer,
                                    ema=ema.average if ema else [])
         checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
