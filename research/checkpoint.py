@@ -134,10 +134,10 @@ def _read_flagfile(text):
     values = {}
     for line in text.splitlines():
         if line.startswith("--"):
-            name, _, value = line[2:].partition("=")
-            if not _ and name.startswith("no"):
+            name, has_value, value = line[2:].partition("=")
+            if not has_value and name.startswith("no"):  # --noflag
                 name, value = name[2:], "False"
-            values[name] = value or "True"
+            values[name] = value if has_value else value or "True"
     return values
 
 
