@@ -34,7 +34,10 @@ flags.DEFINE_string("model", "cnn", "Model name from the registry in research/mo
 flags.DEFINE_list("hidden_units", ["128"], "mlp: width of each hidden Dense layer, e.g. '128,128'.")
 flags.DEFINE_list("widths", ["32", "64", "128"],
                   "resnet_small: channels of the stem/first stage and of each later stage (each halves resolution).")
-flags.DEFINE_float("dropout", 0.0, "Dropout rate after hidden layers of models that have it (0 = off).")
+flags.DEFINE_list("conv_layers", ["32c5s2v", "64c3s2v", "128c3v"],
+                  "convnet: its layers, e.g. '32c3v,32c5s2,d,64c3' (see research/models/convnet.py).")
+flags.DEFINE_float("dropout", 0.0, "Dropout rate (0 = off): mlp, cnn_rgb and resnet_small apply it "
+                   "before the classifier, convnet at each 'd' of --conv_layers; cnn has none.")
 
 # --- optimization -----------------------------------------------------------------------------------------------
 flags.DEFINE_enum("optimizer", "rmsprop", ["adam", "adamax", "rmsprop", "sgd", "adamw"], "Optimizer.")
@@ -126,6 +129,7 @@ def _parse(flag, value):
 def validate(config):
     """Checks that hold between flags; each failure is one line naming the flag."""
     from research import augment, models  # Here, not at the top: they load TensorFlow, which flag tools don't need.
+    from research.models import convnet
 
     def need(ok, message):
         if not ok:
@@ -156,6 +160,7 @@ def validate(config):
     except ValueError:
         raise UserError(f"--widths must be integers, got {','.join(config.widths)}") from None
     need(config.widths and all(w > 0 for w in config.widths), "--widths must be positive")
+    convnet.parse(config.conv_layers)
     need(config.model in models.names(), f"--model={config.model} is unknown; choose from {', '.join(models.names())}")
     unknown_ops = sorted(set(config.augment) - set(augment.OPS))
     need(not unknown_ops, f"--augment: unknown op {', '.join(unknown_ops)}; choose from {', '.join(augment.OPS)}")

@@ -92,29 +92,30 @@ def confusion(matrix, class_names):
 
 
 def image_grid(images, captions, colors=None, title=None):
-    """Images ([N, H, W, C], uint8 or float in [0, 1]) in a near-square grid, each with a caption below."""
+    """Images ([N, H, W, C], uint8 or float in [0, 1]) in a near-square grid, each with a caption below. Drawn as one
+    mosaic in one Axes: a subplot per image made each grid cost ~1 s of the training process, this ~0.3 s."""
     images = np.asarray(images)
     count = len(images)
     columns = max(1, math.ceil(math.sqrt(count)))
     rows = max(1, math.ceil(count / columns))
+    height, width = images.shape[1:3] if count else (28, 28)
+    gap = max(1, height // 8)
+    cell_height, cell_width = height + 3 * gap, width + gap  # Room under each image for its caption.
+    mosaic = np.ones((rows * cell_height, columns * cell_width, 3), np.float32)
     figure = Figure(figsize=(1.7 * columns, 1.9 * rows + (0.4 if title else 0)), layout="constrained")
     if title:
         figure.suptitle(title)
-    axes = np.asarray(figure.subplots(rows, columns, squeeze=False)).ravel()
-    for i, ax in enumerate(axes):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= count:
-            ax.axis("off")
-            continue
+    ax = figure.subplots()
+    ax.set_axis_off()
+    for i in range(count):
         image = images[i].astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
-        if image.shape[-1] == 1:
-            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
-        else:
-            ax.imshow(np.clip(image, 0, 1))
-        ax.set_xlabel(captions[i], fontsize=8, color=colors[i] if colors else "black")
+        top, left = i // columns * cell_height, i % columns * cell_width
+        mosaic[top:top + height, left:left + width] = np.clip(image, 0, 1)  # Grey images broadcast to RGB.
+        ax.text(left + width / 2, top + height + 0.3 * gap, captions[i], ha="center", va="top", fontsize=8,
+                color=colors[i] if colors else "black")
+    ax.imshow(mosaic, interpolation="nearest")
     if not count:
-        axes[0].text(0.5, 0.5, "none", ha="center", va="center", transform=axes[0].transAxes)
+        ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
     return figure
 
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from conftest import MNIST_FILES, make_config
 from research import UserError, data, models, optim, train
@@ -24,6 +25,8 @@ def _shape_only(shape, classes):
     ("cnn", (28, 28, 1), 104_202),  # The tutorial's model.summary().
     ("mlp", (28, 28, 1), 784 * 128 + 128 + 128 * 10 + 10),
     ("cnn_rgb", (32, 32, 3), 896 + 18_496 + 2304 * 128 + 128 + 1290),
+    # convnet 32c5s2v,64c3s2v,128c3v: 28 -> 12 -> 5 -> 3; convs have no bias and 4 BN variables per channel.
+    ("convnet", (28, 28, 1), 25 * 32 + 4 * 32 + 9 * 32 * 64 + 4 * 64 + 9 * 64 * 128 + 4 * 128 + 3 * 3 * 128 * 10 + 10),
 ])
 def test_parameter_counts(model, shape, params):
     net = models.create(make_config("unused", model=model, hidden_units="128"), _shape_only(shape, 10))
@@ -40,6 +43,18 @@ def test_flag_values_are_checked_before_any_work():
         make_config("unused", learning_rat=0.1)
     with pytest.raises(UserError, match="--optimizer='adagrad'"):
         make_config("unused", optimizer="adagrad")
+    with pytest.raises(UserError, match="--conv_layers: cannot read '32x3'"):
+        make_config("unused", model="convnet", conv_layers="32c3,32x3")
+
+
+def test_convnet_layer_string():
+    """Padding, stride, pooling and dropout as written: 28 -(3x3 valid)-> 26 -(pool)-> 13 -(5x5 stride 2)-> 7."""
+    config = make_config("unused", model="convnet", conv_layers="8c3v,p,d,16c5s2", dropout=0.5)
+    net = models.create(config, _shape_only((28, 28, 1), 10))
+    net(tf.zeros([1, 28, 28, 1]))
+    assert [type(layer).__name__ for layer in net.features] == [
+        "Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D", "Dropout", "Conv2D", "BatchNormalization", "ReLU"]
+    assert net.classifier.kernel.shape == (7 * 7 * 16, 10)
 
 
 @pytest.mark.parametrize("dataset, model", [("mnist", "mlp"), ("fashion_mnist", "cnn"), ("cifar10", "cnn_rgb")])
@@ -113,6 +128,39 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit(tmp_path):
         assert proc.returncode == 2, (args, err)
         assert len(lines) == 1 and message in lines[0], (args, err)
         assert "Traceback" not in err
+
+
+def test_decoded_split_cache(tmp_path, mnist_data_dir, monkeypatch):
+    """Loads after the first read the decoded arrays cached beside the prepared files, identical to decoding; a
+    damaged cache, or one whose source files changed, is decoded again and rewritten."""
+    decodes = []
+    as_numpy = data.tfds.as_numpy
+    monkeypatch.setattr(data.tfds, "as_numpy", lambda ds: decodes.append(1) or as_numpy(ds))
+    config = make_config(tmp_path, data_dir=mnist_data_dir, tfds_manual_dir=MNIST_FILES)
+    builder = tfds.builder("mnist", data_dir=mnist_data_dir)
+    decoded = np.stack([image for image, _ in tfds.as_numpy(builder.as_dataset(split="test", as_supervised=True))])
+    cache, _ = data._cache_of(builder, "test")
+
+    cached = data.load(config)  # The fixture's load wrote the caches.
+    assert not decodes and os.path.exists(cache)
+    np.testing.assert_array_equal(cached.eval_images, decoded)
+    assert cached.train_images.shape == (60_000, 28, 28, 1) and cached.train_labels.shape == (60_000,)
+
+    with open(cache, "r+b") as f:
+        f.truncate(1000)
+    np.testing.assert_array_equal(data.load(config).eval_images, decoded)
+    assert len(decodes) == 1
+    data.load(config)
+    assert len(decodes) == 1  # Rewritten whole.
+
+    test_file = builder.info.splits["test"].file_instructions[0].filename
+    os.utime(test_file, ns=(os.stat(test_file).st_atime_ns, os.stat(test_file).st_mtime_ns + 1))
+    np.testing.assert_array_equal(data.load(config).eval_images, decoded)
+    assert len(decodes) == 2
+
+
+def test_mocked_data_is_never_cached(mock_tfds):
+    assert data._cache_of(tfds.builder("mnist"), "train") == (None, None)
 
 
 def test_real_mnist_cnn_learns(tmp_path, mnist_data_dir):
