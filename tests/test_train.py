@@ -133,13 +133,13 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit(tmp_path):
 def test_decoded_split_cache(tmp_path, mnist_data_dir, monkeypatch):
     """Loads after the first read the decoded arrays cached beside the prepared files, identical to decoding; a
     damaged cache, or one whose source files changed, is decoded again and rewritten."""
-    decodes = []
-    as_numpy = data.tfds.as_numpy
-    monkeypatch.setattr(data.tfds, "as_numpy", lambda ds: decodes.append(1) or as_numpy(ds))
     config = make_config(tmp_path, data_dir=mnist_data_dir, tfds_manual_dir=MNIST_FILES)
     builder = tfds.builder("mnist", data_dir=mnist_data_dir)
     decoded = np.stack([image for image, _ in tfds.as_numpy(builder.as_dataset(split="test", as_supervised=True))])
     cache, _ = data._cache_of(builder, "test")
+    decodes = []
+    as_numpy = tfds.as_numpy
+    monkeypatch.setattr(tfds, "as_numpy", lambda ds: decodes.append(1) or as_numpy(ds))
 
     cached = data.load(config)  # The fixture's load wrote the caches.
     assert not decodes and os.path.exists(cache)
