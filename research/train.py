@@ -7,6 +7,7 @@ same command again resumes from the run directory's latest checkpoint; a finishe
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -161,7 +162,13 @@ def build(config, dataset, strategy, total_steps):
     tf.keras.mixed_precision.set_global_policy(config.mixed_precision)  # Global: set for every run.
     with strategy.scope():
         model = models.create(config, dataset)
-        model(tf.zeros([1, *dataset.image_shape]))  # model.build() creates no variables on a subclassed model.
+        try:
+            model(tf.zeros([1, *dataset.image_shape]))  # model.build() creates no variables on a subclassed model.
+        except ValueError as e:  # E.g. valid convolutions that shrink the image below the next kernel.
+            reason = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()  # (Keras colours it.)
+                      if line.strip() and not line.startswith("Exception encountered")]
+            raise UserError(f"--model={config.model} does not fit {dataset.name}'s {dataset.image_shape} images: "
+                            f"{(reason or [str(e)])[0]}") from None
         optimizer = optim.create_optimizer(config, total_steps)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")

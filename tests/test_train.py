@@ -47,6 +47,11 @@ def test_flag_values_are_checked_before_any_work():
         make_config("unused", model="convnet", conv_layers="32c3,32x3")
 
 
+def test_a_model_that_does_not_fit_the_images_is_one_error_line(mock_tfds, tmp_path):
+    with pytest.raises(UserError, match=r"--model=convnet does not fit mnist's \(28, 28, 1\) images: Computed output"):
+        train.train_and_evaluate(make_config(tmp_path, model="convnet", conv_layers="32c30v"))
+
+
 def test_convnet_layer_string():
     """Padding, stride, pooling and dropout as written: 28 -(3x3 valid)-> 26 -(pool)-> 13 -(5x5 stride 2)-> 7."""
     config = make_config("unused", model="convnet", conv_layers="8c3v,p,d,16c5s2", dropout=0.5)
