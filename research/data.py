@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import threading
 import urllib.parse
 import zipfile
@@ -145,15 +144,15 @@ def _read_split(builder, split, flag):
 
 
 def _write_cache(path, **arrays):
-    """Written whole under a temporary name, then renamed, so that readers never see half a file; a data_dir this
-    process cannot write only costs the decoding again next time."""
+    """Written whole under a temporary name, then renamed (as checkpoint.py writes its files), so that readers never
+    see half a file; a data_dir this process cannot write only costs the decoding again next time."""
+    temporary = f"{path}.tmp{os.getpid()}"
     try:
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".npz.tmp", delete=False) as f:
-            temporary = f.name
+        with open(temporary, "wb") as f:
             np.savez(f, **arrays)
         os.replace(temporary, path)
     except OSError:
-        with contextlib.suppress(OSError, NameError):
+        with contextlib.suppress(OSError):
             os.remove(temporary)
 
 
