@@ -21,11 +21,17 @@ import sys
 import time
 import types
 
-import psutil
-import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags
 
-from research import UserError, config as config_lib, data, distribute, models, optim, train
+from research import cli, config as config_lib  # Standard library and absl only: they run before TensorFlow loads.
+
+if __name__ == "__main__":
+    cli.start()
+
+import psutil  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from research import UserError, data, distribute, models, optim, train  # noqa: E402
 
 flags.DEFINE_integer("benchmark_steps", 600, "Timed training steps per method and round.")
 flags.DEFINE_integer("benchmark_warmup_steps", 100,
@@ -256,17 +262,15 @@ def _config_from_flags():
 
 
 def main(argv):
-    logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        results = run(_config_from_flags(), FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps,
-                      FLAGS.benchmark_rounds, FLAGS.fit_steps_per_execution, FLAGS.input_steps)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.parse_flags(argv, __doc__)
+    return cli.run(_benchmark_from_flags)
+
+
+def _benchmark_from_flags(_):
+    results = run(_config_from_flags(), FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps,
+                  FLAGS.benchmark_rounds, FLAGS.fit_steps_per_execution, FLAGS.input_steps)
     print(json.dumps(results, indent=1) if FLAGS.json else format_table(results))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main(sys.argv))
