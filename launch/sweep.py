@@ -16,23 +16,26 @@ Exit status: 0 when no run failed, 1 when some failed (each named with its log),
 """
 
 import concurrent.futures
+import contextlib
 import itertools
-import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
-from research import UserError, cli, config as config_lib
+from research import cli
+
+if __name__ == "__main__":
+    cli.start()
+
+from research import UserError, config as config_lib, run_dir  # noqa: E402
 
 FLAGS = config_lib.FLAGS  # Importing research.config defines every research.train flag here.
 TRAIN_FLAGS = {flag.name: flag for flag in FLAGS.get_flags_for_module(config_lib.__name__)}
-SWEEP_FILE = "sweep.json"
-LOG_FILE = "train.log"
-RESULTS_FILE = "results.json"
 
 
 def parse_args(argv):
@@ -137,11 +140,11 @@ def plan(args, extras):
     for combination in itertools.product(*(values for _, values in grid)):
         chosen = [(name, text, label) for (name, _), (text, label) in zip(grid, combination)]
         run_name = "_".join(f"{short[name]}={label}" for name, _, label in chosen)
-        run_dir = os.path.join(args.root, run_name)
-        command = base + [f"--{name}={text}" for name, text, _ in chosen] + [f"--model_dir={run_dir}"]
-        finished = os.path.exists(os.path.join(run_dir, RESULTS_FILE))
-        runs.append({"name": run_name, "dir": run_dir, "flags": {name: text for name, text, _ in chosen},
-                     "command": command, "log": os.path.join(run_dir, LOG_FILE),
+        directory = run_dir.join(args.root, run_name)
+        command = base + [f"--{name}={text}" for name, text, _ in chosen] + [f"--model_dir={directory}"]
+        finished = run_dir.exists(run_dir.join(directory, run_dir.RESULTS_FILE))
+        runs.append({"name": run_name, "dir": directory, "flags": {name: text for name, text, _ in chosen},
+                     "command": command, "log": run_dir.join(directory, run_dir.LOG_FILE),
                      "status": "skipped" if finished else "pending"})
     return runs
 
@@ -157,7 +160,7 @@ class Ledger:
     """`root/sweep.json`: the runs and their status, rewritten whole (atomically) at every change of status."""
 
     def __init__(self, root, argv, runs):
-        self.path = os.path.join(root, SWEEP_FILE)
+        self.path = run_dir.join(root, run_dir.SWEEP_FILE)
         self.record = {"argv": argv, "runs": runs}
         self.lock = threading.Lock()
 
@@ -167,18 +170,15 @@ class Ledger:
             self.write()
 
     def write(self):
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.record, f, indent=1)
-        os.replace(tmp, self.path)
+        run_dir.write_json(self.path, self.record)
 
 
 def execute(run, ledger):
     """Trains one run, its output appended to its log; returns the run with its final status."""
-    os.makedirs(run["dir"], exist_ok=True)
+    run_dir.makedirs(run["dir"])
     ledger.update(run, status="running")
     started = time.time()
-    with open(run["log"], "a") as log:
+    with _console_log(run["log"]) as log:
         log.write(f"$ {shlex.join(run['command'])}\n")
         log.flush()
         try:
@@ -192,8 +192,24 @@ def execute(run, ledger):
     return run
 
 
+@contextlib.contextmanager
+def _console_log(path):
+    """A local file for a run's console output to go to: `path` itself, or for a URL a temporary file added to the
+    end of `path` when the run ends."""
+    if not run_dir.is_url(path):
+        with open(path, "a") as log:
+            yield log
+        return
+    with tempfile.TemporaryFile("w+") as log:
+        try:
+            yield log
+        finally:
+            log.seek(0)
+            run_dir.write(path, (run_dir.read_text(path) if run_dir.exists(path) else "") + log.read())
+
+
 def _last_line(path):
-    lines = [line for line in open(path, errors="replace").read().splitlines() if line.strip()]
+    lines = [line for line in run_dir.read_text(path).splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
@@ -202,7 +218,8 @@ def run_sweep(args, runs, argv):
     todo = [run for run in runs if run["status"] == "pending"]
     print(f"sweep: {len(runs)} runs under {args.root}, {len(runs) - len(todo)} finished before, "
           f"{len(todo)} to run, {args.parallel} at a time", flush=True)
-    os.makedirs(args.root, exist_ok=True)
+    run_dir.check_filesystem(args.root, "--root")
+    run_dir.makedirs(args.root)
     ledger = Ledger(args.root, argv, runs)
     ledger.write()
     interrupted = False

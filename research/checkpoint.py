@@ -8,22 +8,16 @@ a save leaves the previous checkpoint as latest; a checkpoint that is neverthele
 is skipped with a warning in favour of the one before it.
 """
 
-import glob
-import json
-import os
 import re
-import shutil
-import socket
 
 import tensorflow as tf
 from absl import logging
 
-from research import UserError, config as config_lib
+from research import UserError, config as config_lib, run_dir
 
 # Flags whose change makes a checkpoint mean something else: different variables, slots, data order or data position.
 MEANING_FLAGS = ("dataset", "train_split", "model", "hidden_units", "widths", "conv_layers", "dropout",
                  "optimizer", "mixed_precision", "ema_decay", "batch_size", "seed", "augment")
-BEST = "best"
 
 
 def model_state(model):
@@ -47,10 +41,10 @@ class Checkpoints:
         self.checkpoint = checkpoint
         self.model_dir = model_dir
         self.is_chief = is_chief
-        directory = model_dir if is_chief else os.path.join(model_dir, f".worker{worker_id}_tmp")
+        directory = model_dir if is_chief else run_dir.join(model_dir, f".worker{worker_id}_tmp")
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
         self.best_manager = tf.train.CheckpointManager(
-            checkpoint, os.path.join(directory, BEST), max_to_keep=1)
+            checkpoint, run_dir.join(directory, run_dir.BEST_DIR), max_to_keep=1)
 
     def candidates(self):
         """Checkpoint prefixes in `model_dir`, newest first, even when the `checkpoint` index file is unreadable."""
@@ -88,19 +82,17 @@ class Checkpoints:
 
     def save_best(self, step, accuracy):
         """Keeps the checkpoint of the highest eval accuracy so far in `model_dir/best`; returns whether it did."""
-        record = os.path.join(self.model_dir, BEST, "best.json")
-        best = json.load(open(record)) if os.path.exists(record) else {"accuracy": -1.0}
-        if accuracy <= best["accuracy"]:
+        if accuracy <= run_dir.read_best(self.model_dir)["accuracy"]:
             return False
         self.best_manager.save(checkpoint_number=step)
         self._drop_scratch()
         if self.is_chief:
-            _atomic_write(record, json.dumps({"accuracy": accuracy, "step": step}) + "\n")
+            run_dir.write_best(self.model_dir, accuracy, step)
         return True
 
     def _drop_scratch(self):
         if not self.is_chief:
-            shutil.rmtree(self.manager.directory, ignore_errors=True)
+            run_dir.remove_tree(self.manager.directory)
 
 
 def candidates(directory):
@@ -111,7 +103,7 @@ def candidates(directory):
         listed = list(state.all_model_checkpoint_paths) if state else []
     except Exception:  # noqa: BLE001 - a corrupt index must not stop the fallback to the files themselves.
         listed = []
-    found = [f[: -len(".index")] for f in glob.glob(os.path.join(directory, "*-*.index"))]
+    found = [f[: -len(".index")] for f in run_dir.glob(run_dir.join(directory, "*-*.index"))]
     numbered = {p for p in set(listed) | set(found) if re.search(r"-(\d+)$", p)}
     return sorted(numbered, key=lambda p: int(re.search(r"-(\d+)$", p).group(1)), reverse=True)
 
@@ -119,8 +111,8 @@ def candidates(directory):
 def check_fits(variables, path, model_name):
     """Checks, from the checkpoint's index alone, that checkpoint `path` holds exactly `variables` (a model_state)
     by shape; returns {name: shape} of everything it holds. Raises Unreadable, or a UserError naming a misfit."""
-    try:
-        shapes = dict(tf.train.list_variables(path))
+    try:  # The reader itself: tf.train.list_variables takes a prefix for a directory on filesystems such as ram://.
+        shapes = tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
     except Exception as e:  # noqa: BLE001 - a damaged index surfaces as OpError, IndexError, ValueError, ...
         raise Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
     wanted = [(f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE", v) for i, v in enumerate(variables)]
@@ -161,16 +153,16 @@ def restore_weights(model, path, average=False):
 def restore_init_weights(model, path, average):
     """`--init_checkpoint=path`: a run directory (its newest readable checkpoint) or a checkpoint prefix. Returns
     the checkpoint it restored."""
-    if os.path.isdir(path):
-        found = candidates(path)
-        if not found:
-            raise UserError(f"--init_checkpoint={path}: that directory holds no checkpoint")
-        return restore_newest_readable(model, found, average)
-    if not tf.io.gfile.exists(path + ".index"):
+    if run_dir.exists(path + ".index"):
+        restore_weights(model, path, average)
+        return path
+    if not run_dir.isdir(path):
         raise UserError(f"--init_checkpoint={path} is neither a run directory nor a checkpoint prefix "
                         "such as RUN/ckpt-300")
-    restore_weights(model, path, average)
-    return path
+    found = candidates(path)
+    if not found:
+        raise UserError(f"--init_checkpoint={path}: that directory holds no checkpoint")
+    return restore_newest_readable(model, found, average)
 
 
 def restore_newest_readable(model, paths, average):
@@ -188,71 +180,12 @@ def restore_newest_readable(model, paths, average):
 
 def check_resume_config(model_dir, config):
     """Refuses to resume with flags that change what the checkpoint means; lists every differing flag in one line."""
-    path = os.path.join(model_dir, "flags.txt")
-    if not os.path.exists(path):
+    if not run_dir.is_run(model_dir):
         return
-    old = _read_flagfile(open(path).read())
-    new = _read_flagfile(config_lib.to_flagfile(config))
+    old = run_dir.read_flags(model_dir)
+    new = run_dir.parse_flagfile(config_lib.to_flagfile(config), "the flags")
     changed = [f"--{name}: {old.get(name)} -> {new.get(name)}" for name in MEANING_FLAGS
                if name in old and old.get(name) != new.get(name)]
     if changed:
         raise UserError(f"{model_dir} holds a run with other settings ({'; '.join(changed)}); "
                         "use a new --model_dir, or --init_checkpoint to start from its weights")
-
-
-def _read_flagfile(text):
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("--"):
-            name, has_value, value = line[2:].partition("=")
-            if not has_value and name.startswith("no"):  # --noflag
-                name, value = name[2:], "False"
-            values[name] = value if has_value else value or "True"
-    return values
-
-
-class RunLock:
-    """One writer per run directory: a LOCK file naming host and pid; a lock left by a dead process is taken over."""
-
-    def __init__(self, model_dir):
-        self.path = os.path.join(model_dir, "LOCK")
-        self.owner = f"{socket.gethostname()} {os.getpid()}"
-
-    def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, self.owner.encode())
-                os.close(fd)
-                return self
-            except PermissionError:
-                raise UserError(f"{os.path.dirname(self.path)} is not writable") from None
-            except FileExistsError:
-                host, _, pid = open(self.path).read().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                    os.remove(self.path)  # Stale: its process is gone.
-                    continue
-                raise UserError(f"{os.path.dirname(self.path)} is in use by process {pid or '?'} on {host or '?'}; "
-                                f"wait for it, or remove {self.path} if that process is gone") from None
-        raise UserError(f"could not take {self.path}")
-
-    def __exit__(self, *exc):
-        if os.path.exists(self.path) and open(self.path).read() == self.owner:
-            os.remove(self.path)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

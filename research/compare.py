@@ -16,17 +16,21 @@ import os
 import statistics
 import sys
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from research import cli
 
-from research import UserError, cli  # Not research.config: it imports TensorFlow, and reading files needs none.
+if __name__ == "__main__":
+    cli.start()
+
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from research import UserError, run_dir  # noqa: E402
 
 ASCENDING = ("eval_loss", "train_loss", "steps", "wall_time_s", "params")
 METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps", "wall_time_s", "params")
 WITH_STD = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss")
 TABLE_METRICS = ("steps", "eval_accuracy", "eval_loss", "wall_time_s", "params")
 IGNORED_FLAGS = ("model_dir",)  # Differs between any two runs and says nothing about them.
-SWEEP_FILE = "sweep.json"  # Written by launch/sweep.py.
 
 
 def find_runs(paths):
@@ -36,55 +40,64 @@ def find_runs(paths):
     """
     runs, roots = [], []
     for path in paths:
-        if not os.path.isdir(path):
-            raise UserError(f"{path}: {'not a directory' if os.path.exists(path) else 'no such directory'}")
-        if os.path.exists(os.path.join(path, "flags.txt")):
-            runs.append((path, os.path.normpath(path), None))
+        run_dir.check_filesystem(path, "a run or sweep root")
+        if not run_dir.isdir(path):
+            raise UserError(f"{path}: {'not a directory' if run_dir.exists(path) else 'no such directory'}")
+        path = path.rstrip("/")
+        if run_dir.is_run(path):
+            runs.append((path, _normpath(path), None))
             continue
-        try:
-            beneath = sorted(e.path for e in os.scandir(path) if os.path.isfile(os.path.join(e.path, "flags.txt")))
-        except OSError as e:
-            raise UserError(f"cannot read {path}: {e.strerror}") from None
+        beneath = [run_dir.join(path, entry.rstrip("/")) for entry in run_dir.listdir(path)]
+        beneath = [run for run in beneath if run_dir.is_run(run)]
         if not beneath:
-            raise UserError(f"{path} is not a run directory (no flags.txt) and has no run directories beneath it")
+            raise UserError(f"{path} is not a run directory (no {run_dir.FLAGS_FILE}) and has no run directories "
+                            "beneath it")
         statuses = _sweep_statuses(path)
-        name = os.path.basename if len(paths) == 1 else os.path.normpath
-        runs += [(run_dir, name(run_dir), statuses.get(os.path.basename(run_dir))) for run_dir in beneath]
+        name = _basename if len(paths) == 1 else _normpath
+        runs += [(run, name(run), statuses.get(_basename(run))) for run in beneath]
         roots.append(path)
     return runs, roots
 
 
+def _basename(path):
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _normpath(path):
+    return path if run_dir.is_url(path) else os.path.normpath(path)
+
+
 def _sweep_statuses(root):
     """{run name: status} from the sweep's record, so failed and running runs say so; {} outside sweeps."""
-    path = os.path.join(root, SWEEP_FILE)
-    if not os.path.exists(path):
+    path = run_dir.join(root, run_dir.SWEEP_FILE)
+    if not run_dir.exists(path):
         return {}
     try:
-        runs = [(run["name"], run["status"], run["log"]) for run in _read_json(path)["runs"]]
+        runs = [(run["name"], run["status"], run["log"]) for run in run_dir.read_json(path)["runs"]]
     except (KeyError, TypeError) as e:
         raise UserError(f"{path} is not a launch.sweep record (lacks {e})") from None
     for name, status, log in runs:
-        if status == "failed" and not os.path.exists(os.path.join(root, name, "flags.txt")):
+        if status == "failed" and not run_dir.is_run(run_dir.join(root, name)):
             print(f"note: {name} failed before it started training; log: {log}", file=sys.stderr)
     return {name: status for name, status, _ in runs}
 
 
-def read_run(run_dir, name, sweep_status):
+def read_run(path, name, sweep_status):
     """One run's flags, status, final (or latest) metrics and eval accuracy curve."""
-    flags = _read_flags(os.path.join(run_dir, "flags.txt"))
-    evals = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    results_path = os.path.join(run_dir, "results.json")
-    run = {"dir": run_dir, "name": name, "seed": flags.get("seed"), "flags": flags,
+    flags = run_dir.read_flags(path)
+    evals = [line for line in run_dir.read_metrics(path) if "accuracy" in line]
+    run = {"dir": path, "name": name, "seed": flags.get("seed"), "flags": flags,
            "curve": [(line["step"], line["accuracy"]) for line in evals]}
-    if os.path.exists(results_path):
-        results = _read_json(results_path)
+    results = run_dir.read_results(path)
+    if results is not None:
         try:
             run.update(status="finished", steps=results["step"], eval_accuracy=results["eval"]["accuracy"],
                        eval_loss=results["eval"]["loss"], train_accuracy=results["train"].get("accuracy"),
                        train_loss=results["train"].get("loss"), wall_time_s=results["wall_time_s"],
                        params=results["params"])
         except (KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{results_path} is not a research.train results file (lacks {e})") from None
+            raise UserError(f"{run_dir.join(path, run_dir.RESULTS_FILE)} is not a research.train results file "
+                            f"(lacks {e})") from None
         return run
     latest = evals[-1] if evals else {}
     status = sweep_status if sweep_status in ("failed", "running", "interrupted") else "unfinished"
@@ -92,49 +105,6 @@ def read_run(run_dir, name, sweep_status):
                eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
                train_loss=latest.get("train_loss"), wall_time_s=latest.get("elapsed_s"), params=None)
     return run
-
-
-def _read_flags(path):
-    """flags.txt -> {name: value as written}; booleans (written --flag or --noflag) are 'True'/'False'."""
-    values = {}
-    for line in _read_text(path).splitlines():
-        if not line.startswith("--"):
-            continue
-        name, has_value, value = line[2:].partition("=")
-        if not has_value and name.startswith("no"):
-            name, value = name[2:], "False"
-        values[name] = value if has_value else value or "True"
-    return values
-
-
-def _read_metrics(path):
-    """metrics.jsonl lines; a torn last line (a run writing it right now) is left out."""
-    if not os.path.exists(path):
-        return []
-    lines = _read_text(path).splitlines()
-    parsed = []
-    for number, line in enumerate(lines, 1):
-        try:
-            parsed.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise UserError(f"{path}: line {number} is not JSON") from None
-    return [line for line in parsed if "step" in line and "accuracy" in line]
-
-
-def _read_text(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-
-
-def _read_json(path):
-    try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
 def differing_flags(runs):
@@ -237,10 +207,7 @@ def plot_curves(rows, path, per_run):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
-    try:
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-    except OSError as e:
-        raise UserError(f"cannot write the plot to {path}: {e.strerror}") from None
+    run_dir.save_figure(figure, path, bbox_inches="tight")
 
 
 def parse_args(argv):
@@ -272,7 +239,7 @@ def main(argv=None):
         write_csv(rows, sys.stdout)
     else:
         print(format_table(rows, args.per_run))
-    plot_path = None if args.no_plot else args.plot or (os.path.join(roots[0], "compare.png") if len(roots) == 1
+    plot_path = None if args.no_plot else args.plot or (run_dir.join(roots[0], run_dir.COMPARE_FILE) if len(roots) == 1
                                                         else None)
     if plot_path:
         plot_curves(rows, plot_path, args.per_run)

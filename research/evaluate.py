@@ -11,8 +11,6 @@ machine), so evaluating the checkpoint of a training evaluation reproduces that 
 computes in float32: a --mixed_precision run's own evaluations differ by their half-precision rounding.)
 """
 
-import json
-import os
 import sys
 
 from research import cli
@@ -32,11 +30,8 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, plots, runs, train  # noqa: E402
+from research import UserError, data, plots, run_dir, runs, train  # noqa: E402
 
-REPORT_FILE = "report.json"
-CONFUSION_FILE = "confusion_matrix.png"
-PREDICTIONS_FILE = "predictions.png"
 PREDICTIONS_SHOWN = 25
 PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not printed.
 
@@ -77,19 +72,16 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
 
     images, labels = dataset.eval_images[:PREDICTIONS_SHOWN], dataset.eval_labels[:PREDICTIONS_SHOWN]
     probabilities = tf.nn.softmax(model(data.to_float(images), training=False)).numpy()
-    files = [plots.save(plots.confusion(confusion, info.class_names), os.path.join(model_dir, CONFUSION_FILE)),
-             plots.save(plots.predictions(images, labels, probabilities, info.class_names,
-                                          title=f"{split}: first {len(images)} examples"),
-                        os.path.join(model_dir, PREDICTIONS_FILE))]
-    if runs.read_metrics(model_dir):  # None before the run's first evaluation.
+    files = [run_dir.save_figure(plots.confusion(confusion, info.class_names),
+                                 run_dir.join(model_dir, run_dir.CONFUSION_FILE)),
+             run_dir.save_figure(plots.predictions(images, labels, probabilities, info.class_names,
+                                                   title=f"{split}: first {len(images)} examples"),
+                                 run_dir.join(model_dir, run_dir.PREDICTIONS_FILE))]
+    if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
-    path = os.path.join(model_dir, REPORT_FILE)
+    path = run_dir.join(model_dir, run_dir.REPORT_FILE)
     report["files"] = files + [path]
-    try:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    run_dir.write_json(path, report)
     return report
 
 
@@ -105,7 +97,7 @@ def format_report(report):
     matrix = np.array(report["confusion_matrix"])
     lines.append("")
     if len(matrix) > PRINTED_MATRIX_MAX_CLASSES:
-        lines.append(f"confusion matrix: {len(matrix)} classes, see {CONFUSION_FILE}")
+        lines.append(f"confusion matrix: {len(matrix)} classes, see {run_dir.CONFUSION_FILE}")
         return "\n".join(lines)
     width = max(len(str(matrix.max())), len(str(len(matrix) - 1))) + 1
     lines.append("confusion matrix (rows: true class, columns: predicted class)")

@@ -16,6 +16,7 @@ and only then moved to DIR, so a failed export leaves nothing behind.
 import os
 import shutil
 import sys
+import tempfile
 
 from research import cli
 
@@ -33,7 +34,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, runs  # noqa: E402
+from research import UserError, data, run_dir, runs  # noqa: E402
 
 KERAS_FILE = "model.keras"
 TOLERANCE = 1e-5  # Largest difference in any probability between the checkpoint and its reloaded export.
@@ -58,23 +59,32 @@ def export(model_dir, output, checkpoint="latest"):
     """Writes the SavedModel and model.keras to `output` (which must not exist, or be empty); returns the
     checkpoint path exported."""
     restored = runs.load_model(model_dir, checkpoint)
-    if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)):
+    run_dir.check_filesystem(output, "--output")
+    if run_dir.exists(output) and not (run_dir.isdir(output) and not run_dir.listdir(output)):
         raise UserError(f"--output={output} already exists; choose a new directory")
-    output = os.path.abspath(output)
-    staging = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)  # Left by an export killed with this same process id.
-    try:
-        os.makedirs(staging)
-    except OSError as e:
-        raise UserError(f"cannot write {os.path.dirname(output)}: {e.strerror}") from None
+    # Staged on local disk: beside `output`, which it then becomes by a rename; for a URL (an object store, where
+    # directories cannot be renamed) in a local temporary directory, copied up once verified.
+    if run_dir.is_url(output):
+        staging = tempfile.mkdtemp(prefix="export")
+    else:
+        output = os.path.abspath(output)
+        staging = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)  # Left by an export killed with this same process id.
+        try:
+            os.makedirs(staging)
+        except OSError as e:
+            raise UserError(f"cannot write {os.path.dirname(output)}: {e.strerror}") from None
     try:
         module = Serving(restored.model, restored.dataset.image_shape, restored.dataset.class_names)
         tf.saved_model.save(module, staging, signatures={"serving_default": module.serve})
         _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
         _verify(staging, restored)
-        if os.path.isdir(output):
-            os.rmdir(output)
-        os.rename(staging, output)
+        if run_dir.is_url(output):
+            run_dir.copy_tree(staging, output)
+        else:
+            if os.path.isdir(output):
+                os.rmdir(output)
+            os.rename(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return restored.checkpoint
@@ -108,7 +118,7 @@ def _main(argv):
     args = PARSER.parse_args(argv)
     path = export(args.model_dir, args.output, args.checkpoint)
     print(f"exported {path} to {args.output} (SavedModel, signature serving_default) "
-          f"and {os.path.join(args.output, KERAS_FILE)}")
+          f"and {run_dir.join(args.output, KERAS_FILE)}")
 
 
 def main(argv=None):

@@ -8,15 +8,13 @@ registry to leak from a long training process, and no display needed on a headle
 
 import io
 import math
-import os
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from research import UserError, runs
+from research import UserError, run_dir
 
-CURVES_FILE = "curves.png"
 CORRECT_COLOR, WRONG_COLOR = "tab:blue", "tab:red"
 ANNOTATE_MAX_CLASSES = 20  # Above this the counts of a confusion matrix no longer fit in its cells.
 TICKS_MAX_CLASSES = 40
@@ -29,17 +27,8 @@ def to_png(figure, dpi=100):
     return buffer.getvalue()
 
 
-def save(figure, path, dpi=100):
-    """Writes the figure as a PNG file; a directory that cannot be written is the user's to fix."""
-    try:
-        figure.savefig(path, format="png", dpi=dpi)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
-
-
 def curves(records):
-    """Train and eval accuracy and loss over steps, from `runs.read_metrics` records (train_* are the means of
+    """Train and eval accuracy and loss over steps, from `run_dir.read_metrics` records (train_* are the means of
     the loop of steps before each evaluation)."""
     figure = Figure(figsize=(10, 4), layout="constrained")
     steps = [r["step"] for r in records]
@@ -57,10 +46,10 @@ def curves(records):
 
 def write_curves(model_dir):
     """`model_dir/curves.png` from its metrics.jsonl; returns its path. For the end of training and evaluate."""
-    records = runs.read_metrics(model_dir)
+    records = run_dir.read_metrics(model_dir)
     if not records:
-        raise UserError(f"{model_dir} has no evaluations in {runs.METRICS_FILE} yet: no curves to draw")
-    return save(curves(records), os.path.join(model_dir, CURVES_FILE))
+        raise UserError(f"{model_dir} has no evaluations in {run_dir.METRICS_FILE} yet: no curves to draw")
+    return run_dir.save_figure(curves(records), run_dir.join(model_dir, run_dir.CURVES_FILE))
 
 
 def confusion(matrix, class_names):

@@ -7,8 +7,6 @@ itself, so that TensorBoard pointed at a sweep's parent directory lines its runs
 Only the chief writes files; every worker still computes the numbers (reading them is a collective).
 """
 
-import json
-import os
 import sys
 import time
 
@@ -16,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from research import data, plots
+from research import data, plots, run_dir
 
 INPUTS_SHOWN = 36  # Training inputs in the grid.
 MISTAKES_SCANNED = 1000  # Eval examples searched for mistakes at each evaluation...
@@ -52,7 +50,7 @@ class Reporter:
         self.inputs_written = False
         self.histograms_at = start_step
         if is_chief:
-            self.writers = {name: tf.summary.create_file_writer(os.path.join(model_dir, name))
+            self.writers = {name: tf.summary.create_file_writer(run_dir.join(model_dir, name))
                             for name in ("train", "eval")}
             self._write_hparams()
 
@@ -98,8 +96,7 @@ class Reporter:
         print(f"eval step {step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
               f"({metrics['examples']} examples)", flush=True)
         if self.is_chief:
-            with open(os.path.join(self.model_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            run_dir.append_metrics(self.model_dir, {"step": step, **metrics})
             self.image("eval", "confusion_matrix", step, plots.confusion(confusion, self.dataset.class_names))
             self.image("eval", "misclassified", step, self._misclassified())
 

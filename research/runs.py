@@ -1,5 +1,6 @@
-"""Reading a run directory written by research/train.py, finished or still running: its flags, its dataset's
-metadata, its evaluation history, its checkpoints, and its model restored from one of them.
+"""A run's model, rebuilt from its directory alone (finished or still running): its flags typed and validated, its
+dataset's metadata, its checkpoints, and the model restored from one of them. The files themselves are read
+through research/run_dir.py.
 
 Evaluation, prediction, export and plots all start from a run directory alone, so that what they use is exactly
 what the run trained: its flags come back typed and validated through research.config (the same parser as the
@@ -9,19 +10,11 @@ command line), and the model is rebuilt by the same registry from those flags. N
 import collections
 import contextlib
 import dataclasses
-import json
-import os
 import re
 
 import tensorflow as tf
-from absl import flags
 
-from research import UserError, checkpoint as checkpoint_lib, config as config_lib, models
-
-FLAGFILE = "flags.txt"
-DATASET_FILE = "dataset.json"
-METRICS_FILE = "metrics.jsonl"
-BEST_DIR = "best"
+from research import UserError, checkpoint as checkpoint_lib, config as config_lib, models, run_dir
 
 Restored = collections.namedtuple("Restored", "model config dataset checkpoint step")
 
@@ -38,107 +31,49 @@ class DatasetInfo:
         return len(self.class_names)
 
 
-def check_run_dir(model_dir):
-    """Fails with one line unless `model_dir` holds a run (train.py writes flags.txt before the first step)."""
-    if not os.path.isdir(model_dir):
-        raise UserError(f"--model_dir={model_dir} does not exist")
-    if not os.path.exists(os.path.join(model_dir, FLAGFILE)):
-        raise UserError(f"--model_dir={model_dir} is not a run directory: it has no {FLAGFILE}")
-
-
 def read_config(model_dir, **overrides):
     """The run's configuration from `model_dir/flags.txt`, with `overrides` (flag name -> value) on top.
 
     `model_dir` itself always overrides the recorded one, so that a run that was moved or copied still reads and
     writes where it now is.
     """
-    check_run_dir(model_dir)
-    path = os.path.join(model_dir, FLAGFILE)
-    values = _parse_flagfile(open(path).read(), path)
+    run_dir.check_run(model_dir)
     try:
-        return config_lib.make_config(**{**values, **overrides, "model_dir": model_dir})
+        return config_lib.make_config(**{**run_dir.read_flags(model_dir), **overrides, "model_dir": model_dir})
     except UserError as e:
-        raise UserError(f"{path}: {e} (was the run written by another version of this code?)") from None
-
-
-def _parse_flagfile(text, path):
-    """`--name=value`, `--flag` and `--noflag` lines -> {name: value as text}, as research.config writes them."""
-    values = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if not line.startswith("--"):
-            raise UserError(f"{path} line {number}: expected --name=value, got {line!r}")
-        name, equals, value = line[2:].partition("=")
-        if not equals:
-            name, value = _boolean(name)
-        values[name] = value
-    return values
-
-
-def _boolean(name):
-    """`--flag` -> (flag, 'true'), `--noflag` -> (flag, 'false'); other names go on to be rejected as unknown."""
-    if name.startswith("no") and name[2:] in flags.FLAGS and isinstance(flags.FLAGS[name[2:]], flags.BooleanFlag):
-        return name[2:], "false"
-    return name, "true"
+        raise UserError(f"{run_dir.join(model_dir, run_dir.FLAGS_FILE)}: {e} "
+                        "(was the run written by another version of this code?)") from None
 
 
 def read_dataset_info(model_dir):
     """The dataset metadata train.py records in `model_dir/dataset.json` (name, image_shape, class_names)."""
-    path = os.path.join(model_dir, DATASET_FILE)
-    if not os.path.exists(path):
-        raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
+    info = run_dir.read_dataset_info(model_dir)
     try:
-        info = json.load(open(path))
         return DatasetInfo(info["name"], tuple(info["image_shape"]), list(info["class_names"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is unreadable: {e}") from None
-
-
-def read_metrics(model_dir):
-    """The evaluations of `model_dir/metrics.jsonl`, one dict per step in step order ([] if none yet).
-
-    A step evaluated twice (a run resumed from a checkpoint older than its last evaluation) keeps its latest
-    line; a last line still being written by a running run is left out.
-    """
-    path = os.path.join(model_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    by_step = {}
-    lines = open(path).read().split("\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_step[record["step"]] = record
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines):  # No newline yet: the writer is mid-line.
-                continue
-            raise UserError(f"{path} line {number} is not a JSON record with a step") from None
-    return [by_step[step] for step in sorted(by_step)]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{run_dir.join(model_dir, run_dir.DATASET_FILE)} is unreadable: lacks {e}") from None
 
 
 def checkpoint_paths(model_dir, checkpoint="latest"):
     """The checkpoint prefixes that `--checkpoint` names, newest first: 'latest' or 'best' of the run, a directory
     holding checkpoints, or one prefix such as RUN/ckpt-300."""
     if checkpoint in ("latest", "best"):
-        found = checkpoint_lib.candidates(model_dir if checkpoint == "latest" else os.path.join(model_dir, BEST_DIR))
+        found = checkpoint_lib.candidates(model_dir if checkpoint == "latest" else
+                                          run_dir.join(model_dir, run_dir.BEST_DIR))
         if not found:
             when = "it saves one every --checkpoint_every steps" if checkpoint == "latest" else \
                 "it is saved at the run's first evaluation"
             raise UserError(f"{model_dir} has no {checkpoint} checkpoint yet ({when})")
         return found
-    if os.path.isdir(checkpoint):
-        found = checkpoint_lib.candidates(checkpoint)
-        if not found:
-            raise UserError(f"--checkpoint={checkpoint}: no checkpoint in that directory")
-        return found
-    if not os.path.exists(checkpoint + ".index"):
+    if run_dir.exists(checkpoint + ".index"):
+        return [checkpoint]
+    if not run_dir.isdir(checkpoint):
         raise UserError(f"--checkpoint={checkpoint} is not 'latest', 'best', a directory of checkpoints or a "
                         "checkpoint prefix such as RUN/ckpt-300")
-    return [checkpoint]
+    found = checkpoint_lib.candidates(checkpoint)
+    if not found:
+        raise UserError(f"--checkpoint={checkpoint}: no checkpoint in that directory")
+    return found
 
 
 def checkpoint_step(path):

@@ -5,10 +5,7 @@ same command again resumes from the run directory's latest checkpoint; a finishe
 """
 
 import contextlib
-import json
-import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -23,7 +20,7 @@ if __name__ == "__main__":
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from research import UserError, checkpoint, data, distribute, models, optim, plots, reporting  # noqa: E402
+from research import UserError, checkpoint, data, distribute, models, optim, plots, reporting, run_dir  # noqa: E402
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -199,9 +196,9 @@ def train_and_evaluate(config):
     strategy = distribute.create_strategy(config)
     chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_run_dir(config.model_dir, remove_on_failure=chief))
+        stack.enter_context(run_dir.created(config.model_dir, remove_on_failure=chief))
         if chief:
-            stack.enter_context(checkpoint.RunLock(config.model_dir))
+            stack.enter_context(run_dir.Lock(config.model_dir))
 
         # -------------------------------------------------------------- Data, model, optimizer, checkpoint
         dataset = data.load(config)
@@ -221,16 +218,15 @@ def train_and_evaluate(config):
         elif config.init_checkpoint:
             path = checkpoint.restore_init_weights(model, config.init_checkpoint, config.init_from_average)
             print(f"Initialised weights from {path}{' (its moving average)' if config.init_from_average else ''}")
-        results_path = os.path.join(config.model_dir, "results.json")
-        if int(step.numpy()) >= total_steps and os.path.exists(results_path):
-            print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in {results_path}")
-            return json.load(open(results_path))
+        finished = run_dir.read_results(config.model_dir)
+        if int(step.numpy()) >= total_steps and finished:
+            print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in "
+                  f"{run_dir.join(config.model_dir, run_dir.RESULTS_FILE)}")
+            return finished
         if chief:
-            with open(os.path.join(config.model_dir, "flags.txt"), "w") as f:
-                f.write(config_lib.to_flagfile(config))
-            with open(os.path.join(config.model_dir, "dataset.json"), "w") as f:
-                json.dump({"name": dataset.name, "image_shape": list(dataset.image_shape),
-                           "class_names": dataset.class_names}, f)
+            run_dir.write_flags(config.model_dir, config)
+            run_dir.write_dataset_info(config.model_dir, {"name": dataset.name, "image_shape": list(dataset.image_shape),
+                                                          "class_names": dataset.class_names})
             model.summary(expand_nested=True)
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
@@ -299,8 +295,7 @@ def train_and_evaluate(config):
                    "wall_time_s": round(time.time() - started, 1), "params": int(model.count_params()),
                    "dataset": config.dataset, "model": config.model, "confusion_matrix": confusion.astype(int).tolist()}
         if chief:
-            with open(results_path, "w") as f:
-                json.dump(results, f, indent=1)
+            run_dir.write_results(config.model_dir, results)
             plots.write_curves(config.model_dir)
         reporter.finish(results)
         print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
@@ -316,7 +311,7 @@ def _profiling(config, current, num_steps, total_steps, loops_run):
         "last" in config.profile_steps and current + num_steps == total_steps)
     if not wanted:
         return contextlib.nullcontext()
-    return tf.profiler.experimental.Profile(os.path.join(config.model_dir, "train"))
+    return tf.profiler.experimental.Profile(run_dir.join(config.model_dir, "train"))
 
 
 @contextlib.contextmanager
@@ -332,27 +327,6 @@ def _catch_stop_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def _run_dir(model_dir, remove_on_failure):
-    """Creates `model_dir` if it does not exist, as one error line if it cannot be; a run that created it and fails
-    before writing flags.txt (bad data, a model that does not fit) removes it again, leaving nothing behind."""
-    created = not os.path.exists(model_dir)
-    if not created and not os.path.isdir(model_dir):
-        raise UserError(f"--model_dir={model_dir} is a file, not a directory")
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--model_dir={model_dir} cannot be created: {e.strerror or e}") from None
-    if not os.access(model_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--model_dir={model_dir} is not writable")
-    try:
-        yield
-    except BaseException:
-        if remove_on_failure and created and not os.path.exists(os.path.join(model_dir, "flags.txt")):
-            shutil.rmtree(model_dir, ignore_errors=True)
-        raise
 
 
 def main(argv):

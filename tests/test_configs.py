@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from research import config as config_lib, train
+from research import config as config_lib, run_dir, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.cfg")) if not p.endswith("base.cfg"))
@@ -14,13 +14,8 @@ RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.cfg")) if
 
 def _flagfile_values(path):
     """The flags a flagfile sets (nested --flagfile included), as make_config overrides."""
-    values = {}
-    for arg in config_lib.FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=False):
-        name, has_value, value = arg[2:].partition("=")
-        if not has_value:  # --flag / --noflag
-            name, value = (name[2:], False) if name not in config_lib.FLAGS and name.startswith("no") else (name, True)
-        values[name] = value
-    return values
+    lines = config_lib.FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=False)
+    return run_dir.parse_flagfile("\n".join(lines), path)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)

@@ -204,7 +204,8 @@ def test_killing_a_worker_ends_the_chief_promptly_with_a_clear_message(tmp_path)
                                                stdout=log, stderr=subprocess.STDOUT)
         _wait_for(tmp_path / "chief.log", "\nstep ", procs, timeout=180)  # A loop of steps trained together.
         # Only the chief, not the "worker" task 0, took the run directory.
-        assert open(tmp_path / "run" / "LOCK").read().split() == [socket.gethostname(), str(procs["chief"].pid)]
+        holder = json.load(open(tmp_path / "run" / "LOCK"))
+        assert (holder["host"], holder["pid"]) == (socket.gethostname(), procs["chief"].pid)
 
         procs["worker"].kill()
         killed_at = time.time()

@@ -23,7 +23,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from conftest import make_config
-from research import UserError, checkpoint as checkpoint_lib, data, evaluate, export, models, optim, plots, predict, runs, train
+from research import UserError, checkpoint as checkpoint_lib, data, evaluate, export, models, optim, plots, predict, \
+    run_dir, runs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +79,7 @@ def test_tensorboard_has_scalars_inputs_evaluation_images_histograms_and_hparams
     assert sorted(e.step for e in train_events.Tensors(classifier)) == [4, 8, 12]
 
     eval_events = _events(os.path.join(run.dir, "eval"))
-    records = runs.read_metrics(run.dir)
+    records = run_dir.read_metrics(run.dir)
     assert [r["step"] for r in records] == [8, 12]
     assert _values(eval_events, "accuracy") == {r["step"]: np.float32(r["accuracy"]) for r in records}
     assert _values(eval_events, "loss") == {r["step"]: np.float32(r["loss"]) for r in records}

@@ -1,0 +1,358 @@
+"""The run directory, on any filesystem TensorFlow can write: the names of its files and every read and write of
+them. Nothing else in the codebase opens a run file.
+
+Every path goes through `tf.io.gfile`, so `--model_dir` (and a sweep root, an export) can be a local path or a URL:
+gs://, s3://, hdfs://, or ram:// (TensorFlow's in-memory filesystem, which the tests use as a stand-in for object
+storage). A URL is never a local path. Each file is written whole: under a temporary name and then renamed where
+the filesystem renames (local disks, NFS, HDFS), so that a reader or a kill never meets half a file; written in one
+piece where it cannot (an object store's upload is atomic by itself). Object stores cannot append, so appending a
+line rewrites the file (metrics.jsonl: one line per evaluation, a few kB).
+
+Layout (research/train.py writes it, the tools read it):
+  flags.txt      the resolved flags, itself a valid --flagfile      dataset.json   image shape, classes, preprocessing
+  metrics.jsonl  one JSON line per evaluation                       results.json   the final evaluation and totals
+  ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
+  train/, eval/  TensorBoard events           LOCK   the one writer    curves.png, report.json, ...   figures, reports
+"""
+
+import contextlib
+import io
+import json
+import os
+import socket
+import threading
+import time
+
+import tensorflow as tf
+from absl import logging
+
+from research import UserError, config as config_lib
+
+gfile = tf.io.gfile
+
+FLAGS_FILE = "flags.txt"
+DATASET_FILE = "dataset.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+LOCK_FILE = "LOCK"
+CURVES_FILE = "curves.png"
+REPORT_FILE = "report.json"
+CONFUSION_FILE = "confusion_matrix.png"
+PREDICTIONS_FILE = "predictions.png"
+SWEEP_FILE = "sweep.json"  # In a sweep root (launch/sweep.py), beside its runs...
+COMPARE_FILE = "compare.png"  # ...and research.compare's plot of them.
+LOG_FILE = "train.log"  # In each run of a sweep: its console output.
+
+
+def join(*parts):
+    return gfile.join(*parts)
+
+
+def is_url(path):
+    return "://" in str(path)
+
+
+def exists(path):
+    return gfile.exists(path)
+
+
+def isdir(path):
+    return gfile.isdir(path)
+
+
+def listdir(path):
+    return sorted(gfile.listdir(path))
+
+
+def glob(pattern):
+    return gfile.glob(pattern)
+
+
+def makedirs(path):
+    gfile.makedirs(path)
+
+
+def remove_tree(path):
+    with contextlib.suppress(tf.errors.OpError):
+        gfile.rmtree(path)
+
+
+def check_filesystem(path, flag="--model_dir"):
+    """One error line, before any work, for a path TensorFlow cannot open: an unknown scheme, missing credentials
+    or an unreachable object store."""
+    try:
+        gfile.exists(path)
+    except tf.errors.OpError as e:
+        raise UserError(f"{flag}={path}: TensorFlow cannot open it ({e.message.splitlines()[0][:200]})") from None
+
+
+# ------------------------------------------------------------------------------------------------ Whole files
+def read_text(path):
+    try:
+        with gfile.GFile(path, "rb") as f:
+            return f.read().decode()
+    except (tf.errors.OpError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'message', e)}") from None
+
+
+def read_json(path):
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def write(path, data):
+    """Writes `data` (str or bytes) to `path` whole: see the module docstring."""
+    data = data.encode() if isinstance(data, str) else data
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with gfile.GFile(temporary, "wb") as f:
+            f.write(data)
+        try:
+            gfile.rename(temporary, path, overwrite=True)
+        except tf.errors.UnimplementedError:  # No rename here: one upload is atomic by itself.
+            gfile.remove(temporary)
+            with gfile.GFile(path, "wb") as f:
+                f.write(data)
+    except tf.errors.OpError as e:
+        with contextlib.suppress(tf.errors.OpError):
+            gfile.remove(temporary)
+        raise UserError(f"cannot write {path}: {e.message.splitlines()[0]}") from None
+    return path
+
+
+def write_json(path, value, indent=1):
+    return write(path, json.dumps(value, indent=indent) + "\n")
+
+
+def append_line(path, line):
+    """Adds one line at the end: the file is rewritten whole (object stores cannot append)."""
+    write(path, (read_text(path) if gfile.exists(path) else "") + line.rstrip("\n") + "\n")
+
+
+def save_figure(figure, path, dpi=100, **options):
+    """A matplotlib figure as a PNG file (rendered to bytes, then written like any other file)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, **options)
+    return write(path, buffer.getvalue())
+
+
+def copy_tree(source, target):
+    """Copies the directory `source` to `target` (which must not exist) file by file."""
+    for directory, _, files in gfile.walk(source):
+        relative = os.path.relpath(directory, source)
+        destination = target if relative == "." else join(target, relative)
+        gfile.makedirs(destination)
+        for name in files:
+            gfile.copy(join(directory, name), join(destination, name))
+
+
+# ------------------------------------------------------------------------------------------------ The run's files
+def is_run(path):
+    """Whether `path` holds a run (train.py writes flags.txt before the first step)."""
+    return gfile.exists(join(path, FLAGS_FILE))
+
+
+def check_run(model_dir):
+    """Fails with one line unless `model_dir` holds a run."""
+    check_filesystem(model_dir)
+    if not gfile.isdir(model_dir):
+        raise UserError(f"--model_dir={model_dir} does not exist")
+    if not is_run(model_dir):
+        raise UserError(f"--model_dir={model_dir} is not a run directory: it has no {FLAGS_FILE}")
+
+
+def write_flags(model_dir, config):
+    write(join(model_dir, FLAGS_FILE), config_lib.to_flagfile(config))
+
+
+def read_flags(model_dir):
+    """flags.txt -> {name: value as text}, booleans as 'true'/'false'."""
+    path = join(model_dir, FLAGS_FILE)
+    return parse_flagfile(read_text(path), path)
+
+
+def parse_flagfile(text, source):
+    """`--name=value`, `--flag` and `--noflag` lines (as research.config writes them) -> {name: value as text}; any
+    other line but blanks and comments is an error naming `source` and the line."""
+    values = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("--"):
+            raise UserError(f"{source} line {number}: expected --name=value, got {line!r}")
+        name, equals, value = line[2:].partition("=")
+        if not equals:  # A boolean: --flag, or --noflag unless a flag is itself named no...
+            name, value = (name[2:], "false") if name.startswith("no") and name not in config_lib.FLAGS else \
+                (name, "true")
+        values[name] = value
+    return values
+
+
+def write_dataset_info(model_dir, info):
+    write_json(join(model_dir, DATASET_FILE), info, indent=None)
+
+
+def read_dataset_info(model_dir):
+    """dataset.json as a dict."""
+    path = join(model_dir, DATASET_FILE)
+    if not gfile.exists(path):
+        raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
+    return read_json(path)
+
+
+def append_metrics(model_dir, record):
+    append_line(join(model_dir, METRICS_FILE), json.dumps(record))
+
+
+def read_metrics(model_dir):
+    """The evaluations of metrics.jsonl, one dict per step in step order ([] if none yet).
+
+    A step evaluated twice (a run resumed from a checkpoint older than its last evaluation) keeps its latest
+    line; a last line still being written by a running run (on a filesystem without rename) is left out.
+    """
+    path = join(model_dir, METRICS_FILE)
+    if not gfile.exists(path):
+        return []
+    by_step = {}
+    lines = read_text(path).split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            by_step[record["step"]] = record
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):  # No newline yet: the writer is mid-line.
+                continue
+            raise UserError(f"{path}: line {number} is not JSON (a record with a step)") from None
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def write_results(model_dir, results):
+    write_json(join(model_dir, RESULTS_FILE), results)
+
+
+def read_results(model_dir):
+    """results.json, or None for a run that has not finished."""
+    path = join(model_dir, RESULTS_FILE)
+    return read_json(path) if gfile.exists(path) else None
+
+
+def read_best(model_dir):
+    """best/best.json: the best evaluation's accuracy and step so far ({'accuracy': -1} before the first)."""
+    path = join(model_dir, BEST_DIR, BEST_FILE)
+    return read_json(path) if gfile.exists(path) else {"accuracy": -1.0}
+
+
+def write_best(model_dir, accuracy, step):
+    write_json(join(model_dir, BEST_DIR, BEST_FILE), {"accuracy": accuracy, "step": step}, indent=None)
+
+
+@contextlib.contextmanager
+def created(model_dir, remove_on_failure=True):
+    """Creates `model_dir` if it does not exist, as one error line if it cannot be; if it was created here and
+    the block fails before flags.txt is written (bad data, a model that does not fit), it is removed again."""
+    check_filesystem(model_dir)
+    is_new = not gfile.exists(model_dir)
+    if not is_new and not gfile.isdir(model_dir):
+        raise UserError(f"--model_dir={model_dir} is a file, not a directory")
+    try:
+        gfile.makedirs(model_dir)
+    except tf.errors.OpError as e:
+        reason = e.message.split(";")[-1].strip() if ";" in e.message else e.message.splitlines()[0]
+        raise UserError(f"--model_dir={model_dir} cannot be created: {reason}") from None
+    if not is_url(model_dir) and not os.access(model_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--model_dir={model_dir} is not writable")
+    try:
+        yield
+    except BaseException:
+        if remove_on_failure and is_new and not is_run(model_dir):
+            remove_tree(model_dir)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ One writer
+class Lock:
+    """One writer per run directory: the LOCK file names host, pid and a heartbeat time that a live run refreshes
+    every HEARTBEAT_S seconds, so that it works on filesystems without fcntl or atomic create (object stores).
+
+    A lock is taken over when its owner is gone: a dead process on this host at once; on another host (a SLURM job
+    requeued onto a new node, say) when its heartbeat is older than `stale_after_s`, saying so in one line.
+    """
+
+    HEARTBEAT_S = 30.0
+
+    def __init__(self, model_dir, stale_after_s=300.0):
+        self.path = join(model_dir, LOCK_FILE)
+        self.stale_after_s = stale_after_s
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        self._stopped = threading.Event()
+        self._beating = None
+
+    def __enter__(self):
+        if gfile.exists(self.path):
+            holder = self._read()
+            if not self._ours(holder) and not self._stale(holder):
+                raise UserError(f"{os.path.dirname(self.path)} is in use by process {holder['pid'] or '?'} on "
+                                f"{holder['host'] or '?'}; wait for it, or remove {self.path} if it is gone")
+        self._write()
+        if not self._ours(self._read()):  # Another process wrote its own in the same instant.
+            raise UserError(f"{os.path.dirname(self.path)} was just taken by another process")
+        self._beating = threading.Thread(target=self._beat, daemon=True, name="lock-heartbeat")
+        self._beating.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stopped.set()
+        self._beating.join()
+        with contextlib.suppress(tf.errors.OpError, UserError):
+            if self._ours(self._read()):
+                gfile.remove(self.path)
+
+    def _beat(self):
+        while not self._stopped.wait(self.HEARTBEAT_S):
+            with contextlib.suppress(tf.errors.OpError, UserError):  # A missed beat is not worth a crash.
+                self._write()
+
+    def _write(self):
+        write_json(self.path, {**self.owner, "heartbeat": time.time()}, indent=None)
+
+    def _read(self):
+        """The holder {'host', 'pid', 'heartbeat'}. A lock of an older version of this code ('host pid') counts
+        as beating when its file was last written."""
+        text = read_text(self.path).strip()
+        try:
+            holder = json.loads(text)
+            return {"host": str(holder["host"]), "pid": int(holder["pid"]), "heartbeat": float(holder["heartbeat"])}
+        except (ValueError, KeyError, TypeError):
+            host, _, pid = text.partition(" ")
+            return {"host": host, "pid": int(pid) if pid.isdigit() else None,
+                    "heartbeat": gfile.stat(self.path).mtime_nsec / 1e9}
+
+    def _ours(self, holder):
+        return (holder["host"], holder["pid"]) == (self.owner["host"], self.owner["pid"])
+
+    def _stale(self, holder):
+        if holder["host"] == self.owner["host"]:
+            return holder["pid"] is None or not _alive(holder["pid"])
+        silent = time.time() - holder["heartbeat"]
+        if silent < self.stale_after_s:
+            return False
+        logging.warning("taking over %s from process %s on %s, whose heartbeat stopped %.0f s ago",
+                        self.path, holder["pid"], holder["host"], silent)
+        return True
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
