@@ -29,7 +29,7 @@ import time
 from research import UserError, cli, config as config_lib
 
 FLAGS = config_lib.FLAGS  # Importing research.config defines every research.train flag here.
-TRAIN_FLAGS = {flag.name: flag for flag in FLAGS.get_flags_for_module(config_lib.__name__)}
+TRAIN_FLAGS = {flag.name: flag for flag in config_lib.run_flags()}
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "train.log"
 RESULTS_FILE = "results.json"
