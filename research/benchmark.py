@@ -82,7 +82,7 @@ def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=N
     fit_best = max(best[name] for name in fits)
     input_rates = {name: rate * config.batch_size
                    for name, rate in _input_steps_per_sec(ours.strategy, ours.input_fn, input_steps).items()}
-    train_flops = 3 * _forward_flops(ours.model, dataset.image_shape)
+    train_flops = 3 * models.forward_flops(ours.model, dataset.image_shape)
     gpus = [d.name.split(":", 1)[1] for d in tf.config.list_logical_devices("GPU")]
     return {
         "dataset": config.dataset, "model": config.model, "optimizer": config.optimizer,
@@ -134,7 +134,8 @@ class _KerasFit:
     def __init__(self, config, dataset, strategy, input_fn, total_steps, steps_per_execution):
         with strategy.scope():
             self.model = models.create(config, dataset)
-            self.model.compile(optimizer=optim.create_optimizer(config, total_steps),
+            self.model(tf.zeros([1, *dataset.image_shape]))  # Built, for the optimizer's weight-decay exclusions.
+            self.model.compile(optimizer=optim.create_optimizer(config, total_steps, self.model),
                                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                                metrics=["accuracy"], steps_per_execution=steps_per_execution,
                                jit_compile=config.jit_compile)
@@ -197,20 +198,6 @@ def _input_steps_per_sec(strategy, input_fn, batches):
     timed(read, warmup)
     count(warmup)
     return {"distributed": timed(read, batches), "tf_data": timed(count, batches)}
-
-
-def _forward_flops(model, image_shape):
-    """Floating-point operations of one image's forward pass (inference mode), counted on its graph."""
-    forward = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([1, *image_shape], tf.float32))
-    builder = tf.compat.v1.profiler.ProfileOptionBuilder
-    options = builder(builder.float_operation()).with_empty_output().build()
-    logger, level = tf.get_logger(), tf.get_logger().level
-    logger.setLevel("ERROR")  # The profiler's shape helpers log v1 deprecation warnings.
-    try:
-        return tf.compat.v1.profiler.profile(forward.graph, options=options).total_float_ops
-    finally:
-        logger.setLevel(level)
 
 
 def format_table(r):

@@ -100,7 +100,7 @@ def test_gradient_is_clipped_on_the_norm_summed_over_replicas():
     with strategy.scope():
         model = models.create(config, dataset)
         model(tf.zeros([1, *SHAPE]))
-        optimizer = optim.create_optimizer(config, 10)
+        optimizer = optim.create_optimizer(config, 10, model)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64)
     assert strategy.num_replicas_in_sync == 2

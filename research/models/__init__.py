@@ -3,8 +3,9 @@
 Each module in this package is one family and everything about it lives in that file, so adding a model touches
 only its own file:
   - its builders, registered with `@register("name")`: a builder takes the run config and the dataset (image
-    shape, number of classes) and returns a subclassed `tf.keras.Model` whose call returns logits; the first line
-    of its docstring is what `python -m research.models --list` shows;
+    shape, number of classes) and returns a subclassed `tf.keras.Model` whose call returns logits and which keeps
+    its class count as `num_classes` (its get_config needs it anyway; the train step's mixup reads it); the first
+    line of its docstring is what `python -m research.models --list` shows;
   - its own absl flags, defined at module level: research.config treats them as its own (make_config, flags.txt);
   - `CHECKPOINT_FLAGS`: the names of those flags that change what a checkpoint means (different variables or a
     different training computation), which research.checkpoint refuses to change on resume;
@@ -18,6 +19,8 @@ classes are known to `keras.saving.load_model` as soon as research.models is imp
 
 import importlib
 import pkgutil
+
+import tensorflow as tf
 
 from research import UserError
 
@@ -64,6 +67,22 @@ def validate(config):
     for module in _MODULES:
         if hasattr(module, "validate"):
             module.validate(config)
+
+
+def forward_flops(model, image_shape):
+    """Floating-point operations of one image's forward pass (inference mode), counted on its graph by TF's
+    profiler, which counts a multiply-add as 2 (so multiply-adds are about half: the convolutions and matrix
+    products dominate); the model must be built."""
+    forward = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec([1, *image_shape], tf.float32))
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")  # The profiler's shape helpers log v1 deprecation warnings.
+    try:
+        return tf.compat.v1.profiler.profile(forward.graph, options=options).total_float_ops
+    finally:
+        logger.setLevel(level)
 
 
 for _module in pkgutil.iter_modules(__path__):

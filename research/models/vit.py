@@ -152,7 +152,7 @@ def _register_vit(size):
     def build(config, dataset):
         return ViT(dataset.num_classes, width, depth, heads, dataset.image_shape[:2], pooling=config.vit_pooling,
                    stochastic_depth=config.stochastic_depth, name=f"vit_{size}16")
-    build.__doc__ = (f"ViT-{size.upper()}/16: {depth} blocks of width {width}, {heads} heads; --vit_pooling, "
+    build.__doc__ = (f"ViT-{size.capitalize()}/16: {depth} blocks of width {width}, {heads} heads; --vit_pooling, "
                      "--stochastic_depth.")
     register(f"vit_{size}16")(build)
 
