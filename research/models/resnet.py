@@ -106,9 +106,10 @@ def resnet_small(config, dataset):
 
 def _conv(filters, kernel, stride=1):
     """A bias-free, He-initialised convolution padded by kernel // 2 on every side, as torchvision pads: Keras'
-    'same' would pad a strided convolution on the bottom and right only, sampling other pixels."""
+    'same' would pad a strided convolution on the bottom and right only, sampling other pixels. One layer either
+    way (a Sequential for padding + convolution), as SavedModel export tracks no variables in nested lists."""
     conv = layers.Conv2D(filters, kernel, strides=stride, use_bias=False, kernel_initializer=HE_NORMAL)
-    return [layers.ZeroPadding2D(kernel // 2), conv] if kernel > 1 else [conv]
+    return tf.keras.Sequential([layers.ZeroPadding2D(kernel // 2), conv]) if kernel > 1 else conv
 
 
 @tf.keras.utils.register_keras_serializable(package="research")
@@ -137,9 +138,7 @@ class ResNetBlock(layers.Layer):
     def call(self, x, training=False):
         y = x
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            for layer in conv:
-                y = layer(y)
-            y = norm(y, training=training)
+            y = norm(conv(y), training=training)
             if i < len(self.convs) - 1:
                 y = tf.nn.relu(y)
         shortcut = x if self.project is None else self.project_bn(self.project(x), training=training)
@@ -169,10 +168,7 @@ class ResNet(tf.keras.Model):
         self.classifier = layers.Dense(num_classes, dtype="float32")
 
     def call(self, images, training=False):
-        x = images
-        for layer in self.stem:
-            x = layer(x)
-        x = tf.nn.relu(self.stem_bn(x, training=training))
+        x = tf.nn.relu(self.stem_bn(self.stem(images), training=training))
         for layer in self.stem_pool:
             x = layer(x)
         for block in self.blocks:
