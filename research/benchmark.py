@@ -285,7 +285,7 @@ def format_table(r):
     peak = r["peak_flops_per_sec"]
     lines += ["",
               f"ours / fit default: {r['ratio_vs_fit_default']:.2f}x    ours / fit best: {r['ratio_vs_fit_best']:.2f}x"
-              + (f"    input / ours: {r['input_vs_ours']:.1f}x" if inputs else "    (synthetic data: no input pipeline)"),
+              + (f"    input / ours: {r['input_vs_ours']:.1f}x" if inputs else "    (synthetic data: no input)"),
               f"model: {r['params']:,} parameters, {r['train_flops_per_image'] / 1e6:.1f} MFLOP per training image "
               f"({r['flops_method']})",
               f"MFU against the device's peak: {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown for this device'}",

@@ -44,7 +44,8 @@ flags.DEFINE_float("cutmix_alpha", 0.0,
 flags.DEFINE_string("model", "cnn", "Model name from the registry in research/models/ (`python -m research.models "
                     "--list`); each model module defines its own flags, e.g. --hidden_units in mlp.py.")
 flags.DEFINE_float("dropout", 0.0, "Dropout rate (0 = off): mlp, cnn_rgb and resnet_small apply it "
-                   "before the classifier, convnet at each 'd' of --conv_layers; cnn has none.")
+                   "before the classifier, convnet at each 'd' of --conv_layers; cnn, resnet18-152 and vit_* have "
+                   "none (vit_*: --stochastic_depth).")
 
 # --- optimization -----------------------------------------------------------------------------------------------
 flags.DEFINE_enum("optimizer", "rmsprop", ["adam", "adamax", "rmsprop", "sgd", "adamw"], "Optimizer.")

@@ -140,6 +140,7 @@ def test_summary_prints_parameters_and_multiply_adds(capsys, unparse_flags):
     (["--model=vit_ti16", "--image_size=8"], "does not fit (8, 8, 3) images"),
     (["--model=vit_ti16", "--vit_pooling=max"], "vit_pooling"),
     (["--image_size=32"], "--model is required"),
+    (["--model=resnet18", "resnet50"], "unexpected arguments: resnet50"),
 ])
 def test_summary_mistakes_are_one_error_line(capsys, unparse_flags, args, message):
     assert cli.run(summary.main, args) == 2
@@ -158,3 +159,5 @@ def test_model_flags_are_run_flags_and_guard_resume(tmp_path):
         checkpoint.check_resume_config(str(tmp_path), make_config(tmp_path, model="vit_ti16"))
     with pytest.raises(UserError, match="--widths must be integers"):
         make_config(tmp_path, widths="8,x")
+    with pytest.raises(UserError, match=r"--stochastic_depth must be in \[0, 1\), got 1.0"):
+        make_config(tmp_path, stochastic_depth="1")

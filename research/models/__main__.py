@@ -36,9 +36,11 @@ def main(argv=None):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     try:
-        flags.FLAGS(["research.models", *model_flags])
+        unexpected = flags.FLAGS(["research.models", *model_flags])[1:]
     except flags.Error as e:
         raise UserError(str(e)) from None
+    if unexpected:
+        raise UserError(f"unexpected arguments: {' '.join(unexpected)}")
     config = config_lib.make_config(
         **{f.name: f.value for f in config_lib.run_flags() if f.present}, model=args.model, model_dir="unused",
         train_steps=1)

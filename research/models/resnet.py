@@ -120,7 +120,8 @@ class ResNetBlock(layers.Layer):
 
     def __init__(self, width, stride=1, bottleneck=False, zero_init_residual=True, **kwargs):
         super().__init__(**kwargs)
-        self.width, self.stride, self.bottleneck, self.zero_init_residual = width, stride, bottleneck, zero_init_residual
+        self.width, self.stride, self.bottleneck = width, stride, bottleneck
+        self.zero_init_residual = zero_init_residual
         self.out_channels = 4 * width if bottleneck else width
         shapes = [(width, 1, 1), (width, 3, stride), (self.out_channels, 1, 1)] if bottleneck else [
             (width, 3, stride), (width, 3, 1)]

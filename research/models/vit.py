@@ -10,12 +10,14 @@ a zero head (the first logits are all 0), position embeddings drawn with std 0.0
 
 The position embeddings are made for the image size the model is built for (the dataset's); called on images of
 another size (fine-tuning at a higher resolution, a test), they are resized to the new grid of patches by bicubic
-interpolation, the class token's own embedding left as it is.
+interpolation, the class token's own embedding left as it is. A side that is not a multiple of 16 loses its last
+pixels, as a valid convolution does.
 """
 
 import tensorflow as tf
 from absl import flags
 
+from research import UserError
 from research.models import register
 
 layers = tf.keras.layers
@@ -27,6 +29,12 @@ flags.DEFINE_float("stochastic_depth", 0.0,
                    "vit_*: stochastic depth (0 = off): each block's attention and MLP branches are dropped for "
                    "whole examples, at a rate rising linearly from 0 at the first block to this at the last.")
 CHECKPOINT_FLAGS = ("vit_pooling", "stochastic_depth")
+
+
+def validate(config):
+    if not 0 <= config.stochastic_depth < 1:
+        raise UserError(f"--stochastic_depth must be in [0, 1), got {config.stochastic_depth}")
+
 
 SIZES = {"ti": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}  # Width, depth, heads.
 PATCH = 16
