@@ -26,9 +26,15 @@ import sys
 import threading
 import time
 
-from research import UserError, cli, config as config_lib
+from research import cli
 
-FLAGS = config_lib.FLAGS  # Importing research.config defines every research.train flag here.
+if __name__ == "__main__":
+    cli.start()  # Before TensorFlow loads (below, with the models' flags): its start-up lines are held back.
+
+from research import UserError, config as config_lib  # noqa: E402
+
+FLAGS = config_lib.FLAGS
+# Every research.train flag: research.config's and the model modules' (importing those loads TensorFlow).
 TRAIN_FLAGS = {flag.name: flag for flag in config_lib.run_flags()}
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "train.log"

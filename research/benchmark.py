@@ -27,11 +27,17 @@ import sys
 import time
 import types
 
-import psutil
-import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags
 
-from research import UserError, config as config_lib, data, distribute, models, optim, train
+from research import cli, config as config_lib  # Standard library and absl only: they run before TensorFlow loads.
+
+if __name__ == "__main__":
+    cli.start()
+
+import psutil  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from research import UserError, data, distribute, models, optim, train  # noqa: E402
 
 flags.DEFINE_integer("benchmark_steps", 600, "Timed training steps per method and round.")
 flags.DEFINE_integer("benchmark_warmup_steps", 100,
@@ -330,22 +336,20 @@ def _config_from_flags():
 
 
 def main(argv):
-    logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.parse_flags(argv, __doc__)
+    return cli.run(_benchmark_from_flags)
+
+
+def _benchmark_from_flags(_):
     synthetic = (FLAGS.image_size, FLAGS.synthetic_classes) if FLAGS.synthetic_data else None
-    try:
-        config = _config_from_flags()
-        variants = [types.SimpleNamespace(**{**vars(config), "mixed_precision": precision, "jit_compile": jit})
-                    for precision in PRECISIONS for jit in (False, True)] if FLAGS.compare_precisions else [config]
-        results = []
-        for variant in variants:
-            tf.keras.backend.clear_session()  # The previous variant's models and their memory.
-            results.append(run(variant, FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps, FLAGS.benchmark_rounds,
-                               FLAGS.fit_steps_per_execution, FLAGS.input_steps, synthetic))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    config = _config_from_flags()
+    variants = [types.SimpleNamespace(**{**vars(config), "mixed_precision": precision, "jit_compile": jit})
+                for precision in PRECISIONS for jit in (False, True)] if FLAGS.compare_precisions else [config]
+    results = []
+    for variant in variants:
+        tf.keras.backend.clear_session()  # The previous variant's models and their memory.
+        results.append(run(variant, FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps, FLAGS.benchmark_rounds,
+                           FLAGS.fit_steps_per_execution, FLAGS.input_steps, synthetic))
     if FLAGS.json:
         print(json.dumps(results if FLAGS.compare_precisions else results[0], indent=1))
     else:
@@ -353,4 +357,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main(sys.argv))

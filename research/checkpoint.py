@@ -56,28 +56,28 @@ class Checkpoints:
 
     def candidates(self):
         """Checkpoint prefixes in `model_dir`, newest first, even when the `checkpoint` index file is unreadable."""
-        try:
-            listed = list(self.manager.checkpoints)
-        except Exception:  # noqa: BLE001 - a corrupt index must not stop the fallback to the files themselves.
-            listed = []
-        found = glob.glob(os.path.join(self.model_dir, "ckpt-*.index"))
-        prefixes = set(listed) | {f[: -len(".index")] for f in found}
-        return sorted(prefixes, key=lambda p: int(re.search(r"ckpt-(\d+)$", p).group(1)), reverse=True)
+        return candidates(self.model_dir)
 
     def latest(self):
         """The newest checkpoint of the run: in model_dir, where the chief saves; also for the other workers, whose
         own saves are scratch (multi-host runs need model_dir on a filesystem all workers share, as resuming does)."""
         return tf.train.latest_checkpoint(self.model_dir)
 
-    def restore_latest(self):
-        """Restores the newest readable checkpoint; returns its path, or None if there is none."""
+    def restore_latest(self, model_name):
+        """Restores the newest readable checkpoint; returns its path, or None if there is none. One that is readable
+        but holds another model (a run resumed with other flags after its flags.txt was lost) is an error."""
         for path in self.candidates():
             try:
+                check_fits(self.checkpoint.model_variables, path, model_name)
                 self.checkpoint.restore(path).assert_existing_objects_matched()
                 return path
+            except UserError as e:
+                if not isinstance(e, Unreadable):
+                    raise
+                reason = str(e)
             except Exception as e:  # noqa: BLE001 - truncation surfaces as OpError, IndexError, ValueError, ...
-                logging.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
-                                path, str(e).splitlines()[0][:200])
+                reason = f"checkpoint {path} is unreadable ({str(e).splitlines()[0][:200]})"
+            logging.warning("%s; falling back to the previous one", reason)
         return None
 
     def restore(self, path):
@@ -105,17 +105,87 @@ class Checkpoints:
             shutil.rmtree(self.manager.directory, ignore_errors=True)
 
 
-def restore_weights(model, path):
-    """`--init_checkpoint`: model weights only, from a run directory (its latest checkpoint) or a checkpoint path."""
-    if os.path.isdir(path):
-        path = tf.train.latest_checkpoint(path)
-        if path is None:
-            raise UserError(f"--init_checkpoint: no checkpoint in {path}")
+def candidates(directory):
+    """The checkpoint prefixes in `directory` (`ckpt-300`, ...), newest first: those its `checkpoint` index names and
+    those whose files are there, so that an unreadable index hides none."""
     try:
-        tf.train.Checkpoint(model_variables=model_state(model)).restore(path).expect_partial(
-        ).assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError) as e:
-        raise UserError(f"--init_checkpoint={path} does not fit --model: {str(e).splitlines()[0][:300]}") from None
+        state = tf.train.get_checkpoint_state(directory)
+        listed = list(state.all_model_checkpoint_paths) if state else []
+    except Exception:  # noqa: BLE001 - a corrupt index must not stop the fallback to the files themselves.
+        listed = []
+    found = [f[: -len(".index")] for f in glob.glob(os.path.join(directory, "*-*.index"))]
+    numbered = {p for p in set(listed) | set(found) if re.search(r"-(\d+)$", p)}
+    return sorted(numbered, key=lambda p: int(re.search(r"-(\d+)$", p).group(1)), reverse=True)
+
+
+def check_fits(variables, path, model_name):
+    """Checks, from the checkpoint's index alone, that checkpoint `path` holds exactly `variables` (a model_state)
+    by shape; returns {name: shape} of everything it holds. Raises Unreadable, or a UserError naming a misfit."""
+    try:
+        shapes = dict(tf.train.list_variables(path))
+    except Exception as e:  # noqa: BLE001 - a damaged index surfaces as OpError, IndexError, ValueError, ...
+        raise Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    wanted = [(f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE", v) for i, v in enumerate(variables)]
+    misfits = [f"#{i} {v.path} {list(v.shape)} vs {shapes.get(key)}" for i, (key, v) in enumerate(wanted)
+               if shapes.get(key) != list(v.shape)]
+    held = sum(name.startswith("model_variables/") for name in shapes)
+    if misfits or held != len(wanted):
+        raise UserError(f"checkpoint {path} does not fit --model={model_name}: it holds {held} model variables, "
+                        f"the model has {len(wanted)}" + (f"; first misfit {misfits[0]}" if misfits else ""))
+    return shapes
+
+
+class Unreadable(UserError):
+    """A checkpoint whose files are missing, truncated or corrupt (as opposed to one of another model)."""
+
+
+def restore_weights(model, path, average=False):
+    """Restores into `model` the weights of checkpoint `path`, and nothing else: with `average`, the moving average
+    of its trainable weights (a run with --ema_decay checkpoints it as `ema`, one per `model.trainable_variables`),
+    read into stand-ins and copied over the raw weights. Raises Unreadable, or a UserError saying what does not fit.
+
+    The shapes are compared first, from the checkpoint's index: a restore that fails half-way through leaves
+    TensorFlow to warn, line by line, of every value it did not restore."""
+    shapes = check_fits(model_state(model), path, model.name)
+    objects = {"model_variables": model_state(model)}
+    if average:
+        if not any(name.startswith("ema/") for name in shapes):
+            raise UserError(f"{path} holds no moving average of the weights (its run had no --ema_decay)")
+        objects["ema"] = [tf.Variable(tf.zeros_like(v), trainable=False) for v in model.trainable_variables]
+    try:  # expect_partial: the optimizer's values stay unread on purpose.
+        tf.train.Checkpoint(**objects).restore(path).expect_partial().assert_existing_objects_matched()
+    except Exception as e:  # noqa: BLE001 - as above: the data files can be damaged while the index is whole.
+        raise Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    for moving_average, variable in zip(objects.get("ema", []), model.trainable_variables):
+        variable.assign(moving_average)
+
+
+def restore_init_weights(model, path, average):
+    """`--init_checkpoint=path`: a run directory (its newest readable checkpoint) or a checkpoint prefix. Returns
+    the checkpoint it restored."""
+    if os.path.isdir(path):
+        found = candidates(path)
+        if not found:
+            raise UserError(f"--init_checkpoint={path}: that directory holds no checkpoint")
+        return restore_newest_readable(model, found, average)
+    if not tf.io.gfile.exists(path + ".index"):
+        raise UserError(f"--init_checkpoint={path} is neither a run directory nor a checkpoint prefix "
+                        "such as RUN/ckpt-300")
+    restore_weights(model, path, average)
+    return path
+
+
+def restore_newest_readable(model, paths, average):
+    """Restores the weights of the first readable checkpoint of `paths`, warning of each unreadable one before it
+    (as training skips a truncated or corrupt checkpoint); returns its path. A checkpoint of another model is an
+    error at once, and so is finding none readable."""
+    for path in paths:
+        try:
+            restore_weights(model, path, average)
+            return path
+        except Unreadable as e:
+            logging.warning("%s; trying the previous one", e)
+    raise UserError(f"no readable checkpoint among {', '.join(paths)}")
 
 
 def check_resume_config(model_dir, config):
@@ -157,6 +227,8 @@ class RunLock:
                 os.write(fd, self.owner.encode())
                 os.close(fd)
                 return self
+            except PermissionError:
+                raise UserError(f"{os.path.dirname(self.path)} is not writable") from None
             except FileExistsError:
                 host, _, pid = open(self.path).read().partition(" ")
                 if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):

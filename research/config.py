@@ -11,7 +11,7 @@ import types
 
 from absl import flags
 
-from research import UserError, augment, models  # Importing the models defines their flags (see research.models).
+from research import UserError
 
 FLAGS = flags.FLAGS
 
@@ -76,7 +76,8 @@ flags.DEFINE_integer("batch_size", 32, "Global batch size, split evenly over all
 flags.DEFINE_integer("train_epochs", None, "Train this many passes over --train_split.")
 flags.DEFINE_integer("train_steps", None, "Train this many steps; overrides --train_epochs when set.")
 flags.DEFINE_integer("steps_per_loop", 100,
-                     "Steps run inside one tf.function call; also the cadence of train logs and summaries.")
+                     "At most this many steps run inside one tf.function call, the cadence of train logs and "
+                     "summaries; a loop also ends at each epoch end, evaluation and checkpoint step.")
 flags.DEFINE_integer("eval_every", 0, "Evaluate every this many steps (0 = at the end of each epoch) and at the end.")
 flags.DEFINE_integer("checkpoint_every", 1000, "Save a checkpoint every this many steps, and always at the end.")
 flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.")
@@ -88,7 +89,8 @@ flags.DEFINE_boolean("deterministic", False, "Turn on TF op determinism (bit-ide
 flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker_mirrored"],
                   "tf.distribute strategy. auto: mirrored over all visible GPUs if more than one, one_device on a "
                   "single GPU, default on CPU. multi_worker_mirrored: one process per host, cluster from --cluster.")
-flags.DEFINE_integer("num_gpus", None, "Use only the first N visible GPUs (default: all).")
+flags.DEFINE_integer("num_gpus", None, "Use only the first N visible GPUs, hiding the others from TensorFlow under "
+                     "every --strategy (0: none, CPU only; default: all).")
 flags.DEFINE_enum("cluster", "tf_config", ["tf_config", "slurm"],
                   "multi_worker_mirrored: read the cluster from the TF_CONFIG environment variable, or from the SLURM "
                   "allocation (one task per host).")
@@ -101,8 +103,12 @@ flags.DEFINE_list("profile_steps", [],
                   "name the first loop after warm-up and the final loop.")
 
 flags.DEFINE_string("init_checkpoint", None,
-                    "Start a new run from the model weights of this checkpoint or run directory (optimizer and step "
-                    "start fresh). Ignored when --model_dir already has a checkpoint to resume.")
+                    "Start a new run from the model weights of this checkpoint or run directory (its latest "
+                    "checkpoint): the raw trained weights, or their moving average with --init_from_average "
+                    "(optimizer and step start fresh). Ignored when --model_dir already has a checkpoint to resume.")
+flags.DEFINE_boolean("init_from_average", False,
+                     "--init_checkpoint: take the source run's moving average of the weights (a run trained with "
+                     "--ema_decay) instead of its raw weights.")
 flags.DEFINE_enum("on_nonfinite", "stop", ["stop", "restore"],
                   "On a NaN/Inf loss or gradient: stop with an error naming the step, or restore the last "
                   "checkpoint's weights and optimizer and go on with the next batch (--max_nonfinite_restores).")
@@ -112,8 +118,9 @@ REQUIRED = ("model_dir",)
 
 
 def run_flags():
-    """The flags of a run: this module's, then each model module's, in definition order (absl keeps them per
-    defining module)."""
+    """The flags of a run: this module's, then each model module's (research/models/*.py define their own), in
+    definition order (absl keeps them per defining module)."""
+    from research import models  # Here, not at the top: it loads TensorFlow, and this module loads before it.
     return [flag for module in (__name__, *models.flag_modules()) for flag in FLAGS.get_flags_for_module(module)]
 
 
@@ -141,6 +148,7 @@ def _parse(flag, value):
 
 def validate(config):
     """Checks that hold between flags; each failure is one line naming the flag."""
+    from research import augment, models  # Here, not at the top: they load TensorFlow, and this module loads before it.
 
     def need(ok, message):
         if not ok:
@@ -164,6 +172,8 @@ def validate(config):
     need(config.randaugment_num_ops > 0, "--randaugment_num_ops must be positive")
     need(0 <= config.randaugment_magnitude <= 10, "--randaugment_magnitude must be in [0, 10]")
     need(config.mixup_alpha >= 0 and config.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0")
+    bad_steps = [s for s in config.profile_steps if s not in ("first", "last") and not (s.isdigit() and int(s) > 0)]
+    need(not bad_steps, f"--profile_steps: {','.join(bad_steps)} is not 'first', 'last' or a step number")
     models.validate(config)
     need(config.model in models.names(), f"--model={config.model} is unknown; choose from {', '.join(models.names())}")
     unknown_ops = sorted(set(config.augment) - set(augment.OPS))

@@ -3,8 +3,9 @@
 Multi-worker runs (`--strategy=multi_worker_mirrored`) start one process per host, each with the same flags; the
 cluster comes from TF_CONFIG (launch/local_multiworker.sh writes it) or from the SLURM job step (launch/slurm.sbatch).
 All workers run the same loop in lockstep, since every step and evaluation is a collective: a choice that could
-differ between processes (stop on a signal one of them got, which checkpoint to restore) must be agreed first
-(`any_worker`). Only the chief writes the run directory (see research/checkpoint.py and research/reporting.py).
+differ between processes (stop on a signal one of them got) must be agreed first (`any_worker`). Which checkpoint to
+resume from is not agreed: each worker takes the newest readable one in --model_dir, which must be on a filesystem
+all hosts share. Only the chief writes the run directory (see research/checkpoint.py and research/reporting.py).
 
 When a worker dies or stops responding, the others learn it from the coordination service that
 MultiWorkerMirroredStrategy starts on the chief: each process sends it heartbeats, and a task silent for 10 s
@@ -39,7 +40,8 @@ def _strategy(name, num_gpus, cluster):
     and abort each other's all-reduces, which matters wherever train_and_evaluate runs more than once."""
     if name == "multi_worker_mirrored":
         return _multi_worker(num_gpus, cluster)
-    gpus = _first(tf.config.list_logical_devices("GPU"), num_gpus)
+    _use_first_gpus(num_gpus)
+    gpus = tf.config.list_logical_devices("GPU")
     requested = name
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "one_device" if gpus else "default"
@@ -54,12 +56,21 @@ def _strategy(name, num_gpus, cluster):
     raise UserError(f"--strategy={requested} is unknown")
 
 
-def _first(gpus, num_gpus):
-    """The first `num_gpus` of `gpus` (all if None), refusing to invent GPUs that are not there."""
+def _use_first_gpus(num_gpus):
+    """Hides every GPU but the first `num_gpus` (all if None) from TensorFlow, so that no strategy, not even the
+    default one's placement, runs anything on the others; returns the physical GPUs left. Physical devices: listing
+    logical ones would initialise the context, after which visibility can no longer change."""
+    gpus = tf.config.list_physical_devices("GPU")
     if num_gpus is None:
         return gpus
     if num_gpus > len(gpus):
         raise UserError(f"--num_gpus={num_gpus} but this host has {len(gpus)} visible GPU(s)")
+    if tf.config.get_visible_devices("GPU") != gpus[:num_gpus]:
+        try:
+            tf.config.set_visible_devices(gpus[:num_gpus], "GPU")
+        except RuntimeError:
+            raise UserError(f"--num_gpus={num_gpus} must take effect before TensorFlow runs anything in the "
+                            "process; run it as its own `python -m research.train` process") from None
     return gpus[:num_gpus]
 
 
@@ -70,13 +81,7 @@ def _multi_worker(num_gpus, cluster):
     and configures collectives on the eager context; only calls that leave the context uninitialised may precede it
     (seeding, op determinism, listing physical devices, as train_and_evaluate does).
     """
-    # Physical devices: listing logical ones would initialise the context.
-    gpus = _first(tf.config.list_physical_devices("GPU"), num_gpus)
-    if num_gpus is not None:
-        try:
-            tf.config.set_visible_devices(gpus, "GPU")
-        except RuntimeError:
-            raise _too_late() from None
+    gpus = _use_first_gpus(num_gpus)
     resolver = _slurm_resolver(len(gpus)) if cluster == "slurm" else _tf_config_resolver()
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)

@@ -15,10 +15,24 @@ import json
 import os
 import sys
 
-import numpy as np
-import tensorflow as tf
+from research import cli
 
-from research import UserError, cli, data, plots, runs, train
+PARSER = cli.Parser(prog="python -m research.evaluate", description=__doc__.split("\n\n")[0])
+PARSER.add_argument("--model_dir", required=True, help="The run directory.")
+PARSER.add_argument("--checkpoint", default="latest",
+                    help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+PARSER.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
+PARSER.add_argument("--data_dir", help="TFDS data_dir (default: the run's).")
+PARSER.add_argument("--tfds_manual_dir", help="Source files to prepare the dataset from (default: the run's).")
+
+if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
+    cli.start()
+    cli.check_model_dir(cli.parse_args(PARSER).model_dir)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from research import UserError, data, plots, runs, train  # noqa: E402
 
 REPORT_FILE = "report.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -36,7 +50,10 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
     split = split or config.eval_split
     # data.load also reads a training split: the run's eval split stands in for it, so that evaluation neither
     # reads the training data (60,000 images for MNIST) nor depends on it being there.
-    dataset = data.load(runs.read_config(model_dir, **overrides, train_split=config.eval_split, eval_split=split))
+    try:
+        dataset = data.load(runs.read_config(model_dir, **overrides, train_split=config.eval_split, eval_split=split))
+    except UserError as e:  # It names the training flag that --split stands in for.
+        raise UserError(str(e).replace(f"--eval_split={split} ", f"--split={split} ")) from None
     if tuple(dataset.image_shape) != info.image_shape or list(dataset.class_names) != info.class_names:
         raise UserError(f"{config.dataset} as loaded now differs from what {model_dir} trained on "
                         f"(image shape {dataset.image_shape}, {dataset.num_classes} classes)")
@@ -98,14 +115,7 @@ def format_report(report):
 
 
 def _main(argv):
-    parser = cli.Parser(prog="python -m research.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_dir", required=True, help="The run directory.")
-    parser.add_argument("--checkpoint", default="latest",
-                        help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
-    parser.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
-    parser.add_argument("--data_dir", help="TFDS data_dir (default: the run's).")
-    parser.add_argument("--tfds_manual_dir", help="Source files to prepare the dataset from (default: the run's).")
-    args = parser.parse_args(argv)
+    args = PARSER.parse_args(argv)
     report = evaluate(args.model_dir, args.checkpoint, args.split, args.data_dir, args.tfds_manual_dir)
     print(format_report(report))
     print(f"\nwrote {', '.join(report['files'])}")

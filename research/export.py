@@ -17,11 +17,23 @@ import os
 import shutil
 import sys
 
-import keras
-import numpy as np
-import tensorflow as tf
+from research import cli
 
-from research import UserError, cli, data, runs
+PARSER = cli.Parser(prog="python -m research.export", description=__doc__.split("\n\n")[0])
+PARSER.add_argument("--model_dir", required=True, help="The run directory.")
+PARSER.add_argument("--output", required=True, help="New directory for the SavedModel and model.keras.")
+PARSER.add_argument("--checkpoint", default="latest",
+                    help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+
+if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
+    cli.start()
+    cli.check_model_dir(cli.parse_args(PARSER).model_dir)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from research import UserError, data, runs  # noqa: E402
 
 KERAS_FILE = "model.keras"
 TOLERANCE = 1e-5  # Largest difference in any probability between the checkpoint and its reloaded export.
@@ -93,12 +105,7 @@ def _verify(directory, restored):
 
 
 def _main(argv):
-    parser = cli.Parser(prog="python -m research.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_dir", required=True, help="The run directory.")
-    parser.add_argument("--output", required=True, help="New directory for the SavedModel and model.keras.")
-    parser.add_argument("--checkpoint", default="latest",
-                        help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
-    args = parser.parse_args(argv)
+    args = PARSER.parse_args(argv)
     path = export(args.model_dir, args.output, args.checkpoint)
     print(f"exported {path} to {args.output} (SavedModel, signature serving_default) "
           f"and {os.path.join(args.output, KERAS_FILE)}")

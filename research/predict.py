@@ -11,12 +11,26 @@ status is then 1. A problem with the run itself (or the arguments) is one line a
 
 import os
 import sys
+import warnings
 
-import numpy as np
-import tensorflow as tf
-from PIL import Image, UnidentifiedImageError
+from research import cli
 
-from research import UserError, cli, data, runs
+PARSER = cli.Parser(prog="python -m research.predict", description=__doc__.split("\n\n")[0])
+PARSER.add_argument("--model_dir", required=True, help="The run directory.")
+PARSER.add_argument("--checkpoint", default="latest",
+                    help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+PARSER.add_argument("--top_k", type=int, default=3, help="How many of the most probable classes to show.")
+PARSER.add_argument("images", nargs="+", metavar="IMAGE", help="Image files.")
+
+if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
+    cli.start()
+    cli.check_model_dir(cli.parse_args(PARSER).model_dir)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from research import UserError, data, runs  # noqa: E402
 
 MODES = {1: "L", 3: "RGB"}  # Model input channels -> the Pillow mode to convert to.
 BATCH = 256
@@ -34,12 +48,19 @@ def read_image(path, image_shape):
     if os.path.getsize(path) == 0:
         raise UserError(f"{path}: empty file")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns of images over MAX_IMAGE_PIXELS (89 M) and refuses those over twice that (a
+            # decompression bomb): the refusal is this file's error line, the warning no concern of the user's.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             if image.mode.startswith("I;16"):  # 16-bit grayscale, which convert() would clip rather than scale.
                 image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
             image = image.convert(MODES[channels]).resize((width, height), Image.Resampling.BILINEAR)
     except UnidentifiedImageError:
         raise UserError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except (OSError, ValueError) as e:  # Truncated or corrupt image data.
         raise UserError(f"{path}: unreadable image ({e})") from None
     return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
@@ -75,13 +96,7 @@ def predict(restored, paths, k=3):
 
 
 def _main(argv):
-    parser = cli.Parser(prog="python -m research.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_dir", required=True, help="The run directory.")
-    parser.add_argument("--checkpoint", default="latest",
-                        help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
-    parser.add_argument("--top_k", type=int, default=3, help="How many of the most probable classes to show.")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="Image files.")
-    args = parser.parse_args(argv)
+    args = PARSER.parse_args(argv)
     restored = runs.load_model(args.model_dir, args.checkpoint)
     results, errors = predict(restored, args.images, args.top_k)
     for path, classes in results:

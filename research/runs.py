@@ -9,7 +9,6 @@ command line), and the model is rebuilt by the same registry from those flags. N
 import collections
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -121,40 +120,25 @@ def read_metrics(model_dir):
     return [by_step[step] for step in sorted(by_step)]
 
 
-def checkpoint_path(model_dir, checkpoint="latest"):
-    """The checkpoint prefix that `--checkpoint` names: 'latest' or 'best' of the run, a directory holding
-    checkpoints (its latest), or a prefix such as RUN/ckpt-300."""
+def checkpoint_paths(model_dir, checkpoint="latest"):
+    """The checkpoint prefixes that `--checkpoint` names, newest first: 'latest' or 'best' of the run, a directory
+    holding checkpoints, or one prefix such as RUN/ckpt-300."""
     if checkpoint in ("latest", "best"):
-        directory = model_dir if checkpoint == "latest" else os.path.join(model_dir, BEST_DIR)
-        path = _newest(directory)
-        if path is None:
+        found = checkpoint_lib.candidates(model_dir if checkpoint == "latest" else os.path.join(model_dir, BEST_DIR))
+        if not found:
             when = "it saves one every --checkpoint_every steps" if checkpoint == "latest" else \
                 "it is saved at the run's first evaluation"
             raise UserError(f"{model_dir} has no {checkpoint} checkpoint yet ({when})")
-        return path
+        return found
     if os.path.isdir(checkpoint):
-        path = _newest(checkpoint)
-        if path is None:
+        found = checkpoint_lib.candidates(checkpoint)
+        if not found:
             raise UserError(f"--checkpoint={checkpoint}: no checkpoint in that directory")
-        return path
+        return found
     if not os.path.exists(checkpoint + ".index"):
         raise UserError(f"--checkpoint={checkpoint} is not 'latest', 'best', a directory of checkpoints or a "
                         "checkpoint prefix such as RUN/ckpt-300")
-    return checkpoint
-
-
-def _newest(directory):
-    """The newest checkpoint in `directory` by its `checkpoint` index file (rewritten atomically after each save,
-    so never naming a half-written one) or, where the index is missing or unreadable, by the files' numbers."""
-    try:
-        path = tf.train.latest_checkpoint(directory)
-    except (ValueError, tf.errors.OpError):
-        path = None
-    if path:
-        return path
-    prefixes = [f[: -len(".index")] for f in glob.glob(os.path.join(directory, "*-*.index"))]
-    numbered = [(checkpoint_step(p), p) for p in prefixes if checkpoint_step(p) is not None]
-    return max(numbered)[1] if numbered else None
+    return [checkpoint]
 
 
 def checkpoint_step(path):
@@ -182,26 +166,6 @@ def _float32_policy():
         tf.keras.mixed_precision.set_global_policy(previous)
 
 
-def restore_inference_weights(model, path, config):
-    """Restores from checkpoint `path` the weights that inference should use into `model`, and nothing else.
-
-    research/train.py checkpoints the model as `model_variables`, every variable in `model.variables` order
-    (research.checkpoint.model_state says why). For a run with --ema_decay > 0 the weights are the moving averages,
-    which the run also evaluated and kept as best: they are checkpointed as `ema`, one per variable of
-    `model.trainable_variables`, read here into stand-ins and copied over the raw weights.
-    """
-    objects = {"model_variables": checkpoint_lib.model_state(model)}
-    if config.ema_decay:
-        objects["ema"] = [tf.Variable(tf.zeros_like(v), trainable=False) for v in model.trainable_variables]
-    checkpoint = tf.train.Checkpoint(**objects)
-    try:
-        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError) as e:
-        raise UserError(f"checkpoint {path} does not fit the run's model: {str(e).splitlines()[0][:300]}") from None
-    for average, variable in zip(objects.get("ema", []), model.trainable_variables):
-        variable.assign(average)
-
-
 def load_model(model_dir, checkpoint="latest", **overrides):
     """Rebuilds the run's model and restores it from `checkpoint` ('latest', 'best' or a path).
 
@@ -209,7 +173,9 @@ def load_model(model_dir, checkpoint="latest", **overrides):
     """
     config = read_config(model_dir, **overrides)
     dataset = read_dataset_info(model_dir)
-    path = checkpoint_path(model_dir, checkpoint)
     model = build_model(config, dataset)
-    restore_inference_weights(model, path, config)
+    # The weights inference should use: for a run with --ema_decay the moving averages, which the run also
+    # evaluated and kept as best. A truncated or corrupt newest checkpoint is skipped, as training skips it.
+    path = checkpoint_lib.restore_newest_readable(model, checkpoint_paths(model_dir, checkpoint),
+                                                  average=bool(config.ema_decay))
     return Restored(model, config, dataset, path, checkpoint_step(path))

@@ -8,15 +8,22 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
 import time
 
-import tensorflow as tf
-from absl import app, logging
+from research import cli, config as config_lib  # Standard library and absl only: they run before TensorFlow loads.
 
-from research import UserError, checkpoint, config as config_lib, data, distribute, mix, models, optim, plots, reporting
+if __name__ == "__main__":
+    cli.start()
+    cli.parse_flags(sys.argv, __doc__, known_only=True)  # The flags known so far: bad values fail at once.
+
+import tensorflow as tf  # noqa: E402
+from absl import logging  # noqa: E402
+
+from research import UserError, checkpoint, data, distribute, mix, models, optim, plots, reporting  # noqa: E402
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -167,6 +174,10 @@ def build(config, dataset, strategy, total_steps):
     """(model, optimizer, step, weight average or None), created in the strategy's scope and built, so that every
     variable exists before any restore or tf.function (a deferred restore would create duplicates)."""
     tf.keras.mixed_precision.set_global_policy(config.mixed_precision)  # Global: set for every run.
+    # Seeded here, where the initial weights and dropout seeds are drawn, not at the start: whatever ran before
+    # (TFDS preparing a dataset in-process draws random numbers) must not shift them, or the first run on a fresh
+    # data_dir would differ from every later run, and its resumption from itself.
+    tf.keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = models.create(config, dataset)
         try:
@@ -190,16 +201,14 @@ def train_and_evaluate(config):
     """
     # ------------------------------------------------------------------ Setup: seeds, strategy, run directory
     started = time.time()  # Wall times (metrics.jsonl elapsed_s, results.json) count data loading and tracing.
-    tf.keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = distribute.create_strategy(config)
     chief = distribute.is_chief(strategy)
-    os.makedirs(config.model_dir, exist_ok=True)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_run_dir(config.model_dir, remove_on_failure=chief))
         if chief:
             stack.enter_context(checkpoint.RunLock(config.model_dir))
-        stop_signal = stack.enter_context(_catch_stop_signals())
 
         # -------------------------------------------------------------- Data, model, optimizer, checkpoint
         dataset = data.load(config)
@@ -212,13 +221,13 @@ def train_and_evaluate(config):
                                              distribute.worker_id(strategy))
         if checkpoints.candidates():
             checkpoint.check_resume_config(config.model_dir, config)
-            restored = checkpoints.restore_latest()
+            restored = checkpoints.restore_latest(config.model)
             if restored is None:
                 raise UserError(f"{config.model_dir} has checkpoints but none is readable; nothing was changed")
             print(f"Resuming from {restored} at step {int(step.numpy())}")
         elif config.init_checkpoint:
-            checkpoint.restore_weights(model, config.init_checkpoint)
-            print(f"Initialised weights from {config.init_checkpoint}")
+            path = checkpoint.restore_init_weights(model, config.init_checkpoint, config.init_from_average)
+            print(f"Initialised weights from {path}{' (its moving average)' if config.init_from_average else ''}")
         results_path = os.path.join(config.model_dir, "results.json")
         if int(step.numpy()) >= total_steps and os.path.exists(results_path):
             print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in {results_path}")
@@ -238,6 +247,7 @@ def train_and_evaluate(config):
             data.train_input_fn(dataset, config, int(step.numpy()))))
         eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
         reporter = reporting.Reporter(config, dataset, model, total_steps, steps_per_epoch, int(step.numpy()), chief)
+        stop_signal = stack.enter_context(_catch_stop_signals())  # Before this, a signal just ends the process.
         restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
 
         def run_eval(current):
@@ -270,6 +280,7 @@ def train_and_evaluate(config):
                                 "with the next batch", current, last_good, restores, config.max_nonfinite_restores)
                 checkpoints.restore(last_good)
                 step.assign(current)
+                optimizer.iterations.assign(current)  # The learning-rate schedule counts these: it is step `current`'s.
                 continue
             train_metrics = {"loss": loss / steps_run, "accuracy": correct / examples, "grad_norm": norm / steps_run,
                              "learning_rate": tf.convert_to_tensor(optimizer.learning_rate),
@@ -330,25 +341,47 @@ def _catch_stop_signals():
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def _run_dir(model_dir, remove_on_failure):
+    """Creates `model_dir` if it does not exist, as one error line if it cannot be; a run that created it and fails
+    before writing flags.txt (bad data, a model that does not fit) removes it again, leaving nothing behind."""
+    created = not os.path.exists(model_dir)
+    if not created and not os.path.isdir(model_dir):
+        raise UserError(f"--model_dir={model_dir} is a file, not a directory")
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--model_dir={model_dir} cannot be created: {e.strerror or e}") from None
+    if not os.access(model_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--model_dir={model_dir} is not writable")
+    try:
+        yield
+    except BaseException:
+        if remove_on_failure and created and not os.path.exists(os.path.join(model_dir, "flags.txt")):
+            shutil.rmtree(model_dir, ignore_errors=True)
+        raise
+
+
 def main(argv):
-    logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO chatter (saver callbacks) hides the training log.
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    """`python -m research.train FLAGS`: a mistake is one error line and exit status 2; a run stopped by a signal
+    exits 128 + its number, after saving."""
+    cli.parse_flags(argv, __doc__)
+    return cli.run(_train_from_flags)
+
+
+def _train_from_flags(_):
     try:
         train_and_evaluate(config_lib.config_from_flags())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except Preempted as e:
         print(str(e), file=sys.stderr)
-        sys.exit(e.exit_code)
+        return e.exit_code
     except tf.errors.UnavailableError as e:
         message = distribute.lost_worker_message(e)  # Multi-worker: another worker died or stopped answering.
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        return 1
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main(sys.argv))

@@ -12,7 +12,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script from anywhere.
 
 import tensorflow_datasets as tfds  # noqa: E402
-from absl import app  # noqa: E402
 
 from research import data, train  # noqa: E402
 
@@ -20,8 +19,8 @@ from research import data, train  # noqa: E402
 def main(argv):
     data.ensure_downloadable = lambda builder, manual_dir: None
     with tfds.testing.mock_data(num_examples=64):
-        train.main(argv)
+        return train.main(argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main(sys.argv))

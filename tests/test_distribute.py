@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import UserError, distribute, train
+from research import UserError, config as config_lib, distribute, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_TRAIN = [sys.executable, os.path.join(REPO, "tests", "mock_train.py")]
@@ -108,10 +108,24 @@ def test_slurm_cluster_is_one_task_per_node_on_a_port_from_the_job_id(monkeypatc
         distribute._slurm_resolver(num_gpus=0)
 
 
-def test_num_gpus_beyond_the_visible_ones_is_refused():
-    with pytest.raises(UserError, match=r"--num_gpus=3 but this host has 0 visible GPU\(s\)"):
-        distribute._first([], 3)
-    assert distribute._first(["a", "b", "c"], 2) == ["a", "b"] and distribute._first(["a"], None) == ["a"]
+def test_num_gpus_hides_the_other_gpus_on_every_strategy(monkeypatch):
+    gpus = ["GPU:0", "GPU:1", "GPU:2"]
+    visible = list(gpus)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: list(visible))
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind=None: visible.__setitem__(
+        slice(None), devices))
+    assert distribute._use_first_gpus(2) == ["GPU:0", "GPU:1"] and visible == ["GPU:0", "GPU:1"]
+    assert distribute._use_first_gpus(0) == [] and visible == []
+    with pytest.raises(UserError, match="--num_gpus=4 but this host has 3 visible GPU"):
+        distribute._use_first_gpus(4)
+
+
+@pytest.mark.parametrize("strategy", ["default", "auto", "one_device", "mirrored"])
+def test_num_gpus_is_checked_on_every_strategy(strategy):
+    with pytest.raises(UserError, match="--num_gpus=1 but this host has 0 visible GPU"):
+        distribute.create_strategy(config_lib.make_config(model_dir="x", train_steps=1, strategy=strategy,
+                                                          num_gpus="1"))
 
 
 @pytest.mark.parametrize("strategy", ["default", "mirrored"])

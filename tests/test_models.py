@@ -108,7 +108,8 @@ def test_new_recipes_train_on_small_mock_images(mock_tfds, tmp_path, monkeypatch
     augmentations) of the research-scale data rewrite are left out where this branch does not define them."""
     monkeypatch.chdir(REPO)
     values = _flagfile_values(os.path.join(REPO, "configs", f"{name}.cfg"))
-    values = {flag: value for flag, value in values.items() if flag in config_lib.FLAGS}
+    run_flags = {flag.name for flag in config_lib.run_flags()}
+    values = {flag: value for flag, value in values.items() if flag in run_flags}
     values["augment"] = ",".join(op for op in values.get("augment", "").split(",") if op in augment.OPS)
     values.update(model_dir=str(tmp_path), dataset="cifar10", train_split="train", eval_split="test",
                   train_steps=2, steps_per_loop=1, eval_every=2, batch_size=8, warmup_steps=1)

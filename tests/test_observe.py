@@ -143,7 +143,7 @@ def test_every_model_comes_back_whole_from_a_training_style_checkpoint(name, tmp
     path = tf.train.Checkpoint(model_variables=checkpoint_lib.model_state(trained), optimizer=optimizer).save(
         str(tmp_path / "ckpt"))
     restored = runs.build_model(config, info)
-    runs.restore_inference_weights(restored, path, config)
+    checkpoint_lib.restore_weights(restored, path)
     for before, after in zip(floats, [v for v in restored.weights if "float" in str(v.dtype)]):
         np.testing.assert_array_equal(after.numpy(), before.numpy(), err_msg=before.path)
 

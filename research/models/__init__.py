@@ -19,10 +19,14 @@ classes are known to `keras.saving.load_model` as soon as research.models is imp
 
 import importlib
 import pkgutil
+import sys
 
-import tensorflow as tf
+from research import UserError, cli
 
-from research import UserError
+if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.models` (__main__.py, the summary command):
+    cli.start()  # that program starts as every program does (research/cli.py), before TensorFlow loads below.
+
+import tensorflow as tf  # noqa: E402
 
 _BUILDERS = {}
 _MODULES = []
