@@ -30,12 +30,13 @@ import time
 from research import cli
 
 if __name__ == "__main__":
-    cli.start()
+    cli.start()  # Before TensorFlow loads (below, with the models' flags): its start-up lines are held back.
 
 from research import UserError, config as config_lib, run_dir  # noqa: E402
 
-FLAGS = config_lib.FLAGS  # Importing research.config defines every research.train flag here.
-TRAIN_FLAGS = {flag.name: flag for flag in FLAGS.get_flags_for_module(config_lib.__name__)}
+FLAGS = config_lib.FLAGS
+# Every research.train flag: research.config's and the model modules' (importing those loads TensorFlow).
+TRAIN_FLAGS = {flag.name: flag for flag in config_lib.run_flags()}
 
 
 def parse_args(argv):

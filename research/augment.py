@@ -3,28 +3,36 @@
 Every random choice comes from `tf.random.stateless_*` with a seed derived from (run seed, epoch, position in
 epoch), never from a hidden generator: the same example at the same place of the same epoch gets the same
 augmentation eagerly or inside `Dataset.map`, at any parallelism, before and after a resume. Images are float32
-[H, W, C] in [0, 1]; geometric ops fill with 0 (the black background of digit datasets).
+[H, W, C] in [0, 1]; geometric ops fill with 0 (the black background of digit datasets). `randaugment` is
+research/randaugment.py (ImageNet's); the batch-level mixup and cutmix are research/mix.py.
 """
 
+import collections
 import math
 
 import tensorflow as tf
 
-from research import UserError
+from research import UserError, randaugment
 
 TRANSLATE = 0.1  # Shift up to 10% of height / width each way.
 ROTATE_DEGREES = 10.0
 ZOOM = 0.1  # Scale in [0.9, 1.1].
 CUTOUT = 0.25  # Square hole of a quarter of the image side.
 
-OPS = ("translate", "rotate", "zoom", "flip", "crop", "cutout")
+# Applied in the order of `apply`; new ops go at the end of OPS, which fixes each op's seed (an op added in the middle
+# would change the augmentation of every run using the ops after it).
+OPS = ("translate", "rotate", "zoom", "flip", "crop", "cutout", "randaugment")
+
+RandAugment = collections.namedtuple("RandAugment", "num_ops magnitude")  # How parse() passes on its settings.
 
 
-def parse(names, image_shape):
-    """Op names (already checked by research.config) in canonical order: the order of application is fixed."""
+def parse(names, image_shape, randaugment_num_ops=2, randaugment_magnitude=10.0):
+    """Op names (already checked by research.config) in canonical order, with `randaugment` as a RandAugment of
+    --randaugment_num_ops and --randaugment_magnitude (the defaults here are those flags' defaults)."""
     if len(image_shape) != 3:
         raise UserError(f"--augment needs [H, W, C] images, got shape {image_shape}")
-    return tuple(op for op in OPS if op in names)
+    return tuple(RandAugment(randaugment_num_ops, randaugment_magnitude) if op == "randaugment" else op
+                 for op in OPS if op in names)
 
 
 def apply(ops, image, seed):
@@ -41,6 +49,9 @@ def apply(ops, image, seed):
         pad = max(1, height // 8)
         padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
         image = tf.image.stateless_random_crop(padded, tf.shape(image), seed_of["crop"])
+    for op in ops:
+        if isinstance(op, RandAugment):
+            image = randaugment.apply(image, seed_of["randaugment"], op.num_ops, op.magnitude)
     if "cutout" in ops:
         size = max(1, int(CUTOUT * min(height, width)))
         center = tf.random.stateless_uniform([2], seed_of["cutout"], maxval=1.0) * [height, width]

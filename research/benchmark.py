@@ -12,6 +12,12 @@ This measures, in one process and on the same tf.data input, after warm-up:
 The methods take turns over --benchmark_rounds rounds and each reports its best round: on a shared machine the
 least-disturbed round is the closest to the method's own speed; the spread over rounds shows the noise.
 It takes the training flags (--flagfile works); --model_dir and the run length are optional: nothing is written.
+
+For GPU speed without a dataset: `--synthetic_data --image_size=224 --model=resnet50` trains on one random batch
+repeated by tf.data (nothing read, decoded, gathered or augmented; prefetched to the device, for both loops), and
+`--compare_precisions` measures float32, mixed_bfloat16 and mixed_float16, each without and with --jit_compile,
+in one process. Model FLOP utilisation is the achieved training FLOP/s (3 x the forward pass's profiler count per
+image) over the device's peak for the precision, from PEAK_TFLOPS; unknown devices (and CPUs) say so.
 """
 
 import json
@@ -42,12 +48,32 @@ flags.DEFINE_integer("fit_steps_per_execution", None,
                      "Keras fit's large steps_per_execution (default: --steps_per_loop).")
 flags.DEFINE_integer("input_steps", 5000, "Batches read when timing the input pipeline alone.")
 flags.DEFINE_boolean("json", False, "Print one JSON object instead of the table.")
+flags.DEFINE_boolean("synthetic_data", False,
+                     "Train on one random batch of --image_size RGB images and --synthetic_classes classes, repeated: "
+                     "the speed of the model and loop alone.")
+flags.DEFINE_integer("image_size", 224, "--synthetic_data: side of the square images.")
+flags.DEFINE_integer("synthetic_classes", 1000, "--synthetic_data: number of classes.")
+flags.DEFINE_boolean("compare_precisions", False,
+                     "Run the benchmark for float32, mixed_bfloat16 and mixed_float16, each without and with "
+                     "--jit_compile (ignoring those two flags), and print one table.")
 
 FLAGS = flags.FLAGS
 
+# Dense peak TFLOP/s per precision, from NVIDIA's datasheets (without sparsity), looked up by the first name that
+# occurs in the device's name. TensorFlow runs float32 matrix products and convolutions as TF32 on Ampere and later
+# GPUs (tf.config.experimental.enable_tensor_float_32_execution is on by default), so float32 gets the TF32 peak.
+PEAK_TFLOPS = {  # name: (float32, mixed_bfloat16, mixed_float16); None where the GPU has no such tensor cores.
+    "H200": (494.7, 989.4, 989.4), "H100 PCIe": (378.0, 756.0, 756.0), "H100": (494.7, 989.4, 989.4),
+    "A100": (156.0, 312.0, 312.0), "L40S": (183.0, 366.0, 366.0), "L4": (60.0, 121.0, 121.0),
+    "V100": (15.7, None, 125.0), "T4": (8.1, None, 65.0),
+}
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
-def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=None, input_steps=5000):
-    """Runs every measurement; returns the results as a JSON-ready dict (what --json prints)."""
+
+def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=None, input_steps=5000,
+        synthetic=None):
+    """Runs every measurement; returns the results as a JSON-ready dict (what --json prints). `synthetic`:
+    (image size, classes) to train on a repeated random batch (synthetic_dataset) instead of --dataset."""
     started = time.time()
     fit_spe = fit_steps_per_execution or config.steps_per_loop
     for name, value, least in (("benchmark_steps", steps, 1), ("benchmark_warmup_steps", warmup_steps, 0),
@@ -56,7 +82,7 @@ def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=N
         if value < least:
             raise UserError(f"--{name} must be {'positive' if least else '>= 0'}, got {value}")
     tf.keras.utils.set_random_seed(config.seed)
-    dataset = data.load(config)
+    dataset = synthetic_dataset(config, *synthetic) if synthetic else data.load(config)
     loaded = time.time()
     ours = build_train_loop(config, dataset)
     built = time.time()
@@ -86,15 +112,19 @@ def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=N
     best = {name: max(values) for name, values in rates.items()}
     best_cpu = {name: max(cpu * config.batch_size for _, cpu in values) for name, values in samples.items()}
     fit_best = max(best[name] for name in fits)
-    input_rates = {name: rate * config.batch_size
-                   for name, rate in _input_steps_per_sec(ours.strategy, ours.input_fn, input_steps).items()}
-    train_flops = 3 * _forward_flops(ours.model, dataset.image_shape)
+    input_rates = None if synthetic else {  # A repeated batch in memory: nothing worth timing.
+        name: rate * config.batch_size
+        for name, rate in _input_steps_per_sec(ours.strategy, ours.input_fn, input_steps).items()}
+    train_flops = 3 * models.forward_flops(ours.model, dataset.image_shape)
     gpus = [d.name.split(":", 1)[1] for d in tf.config.list_logical_devices("GPU")]
+    device_name, peak = device_peak_flops(config.mixed_precision)
+    achieved = {name: rate * train_flops for name, rate in best.items()}
     return {
-        "dataset": config.dataset, "model": config.model, "optimizer": config.optimizer,
+        "dataset": dataset.name, "model": config.model, "optimizer": config.optimizer,
+        "image_shape": list(dataset.image_shape),
         "batch_size": config.batch_size, "steps_per_loop": config.steps_per_loop,
         "strategy": type(ours.strategy).__name__, "replicas": ours.strategy.num_replicas_in_sync,
-        "device": f"{len(gpus)} GPU" if gpus else f"CPU, {os.cpu_count()} cores",
+        "device": f"{len(gpus)} x {device_name}" if gpus else f"CPU, {os.cpu_count()} cores",
         "threads_intra_inter": [tf.config.threading.get_intra_op_parallelism_threads(),
                                 tf.config.threading.get_inter_op_parallelism_threads()],
         "jit_compile": config.jit_compile, "mixed_precision": config.mixed_precision,
@@ -102,10 +132,12 @@ def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=N
         "images_per_sec": best, "images_per_sec_rounds": rates, "images_per_cpu_sec": best_cpu,
         "ratio_vs_fit_default": best["ours"] / best["fit_spe1"], "ratio_vs_fit_best": best["ours"] / fit_best,
         "input_images_per_sec": input_rates,
-        "input_vs_ours": input_rates["distributed"] / best["ours"],
+        "input_vs_ours": input_rates and input_rates["distributed"] / best["ours"],
         "train_flops_per_image": train_flops,
         "flops_method": "3 x the forward pass's float_operation count from tf.compat.v1.profiler",
-        "achieved_flops_per_sec": {name: rate * train_flops for name, rate in best.items()},
+        "achieved_flops_per_sec": achieved,
+        "peak_flops_per_sec": peak and peak * len(gpus),
+        "model_flop_utilization": {name: peak and flops / (peak * len(gpus)) for name, flops in achieved.items()},
         "params": int(ours.model.count_params()),
         "train_loop_traces": ours.train_loop.experimental_get_tracing_count(),
         "first_step_s": first_step - psutil.Process().create_time(),
@@ -118,6 +150,33 @@ def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=N
     }
 
 
+def synthetic_dataset(config, image_size, num_classes):
+    """What build_train_loop needs of a dataset, with one random batch of square RGB images in place of examples."""
+    shape = (image_size, image_size, 3)
+    if image_size < 1 or num_classes < 1:
+        raise UserError("--image_size and --synthetic_classes must be positive")
+
+    def input_fn(ctx):
+        batch = ctx.get_per_replica_batch_size(config.batch_size)
+        images = tf.random.stateless_uniform([batch, *shape], [config.seed, 0])
+        labels = tf.random.stateless_uniform([batch], [config.seed, 1], 0, num_classes, tf.int64)
+        return tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(tf.data.AUTOTUNE)
+
+    return types.SimpleNamespace(name="synthetic", image_shape=shape, num_classes=num_classes,
+                                 num_train=config.batch_size, input_fn=input_fn)
+
+
+def device_peak_flops(precision):
+    """(the first GPU's name, its peak FLOP/s at `precision` or None if unknown); ("CPU", None) without a GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU", None
+    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    peaks = next((peaks for known, peaks in PEAK_TFLOPS.items() if known in name), None)
+    peak = peaks and peaks[PRECISIONS.index(precision)]
+    return name, peak and peak * 1e12
+
+
 def build_train_loop(config, dataset):
     """Strategy, model, optimizer, step, train_loop and distributed iterator, set up as train_and_evaluate does
     (determinism, precision policy and weight average included), so that the loop timed is the loop trained."""
@@ -126,7 +185,7 @@ def build_train_loop(config, dataset):
     strategy = distribute.create_strategy(config)
     _, total_steps = train.run_length(config, dataset, strategy)
     model, optimizer, step, ema = train.build(config, dataset, strategy, total_steps)
-    input_fn = data.train_input_fn(dataset, config, 0)
+    input_fn = getattr(dataset, "input_fn", None) or data.train_input_fn(dataset, config, 0)
     return types.SimpleNamespace(
         strategy=strategy, model=model, optimizer=optimizer, step=step, total_steps=total_steps, input_fn=input_fn,
         train_loop=train.make_train_loop(strategy, model, optimizer, step, config, ema),
@@ -140,7 +199,8 @@ class _KerasFit:
     def __init__(self, config, dataset, strategy, input_fn, total_steps, steps_per_execution):
         with strategy.scope():
             self.model = models.create(config, dataset)
-            self.model.compile(optimizer=optim.create_optimizer(config, total_steps),
+            self.model(tf.zeros([1, *dataset.image_shape]))  # Built, for the optimizer's weight-decay exclusions.
+            self.model.compile(optimizer=optim.create_optimizer(config, total_steps, self.model),
                                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                                metrics=["accuracy"], steps_per_execution=steps_per_execution,
                                jit_compile=config.jit_compile)
@@ -205,50 +265,64 @@ def _input_steps_per_sec(strategy, input_fn, batches):
     return {"distributed": timed(read, batches), "tf_data": timed(count, batches)}
 
 
-def _forward_flops(model, image_shape):
-    """Floating-point operations of one image's forward pass (inference mode), counted on its graph."""
-    forward = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([1, *image_shape], tf.float32))
-    builder = tf.compat.v1.profiler.ProfileOptionBuilder
-    options = builder(builder.float_operation()).with_empty_output().build()
-    logger, level = tf.get_logger(), tf.get_logger().level
-    logger.setLevel("ERROR")  # The profiler's shape helpers log v1 deprecation warnings.
-    try:
-        return tf.compat.v1.profiler.profile(forward.graph, options=options).total_float_ops
-    finally:
-        logger.setLevel(level)
-
-
 def format_table(r):
     """The results as the human-readable report."""
     names = {"ours": f"ours: make_train_loop ({r['steps_per_loop']} steps/call)"}
     names.update({name: f"keras fit, steps_per_execution={name[len('fit_spe'):]}"
                   for name in r["images_per_sec"] if name != "ours"})
-    lines = [f"{r['model']} on {r['dataset']}, {r['optimizer']}, batch {r['batch_size']}; {r['strategy']} "
-             f"({r['replicas']} replica), {r['device']}; threads intra/inter {r['threads_intra_inter']} (0 = TF's "
-             f"choice); jit_compile={r['jit_compile']}, {r['mixed_precision']} (both loops)",
+    lines = [f"{r['model']} on {r['dataset']} {r['image_shape']}, {r['optimizer']}, batch {r['batch_size']}; "
+             f"{r['strategy']} ({r['replicas']} replica), {r['device']}; threads intra/inter "
+             f"{r['threads_intra_inter']} (0 = TF's choice); jit_compile={r['jit_compile']}, {r['mixed_precision']} "
+             "(both loops)",
              f"{r['rounds']} rounds x {r['steps']} timed steps after {r['warmup_steps']} warm-up; each method's best "
              f"round, and its worst-best range over rounds",
              "",
-             f"{'':46} {'images/s':>9} {'range':>12} {'img/CPU-s':>10} {'GFLOP/s':>8}"]
+             f"{'':46} {'images/s':>9} {'range':>12} {'img/CPU-s':>10} {'GFLOP/s':>8} {'MFU':>6}"]
     for name, label in names.items():
         values = r["images_per_sec_rounds"][name]
         lines.append(f"{label:46} {r['images_per_sec'][name]:9.0f} {min(values):6.0f}-{max(values):<5.0f} "
-                     f"{r['images_per_cpu_sec'][name]:10.0f} {r['achieved_flops_per_sec'][name] / 1e9:8.2f}")
+                     f"{r['images_per_cpu_sec'][name]:10.0f} {r['achieved_flops_per_sec'][name] / 1e9:8.2f} "
+                     f"{_percent(r['model_flop_utilization'][name]):>6}")
     inputs = r["input_images_per_sec"]
-    lines += [f"{'input only: distributed iterator, in a tf.function':52} {inputs['distributed']:9.0f}",
-              f"{'input only: tf.data pipeline, Dataset.reduce':52} {inputs['tf_data']:9.0f}"]
+    if inputs:
+        lines += [f"{'input only: distributed iterator, in a tf.function':52} {inputs['distributed']:9.0f}",
+                  f"{'input only: tf.data pipeline, Dataset.reduce':52} {inputs['tf_data']:9.0f}"]
     breakdown = ", ".join(f"{k} {v:.1f}" for k, v in r["first_step_breakdown_s"].items())
+    peak = r["peak_flops_per_sec"]
     lines += ["",
               f"ours / fit default: {r['ratio_vs_fit_default']:.2f}x    ours / fit best: {r['ratio_vs_fit_best']:.2f}x"
-              f"    input / ours: {r['input_vs_ours']:.1f}x",
+              + (f"    input / ours: {r['input_vs_ours']:.1f}x" if inputs else "    (synthetic data: no input)"),
               f"model: {r['params']:,} parameters, {r['train_flops_per_image'] / 1e6:.1f} MFLOP per training image "
               f"({r['flops_method']})",
+              f"MFU against the device's peak: {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown for this device'}",
               f"first training step done {r['first_step_s']:.1f} s after {r['first_step_from']}: {breakdown}",
               f"train_loop traced {r['train_loop_traces']} time(s) over all its calls",
               f"peak memory: {r['peak_rss_bytes'] / 2**20:.0f} MiB RSS (getrusage maxrss)"
               + (f", {r['peak_gpu_bytes'] / 2**20:.0f} MiB GPU" if r["peak_gpu_bytes"] is not None else "")]
     return "\n".join(lines)
+
+
+def format_comparison(results):
+    """One line per precision and XLA setting (--compare_precisions)."""
+    first = results[0]
+    fits = [name for name in first["images_per_sec"] if name != "ours"]
+    lines = [f"{first['model']} on {first['dataset']} {first['image_shape']}, batch {first['batch_size']}, "
+             f"{first['device']}; images/s, each method's best of {first['rounds']} rounds x {first['steps']} steps",
+             "",
+             f"{'precision':15} {'jit':4} {'ours':>9} " + " ".join(f"{'fit spe=' + name[len('fit_spe'):]:>12}"
+                                                               for name in fits)
+             + f" {'ours/fit best':>14} {'ours TFLOP/s':>13} {'MFU':>6}"]
+    for r in results:
+        rates = r["images_per_sec"]
+        lines.append(f"{r['mixed_precision']:15} {'yes' if r['jit_compile'] else 'no':4} {rates['ours']:9.1f} "
+                     + " ".join(f"{rates[name]:12.1f}" for name in fits)
+                     + f" {r['ratio_vs_fit_best']:13.2f}x {r['achieved_flops_per_sec']['ours'] / 1e12:13.3f} "
+                     f"{_percent(r['model_flop_utilization']['ours']):>6}")
+    return "\n".join(lines)
+
+
+def _percent(fraction):
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def _config_from_flags():
@@ -267,9 +341,19 @@ def main(argv):
 
 
 def _benchmark_from_flags(_):
-    results = run(_config_from_flags(), FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps,
-                  FLAGS.benchmark_rounds, FLAGS.fit_steps_per_execution, FLAGS.input_steps)
-    print(json.dumps(results, indent=1) if FLAGS.json else format_table(results))
+    synthetic = (FLAGS.image_size, FLAGS.synthetic_classes) if FLAGS.synthetic_data else None
+    config = _config_from_flags()
+    variants = [types.SimpleNamespace(**{**vars(config), "mixed_precision": precision, "jit_compile": jit})
+                for precision in PRECISIONS for jit in (False, True)] if FLAGS.compare_precisions else [config]
+    results = []
+    for variant in variants:
+        tf.keras.backend.clear_session()  # The previous variant's models and their memory.
+        results.append(run(variant, FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps, FLAGS.benchmark_rounds,
+                           FLAGS.fit_steps_per_execution, FLAGS.input_steps, synthetic))
+    if FLAGS.json:
+        print(json.dumps(results if FLAGS.compare_precisions else results[0], indent=1))
+    else:
+        print(format_comparison(results) if FLAGS.compare_precisions else format_table(results[0]))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ import re
 import tensorflow as tf
 from absl import logging
 
-from research import UserError, config as config_lib, run_dir
+from research import UserError, config as config_lib, models, run_dir
 
-# Flags whose change makes a checkpoint mean something else: different variables, slots, data order or data position.
-MEANING_FLAGS = ("dataset", "train_split", "model", "hidden_units", "widths", "conv_layers", "dropout",
-                 "optimizer", "mixed_precision", "ema_decay", "batch_size", "seed", "augment")
+# Flags whose change makes a checkpoint mean something else: different variables, slots, data order or data position,
+# or a different training computation; each model module adds its own (CHECKPOINT_FLAGS, see research/models).
+MEANING_FLAGS = ("dataset", "train_split", "model", "dropout", "optimizer", "mixed_precision", "ema_decay",
+                 "batch_size", "seed", "augment", "randaugment_num_ops", "randaugment_magnitude", "mixup_alpha",
+                 "cutmix_alpha", *models.checkpoint_flags())
 
 
 def model_state(model):

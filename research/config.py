@@ -28,16 +28,24 @@ flags.DEFINE_list(
     "augment", [],
     "Comma-separated training augmentations applied per example in tf.data, e.g. 'translate,rotate'. "
     "See research/augment.py for the list.")
+flags.DEFINE_integer("randaugment_num_ops", 2, "--augment=randaugment: operations applied to each image.")
+flags.DEFINE_float("randaugment_magnitude", 10.0,
+                   "--augment=randaugment: strength of every operation, on RandAugment's scale of 0 to 10 (10 is "
+                   "the strongest: 30 degree rotations, shear 0.3, translations of 45% of the image).")
+flags.DEFINE_float("mixup_alpha", 0.0,
+                   "Mixup (0 = off): each replica's batch is blended with itself rolled by one, by a weight drawn "
+                   "from Beta(alpha, alpha) per batch; the targets are blended the same way (research/mix.py).")
+flags.DEFINE_float("cutmix_alpha", 0.0,
+                   "CutMix (0 = off): a box of each replica's batch is pasted from the batch rolled by one, of "
+                   "area 1 - Beta(alpha, alpha); targets weighted by area. With --mixup_alpha too, each batch uses "
+                   "one of the two, with even odds.")
 
 # --- model ------------------------------------------------------------------------------------------------------
-flags.DEFINE_string("model", "cnn", "Model name from the registry in research/models/ (mlp, cnn, cnn_rgb, ...).")
-flags.DEFINE_list("hidden_units", ["128"], "mlp: width of each hidden Dense layer, e.g. '128,128'.")
-flags.DEFINE_list("widths", ["32", "64", "128"],
-                  "resnet_small: channels of the stem/first stage and of each later stage (each halves resolution).")
-flags.DEFINE_list("conv_layers", ["32c5s2v", "64c3s2v", "128c3v"],
-                  "convnet: its layers, e.g. '32c3v,32c5s2,d,64c3' (see research/models/convnet.py).")
+flags.DEFINE_string("model", "cnn", "Model name from the registry in research/models/ (`python -m research.models "
+                    "--list`); each model module defines its own flags, e.g. --hidden_units in mlp.py.")
 flags.DEFINE_float("dropout", 0.0, "Dropout rate (0 = off): mlp, cnn_rgb and resnet_small apply it "
-                   "before the classifier, convnet at each 'd' of --conv_layers; cnn has none.")
+                   "before the classifier, convnet at each 'd' of --conv_layers; cnn, resnet18-152 and vit_* have "
+                   "none (vit_*: --stochastic_depth).")
 
 # --- optimization -----------------------------------------------------------------------------------------------
 flags.DEFINE_enum("optimizer", "rmsprop", ["adam", "adamax", "rmsprop", "sgd", "adamw"], "Optimizer.")
@@ -52,6 +60,10 @@ flags.DEFINE_integer("warmup_steps", 0, "cosine: steps of linear warmup from 0 t
 flags.DEFINE_float("momentum", 0.0, "sgd and rmsprop: momentum.")
 flags.DEFINE_boolean("nesterov", False, "sgd: Nesterov momentum.")
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay for any optimizer (adamw: 0.004 if left at 0).")
+flags.DEFINE_boolean("exclude_bias_and_norm_from_weight_decay", False,
+                     "Decay only the weights of rank >= 2 (kernels, embeddings), skipping biases, batch/layer-norm "
+                     "scales and offsets, and what a model lists in no_weight_decay() (ViT's class token and position "
+                     "embeddings), as ImageNet recipes do.")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy loss.")
 flags.DEFINE_float("clip_grad_norm", 0.0,
                    "Clip gradients to this global norm, measured on the gradient summed over all replicas (0 = off).")
@@ -105,19 +117,21 @@ flags.DEFINE_integer("max_nonfinite_restores", 3, "--on_nonfinite=restore: give 
 REQUIRED = ("model_dir",)
 
 
-def _our_flags():
-    """The flags this module defines, in definition order (absl keeps them per defining module)."""
-    return FLAGS.get_flags_for_module(__name__)
+def run_flags():
+    """The flags of a run: this module's, then each model module's (research/models/*.py define their own), in
+    definition order (absl keeps them per defining module)."""
+    from research import models  # Here, not at the top: it loads TensorFlow, and this module loads before it.
+    return [flag for module in (__name__, *models.flag_modules()) for flag in FLAGS.get_flags_for_module(module)]
 
 
 def config_from_flags():
     """The configuration from parsed command-line flags."""
-    return validate(types.SimpleNamespace(**{f.name: f.value for f in _our_flags()}))
+    return validate(types.SimpleNamespace(**{f.name: f.value for f in run_flags()}))
 
 
 def make_config(**overrides):
     """A configuration from flag defaults plus overrides, each parsed as if given on the command line."""
-    values = {f.name: copy.deepcopy(f.default) for f in _our_flags()}
+    values = {f.name: copy.deepcopy(f.default) for f in run_flags()}
     for name, value in overrides.items():
         if name not in values:
             raise UserError(f"unknown flag --{name}")
@@ -134,8 +148,7 @@ def _parse(flag, value):
 
 def validate(config):
     """Checks that hold between flags; each failure is one line naming the flag."""
-    from research import augment, models  # Here, not at the top: they load TensorFlow, which flag tools don't need.
-    from research.models import convnet
+    from research import augment, models  # Here, not at the top: they load TensorFlow, and this module loads before it.
 
     def need(ok, message):
         if not ok:
@@ -156,19 +169,12 @@ def validate(config):
     need(0 <= config.dropout < 1, "--dropout must be in [0, 1)")
     need(0 <= config.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     need(config.clip_grad_norm >= 0, "--clip_grad_norm must be >= 0")
-    try:
-        config.hidden_units = [int(u) for u in config.hidden_units]
-    except ValueError:
-        raise UserError(f"--hidden_units must be integers, got {','.join(config.hidden_units)}") from None
-    need(all(u > 0 for u in config.hidden_units), "--hidden_units must be positive")
-    try:
-        config.widths = [int(w) for w in config.widths]
-    except ValueError:
-        raise UserError(f"--widths must be integers, got {','.join(config.widths)}") from None
-    need(config.widths and all(w > 0 for w in config.widths), "--widths must be positive")
+    need(config.randaugment_num_ops > 0, "--randaugment_num_ops must be positive")
+    need(0 <= config.randaugment_magnitude <= 10, "--randaugment_magnitude must be in [0, 10]")
+    need(config.mixup_alpha >= 0 and config.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0")
     bad_steps = [s for s in config.profile_steps if s not in ("first", "last") and not (s.isdigit() and int(s) > 0)]
     need(not bad_steps, f"--profile_steps: {','.join(bad_steps)} is not 'first', 'last' or a step number")
-    convnet.parse(config.conv_layers)
+    models.validate(config)
     need(config.model in models.names(), f"--model={config.model} is unknown; choose from {', '.join(models.names())}")
     unknown_ops = sorted(set(config.augment) - set(augment.OPS))
     need(not unknown_ops, f"--augment: unknown op {', '.join(unknown_ops)}; choose from {', '.join(augment.OPS)}")
@@ -178,7 +184,7 @@ def validate(config):
 def to_flagfile(config):
     """The configuration as flagfile lines (`--name=value`), readable back with --flagfile."""
     lines = []
-    for flag in _our_flags():
+    for flag in run_flags():
         value = getattr(config, flag.name)
         if value is None:
             continue

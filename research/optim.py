@@ -32,14 +32,23 @@ def learning_rate(config, total_steps):
     return Constant(config.learning_rate)
 
 
-def create_optimizer(config, total_steps):
-    """Create inside `strategy.scope()`. Gradient clipping is not set here: the train step clips on the norm of the
-    gradient summed over replicas, which Keras' own clipnorm (applied per replica) would not. Under mixed_float16
-    the optimizer is wrapped in Keras' dynamic loss scaler."""
+def create_optimizer(config, total_steps, model):
+    """Create inside `strategy.scope()`, after building `model`. Gradient clipping is not set here: the train step
+    clips on the norm of the gradient summed over replicas, which Keras' own clipnorm (applied per replica) would
+    not. Under mixed_float16 the optimizer is wrapped in Keras' dynamic loss scaler."""
     optimizer = _optimizer(config, total_steps)
+    if config.exclude_bias_and_norm_from_weight_decay:
+        optimizer.exclude_from_weight_decay(var_list=weight_decay_exempt(model))
     if config.mixed_precision == "mixed_float16":
         return keras.mixed_precision.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def weight_decay_exempt(model):
+    """The variables ImageNet recipes leave undecayed: every one of rank <= 1 (biases, batch/layer-norm scales and
+    offsets), and what the model lists in `no_weight_decay()` (research/models: ViT's position embeddings)."""
+    listed = {id(v) for v in getattr(model, "no_weight_decay", list)()}
+    return [v for v in model.trainable_variables if len(v.shape) <= 1 or id(v) in listed]
 
 
 def _optimizer(config, total_steps):
@@ -56,11 +65,14 @@ def _optimizer(config, total_steps):
     return keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=decay)
 
 
-def per_example_loss(labels, logits, label_smoothing=0.0):
-    """Sparse softmax cross-entropy from logits, with optional label smoothing; shape [batch]."""
-    if not label_smoothing:
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+def per_example_loss(targets, logits, label_smoothing=0.0):
+    """Softmax cross-entropy from logits, shape [batch]. `targets` are class ids [batch], or class probabilities
+    [batch, classes] (mixup/cutmix, research/mix.py); label smoothing mixes either with the uniform distribution:
+    (1 - label_smoothing) * targets + label_smoothing / classes."""
+    if targets.shape.rank == 1 and not label_smoothing:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
     num_classes = tf.shape(logits)[-1]
-    targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / tf.cast(
-        num_classes, tf.float32)
+    if targets.shape.rank == 1:
+        targets = tf.one_hot(targets, num_classes)
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / tf.cast(num_classes, tf.float32)
     return tf.nn.softmax_cross_entropy_with_logits(targets, logits)

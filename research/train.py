@@ -20,7 +20,8 @@ if __name__ == "__main__":
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from research import UserError, checkpoint, data, distribute, models, optim, plots, reporting, run_dir  # noqa: E402
+from research import (UserError, checkpoint, data, distribute, mix, models, optim, plots, reporting,  # noqa: E402
+                      run_dir)
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -41,15 +42,18 @@ def make_train_loop(strategy, model, optimizer, step, config, ema=None):
     and whether all were finite: at the first non-finite loss or gradient it stops (that step's update is applied,
     and the caller never saves such a state: it stops or restores the last checkpoint). Under mixed_float16 a
     non-finite gradient is instead the loss scaler's business (it skips the update and lowers the scale).
+    With --mixup_alpha or --cutmix_alpha each replica mixes its batch, seeded by (seed, step, replica), and trains
+    on the soft targets; accuracy is still counted against the unmixed labels.
     """
     variables = model.trainable_variables
     num_replicas = strategy.num_replicas_in_sync
     loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    mixing = config.mixup_alpha or config.cutmix_alpha
 
-    def forward_backward(images, labels):
+    def forward_backward(images, targets):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            losses = optim.per_example_loss(labels, logits, config.label_smoothing)
+            losses = optim.per_example_loss(targets, logits, config.label_smoothing)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
             scaled_loss = optimizer.scale_loss(loss) if loss_scaling else loss
         return loss, logits, tape.gradient(scaled_loss, variables)
@@ -58,7 +62,11 @@ def make_train_loop(strategy, model, optimizer, step, config, ema=None):
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
     def replica_step(images, labels):
-        loss, logits, grads = forward_backward(images, labels)
+        targets = labels
+        if mixing:
+            seed = mix.batch_seed(config.seed, step, tf.distribute.get_replica_context().replica_id_in_sync_group)
+            images, targets = mix.mix(images, labels, model.num_classes, config.mixup_alpha, config.cutmix_alpha, seed)
+        loss, logits, grads = forward_backward(images, targets)
         # Sum the gradient over replicas here, so that its norm (for clipping and the NaN check) is the global
         # batch's, identical on every replica; for the same reason the loss scaler's finiteness check, which looks
         # at one replica only, sees every replica's overflow. Keras' apply_gradients sums over replicas again and
@@ -177,7 +185,7 @@ def build(config, dataset, strategy, total_steps):
                       if line.strip() and not line.startswith("Exception encountered")]
             raise UserError(f"--model={config.model} does not fit {dataset.name}'s {dataset.image_shape} images: "
                             f"{(reason or [str(e)])[0]}") from None
-        optimizer = optim.create_optimizer(config, total_steps)
+        optimizer = optim.create_optimizer(config, total_steps, model)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         ema = WeightAverage(model.trainable_variables, config.ema_decay) if config.ema_decay else None

@@ -127,12 +127,16 @@ def test_read_config_gives_back_the_runs_typed_flags(run, tmp_path):
         runs.read_config(str(old))
 
 
-@pytest.mark.parametrize("name", models.names())
+# The larger ResNets and ViTs are the classes of resnet18 and vit_ti16 with more blocks: tested through those.
+LARGER_SIBLINGS = {"resnet34", "resnet50", "resnet101", "resnet152", "vit_s16", "vit_b16", "vit_l16"}
+
+
+@pytest.mark.parametrize("name", [name for name in models.names() if name not in LARGER_SIBLINGS])
 def test_every_model_comes_back_whole_from_a_training_style_checkpoint(name, tmp_path):
     config = make_config(tmp_path, model=name)
     info = runs.DatasetInfo("mnist", (28, 28, 1), [str(i) for i in range(10)])
     trained = runs.build_model(config, info)
-    optimizer = optim.create_optimizer(config, 10)
+    optimizer = optim.create_optimizer(config, 10, trained)
     optimizer.build(trained.trainable_variables)
     floats = [v for v in trained.weights if "float" in str(v.dtype)]
     for v in floats:

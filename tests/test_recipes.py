@@ -1,11 +1,14 @@
-"""Recipe features: seeded augmentation, the data stream as a function of (seed, step), EMA, global-norm clipping."""
+"""Recipe features: seeded augmentation, the data stream as a function of (seed, step), EMA, global-norm clipping;
+ImageNet's RandAugment, mixup/cutmix with soft targets, and weight decay that skips biases and norms."""
+
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import augment, data, models, optim, train
+from research import augment, data, mix, models, optim, randaugment, train
 
 SHAPE = (28, 28, 1)
 
@@ -100,7 +103,7 @@ def test_gradient_is_clipped_on_the_norm_summed_over_replicas():
     with strategy.scope():
         model = models.create(config, dataset)
         model(tf.zeros([1, *SHAPE]))
-        optimizer = optim.create_optimizer(config, 10)
+        optimizer = optim.create_optimizer(config, 10, model)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64)
     assert strategy.num_replicas_in_sync == 2
@@ -112,3 +115,99 @@ def test_gradient_is_clipped_on_the_norm_summed_over_replicas():
     assert bool(finite) and int(steps_run) == 1
     assert moved == pytest.approx(1e-3, rel=1e-3)
     assert totals.numpy()[3] > 1e-3  # The reported norm is the unclipped global one.
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet-scale
+def _photo(size=16):
+    """A colour image with gradients and a bright square, in [0.1, 0.8], so every RandAugment op changes it."""
+    ramp = np.linspace(0.1, 0.8, size, dtype=np.float32)
+    image = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))], -1)
+    image[4:9, 5:10] = [0.8, 0.7, 0.1]
+    return tf.constant(image)
+
+
+@pytest.mark.parametrize("op", randaugment.OPS)
+def test_each_randaugment_op_changes_the_image_and_stays_in_range(op):
+    out = randaugment._op(op, _photo(), 1.0, tf.constant(1.0)).numpy()
+    assert out.shape == (16, 16, 3) and out.min() >= 0.0 and out.max() <= 1.0
+    assert not np.allclose(out, _photo().numpy(), atol=1e-3), f"{op} left the image alone at magnitude 10"
+
+
+def test_randaugment_is_seeded_the_same_eagerly_and_in_dataset_map():
+    ops = augment.parse(["randaugment", "flip"], (16, 16, 3), randaugment_num_ops=3, randaugment_magnitude=9)
+    assert augment.RandAugment(3, 9) in ops
+    seeds = [[5, 2, i] for i in range(12)]
+    eager = np.stack([augment.apply(ops, _photo(), s).numpy() for s in seeds])
+    mapped = np.stack(list(tf.data.Dataset.from_tensor_slices(tf.constant(seeds, tf.int64)).map(
+        lambda s: augment.apply(ops, _photo(), tf.unstack(s)), num_parallel_calls=4).as_numpy_iterator()))
+    np.testing.assert_allclose(eager, mapped, atol=1e-6)
+    assert len({e.tobytes() for e in eager}) > 6  # Seeds choose different ops.
+    np.testing.assert_array_equal(augment.apply(ops, _photo(), seeds[0]).numpy(), eager[0])
+
+
+@pytest.mark.parametrize("mixup_alpha, cutmix_alpha", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixed_targets_sum_to_one_match_the_images_and_are_seeded(mixup_alpha, cutmix_alpha):
+    images = tf.random.stateless_uniform([8, 8, 8, 3], [0, 1])
+    labels = tf.constant([0, 1, 2, 3, 4, 5, 6, 7], tf.int64)
+    seed = mix.batch_seed(0, 5, 0)
+    mixed, targets = mix.mix(images, labels, 10, mixup_alpha, cutmix_alpha, seed)
+    np.testing.assert_allclose(targets.numpy().sum(axis=1), 1.0, rtol=1e-6)
+    weight = targets.numpy()[0, 0]  # Example 0 is blended with example 7 (the batch rolled by one).
+    np.testing.assert_allclose(targets.numpy()[0, 7], 1.0 - weight, rtol=1e-5)
+    partner = tf.roll(images, 1, axis=0).numpy()
+    if cutmix_alpha and not mixup_alpha:  # Every pixel is its own or its partner's; the partner's share is 1 - w.
+        from_partner = np.all(mixed.numpy() == partner, axis=-1) & ~np.all(mixed.numpy() == images.numpy(), axis=-1)
+        assert from_partner[0].mean() == pytest.approx(1.0 - weight, abs=1e-6)
+    if mixup_alpha and not cutmix_alpha:
+        np.testing.assert_allclose(mixed.numpy(), weight * images.numpy() + (1 - weight) * partner, atol=1e-6)
+    mapped = next(iter(tf.data.Dataset.from_tensors((images, labels)).map(
+        lambda x, y: mix.mix(x, y, 10, mixup_alpha, cutmix_alpha, seed))))
+    np.testing.assert_array_equal(mapped[0].numpy(), mixed.numpy())
+    np.testing.assert_array_equal(mapped[1].numpy(), targets.numpy())
+    other = mix.mix(images, labels, 10, mixup_alpha, cutmix_alpha, mix.batch_seed(0, 6, 0))[1]
+    assert not np.array_equal(other.numpy(), targets.numpy())
+
+
+def test_mixed_training_resumes_exactly(mock_tfds, tmp_path):
+    """8 steps with mixup and cutmix in one go, and 4 + 4 with a resume between: the same weights, bit for bit."""
+    run = dict(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1, deterministic=True, eval_every=4)
+    train.train_and_evaluate(make_config(tmp_path / "whole", train_steps=8, **run))
+    train.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=4, **run))
+    train.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=8, **run))
+    train.train_and_evaluate(make_config(tmp_path / "unmixed", train_steps=8, deterministic=True, eval_every=4))
+    whole, resumed, unmixed = (tf.train.load_checkpoint(str(tmp_path / d / "ckpt-8"))
+                               for d in ("whole", "resumed", "unmixed"))
+    names = [n for n in whole.get_variable_to_shape_map() if n.startswith("model_variables/")]
+    for name in names:
+        np.testing.assert_array_equal(whole.get_tensor(name), resumed.get_tensor(name))
+    assert any(not np.array_equal(whole.get_tensor(n), unmixed.get_tensor(n)) for n in names)
+
+
+def test_soft_targets_and_label_smoothing_in_the_loss():
+    logits = tf.constant([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    labels = tf.constant([0, 2])
+    one_hot = tf.one_hot(labels, 3)
+    np.testing.assert_allclose(optim.per_example_loss(one_hot, logits), optim.per_example_loss(labels, logits),
+                               rtol=1e-6)
+    smoothed = one_hot * 0.9 + 0.1 / 3
+    expected = -tf.reduce_sum(smoothed * tf.nn.log_softmax(logits), -1)
+    np.testing.assert_allclose(optim.per_example_loss(one_hot, logits, 0.1), expected, rtol=1e-6)
+    np.testing.assert_allclose(optim.per_example_loss(labels, logits, 0.1), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_ti16"])
+def test_weight_decay_skips_biases_norms_and_position_embeddings(name):
+    config = make_config("x", model=name, optimizer="sgd", learning_rate=1.0, weight_decay=0.5,
+                         exclude_bias_and_norm_from_weight_decay=True)
+    model = models.create(config, types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10))
+    model(tf.zeros([1, 32, 32, 3]))
+    exempt = {id(v) for v in optim.weight_decay_exempt(model)}
+    for v in model.trainable_variables:
+        assert (id(v) in exempt) == (len(v.shape) <= 1 or v.name in ("position_embedding", "class_token")), v.path
+    optimizer = optim.create_optimizer(config, 10, model)
+    optimizer.build(model.trainable_variables)
+    for v in model.trainable_variables:
+        v.assign(tf.ones_like(v))
+    optimizer.apply_gradients([(tf.zeros_like(v), v) for v in model.trainable_variables])  # Decay alone.
+    for v in model.trainable_variables:
+        np.testing.assert_allclose(v.numpy(), 1.0 if id(v) in exempt else 0.5, err_msg=v.path)

@@ -70,3 +70,21 @@ def test_benchmark_bad_input_is_one_error_line(mock_tfds, parse_flags, capsys, a
     assert benchmark.main(["benchmark"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_benchmark_compares_precisions_on_synthetic_data(parse_flags, capsys):
+    parse_flags("--model=mlp", "--hidden_units=16", "--synthetic_data", "--image_size=8", "--synthetic_classes=4",
+                "--optimizer=sgd", "--batch_size=8", "--steps_per_loop=2", "--benchmark_steps=2",
+                "--benchmark_warmup_steps=0", "--benchmark_rounds=1", "--compare_precisions", "--json")
+    benchmark.main(["benchmark"])
+    results = json.loads(capsys.readouterr().out)
+    assert [(r["mixed_precision"], r["jit_compile"]) for r in results] == [
+        (p, jit) for p in ("float32", "mixed_bfloat16", "mixed_float16") for jit in (False, True)]
+    for r in results:
+        assert r["dataset"] == "synthetic" and r["image_shape"] == [8, 8, 3] and r["input_images_per_sec"] is None
+        assert all(rate > 0 for rate in r["images_per_sec"].values()) and set(r["images_per_sec"]) == {
+            "ours", "fit_spe1", "fit_spe2"}
+        assert r["peak_flops_per_sec"] is None and r["model_flop_utilization"]["ours"] is None  # CPU: unknown.
+    table = benchmark.format_comparison(results)
+    assert "mixed_bfloat16  yes" in table and "n/a" in table
+    assert "unknown for this device" in benchmark.format_table(results[0])

@@ -1,16 +1,35 @@
 """Models, looked up by name: `create(config, dataset)` builds `--model`.
 
-Each module in this package registers its builders with `@register("name")`; a builder takes the run config and
-the `research.data.Dataset` (image shape, number of classes) and returns a subclassed `tf.keras.Model` whose call
-returns logits. Every module here is imported with the package, so adding a model touches only its own file.
+Each module in this package is one family and everything about it lives in that file, so adding a model touches
+only its own file:
+  - its builders, registered with `@register("name")`: a builder takes the run config and the dataset (image
+    shape, number of classes) and returns a subclassed `tf.keras.Model` whose call returns logits and which keeps
+    its class count as `num_classes` (its get_config needs it anyway; the train step's mixup reads it); the first
+    line of its docstring is what `python -m research.models --list` shows;
+  - its own absl flags, defined at module level: research.config treats them as its own (make_config, flags.txt);
+  - `CHECKPOINT_FLAGS`: the names of those flags that change what a checkpoint means (different variables or a
+    different training computation), which research.checkpoint refuses to change on resume;
+  - optionally `validate(config)`: checks of its flags (and conversions such as strings to integers), one
+    UserError line each.
+A model may also have a `no_weight_decay()` method listing variables of rank > 1 that weight decay should skip
+when --exclude_bias_and_norm_from_weight_decay is set (research/optim.py; ViT's position embeddings).
+Every module here is imported with the package, so that their flags exist before flags are parsed and their Keras
+classes are known to `keras.saving.load_model` as soon as research.models is imported.
 """
 
 import importlib
 import pkgutil
+import sys
 
-from research import UserError
+from research import UserError, cli
+
+if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.models` (__main__.py, the summary command):
+    cli.start()  # that program starts as every program does (research/cli.py), before TensorFlow loads below.
+
+import tensorflow as tf  # noqa: E402
 
 _BUILDERS = {}
+_MODULES = []
 
 
 def register(name):
@@ -24,13 +43,52 @@ def names():
     return sorted(_BUILDERS)
 
 
+def describe(name):
+    """The builder's one-line description (the first line of its docstring)."""
+    doc = (_BUILDERS[name].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
 def create(config, dataset):
     if config.model not in _BUILDERS:
         raise UserError(f"--model={config.model} is unknown; choose from {', '.join(names())}")
     return _BUILDERS[config.model](config, dataset)
 
 
-# Import every model module now, so that their builders are registered and their Keras classes are known to
-# `keras.saving.load_model` as soon as research.models is imported.
+def flag_modules():
+    """The names of the model modules, whose flags research.config reads as its own."""
+    return [module.__name__ for module in _MODULES]
+
+
+def checkpoint_flags():
+    """Every model module's CHECKPOINT_FLAGS, for research.checkpoint's resume guard."""
+    return tuple(name for module in _MODULES for name in getattr(module, "CHECKPOINT_FLAGS", ()))
+
+
+def validate(config):
+    """Runs every model module's `validate(config)`: flags are checked whichever model is chosen, as the command
+    line accepts or rejects a value regardless of --model."""
+    for module in _MODULES:
+        if hasattr(module, "validate"):
+            module.validate(config)
+
+
+def forward_flops(model, image_shape):
+    """Floating-point operations of one image's forward pass (inference mode), counted on its graph by TF's
+    profiler, which counts a multiply-add as 2 (so multiply-adds are about half: the convolutions and matrix
+    products dominate); the model must be built."""
+    forward = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec([1, *image_shape], tf.float32))
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")  # The profiler's shape helpers log v1 deprecation warnings.
+    try:
+        return tf.compat.v1.profiler.profile(forward.graph, options=options).total_float_ops
+    finally:
+        logger.setLevel(level)
+
+
 for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+    if not _module.name.startswith("_"):  # __main__ is the summary command, not a family.
+        _MODULES.append(importlib.import_module(f"{__name__}.{_module.name}"))

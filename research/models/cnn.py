@@ -64,9 +64,11 @@ class CNNRGB(tf.keras.Model):
 
 @register("cnn")
 def cnn(config, dataset):
+    """The Keras tutorial CNN: three convolutions, two max-pools, Dense (104,202 parameters on MNIST)."""
     return CNN(dataset.num_classes, name="cnn")
 
 
 @register("cnn_rgb")
 def cnn_rgb(config, dataset):
+    """The colour-image tutorial CNN: two convolutions and pools, Dense 128, --dropout, Dense; any image size."""
     return CNNRGB(dataset.num_classes, config.dropout, name="cnn_rgb")

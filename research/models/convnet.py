@@ -12,9 +12,14 @@ large learning rates, which is most of what makes configs/mnist_fast.cfg fast. R
 import re
 
 import tensorflow as tf
+from absl import flags
 
 from research import UserError
 from research.models import register
+
+flags.DEFINE_list("conv_layers", ["32c5s2v", "64c3s2v", "128c3v"],
+                  "convnet: its layers, e.g. '32c3v,32c5s2,d,64c3' (see research/models/convnet.py).")
+CHECKPOINT_FLAGS = ("conv_layers",)
 
 layers = tf.keras.layers
 
@@ -35,6 +40,10 @@ def parse(spec):
     if not any(layer[0] == "conv" for layer in parsed):
         raise UserError("--conv_layers needs at least one convolution, e.g. 32c3")
     return parsed
+
+
+def validate(config):
+    parse(config.conv_layers)
 
 
 @tf.keras.utils.register_keras_serializable(package="research")
@@ -68,4 +77,5 @@ class ConvNet(tf.keras.Model):
 
 @register("convnet")
 def convnet(config, dataset):
+    """A plain conv stack with batch norm after every convolution, written as a layer string (--conv_layers)."""
     return ConvNet(config.conv_layers, dataset.num_classes, config.dropout, name="convnet")

@@ -1,8 +1,22 @@
 """The tutorials' multilayer perceptrons: Flatten -> Dense(relu)... -> optional Dropout -> Dense(classes)."""
 
 import tensorflow as tf
+from absl import flags
 
+from research import UserError
 from research.models import register
+
+flags.DEFINE_list("hidden_units", ["128"], "mlp: width of each hidden Dense layer, e.g. '128,128'.")
+CHECKPOINT_FLAGS = ("hidden_units",)
+
+
+def validate(config):
+    try:
+        config.hidden_units = [int(u) for u in config.hidden_units]
+    except ValueError:
+        raise UserError(f"--hidden_units must be integers, got {','.join(config.hidden_units)}") from None
+    if not all(u > 0 for u in config.hidden_units):
+        raise UserError("--hidden_units must be positive")
 
 
 @tf.keras.utils.register_keras_serializable(package="research")
@@ -33,4 +47,5 @@ class MLP(tf.keras.Model):
 
 @register("mlp")
 def mlp(config, dataset):
+    """Flatten, Dense+ReLU layers of --hidden_units, optional dropout, Dense to the classes (the tutorials' MLPs)."""
     return MLP(config.hidden_units, dataset.num_classes, config.dropout, name="mlp")

@@ -1,0 +1,169 @@
+"""Vision Transformers (Dosovitskiy et al. 2021): `vit_ti16`, `vit_s16`, `vit_b16`, `vit_l16`.
+
+The image is cut into 16x16 patches, each linearly embedded (a stride-16 convolution); learned position embeddings
+are added, with a learned class token in front for `--vit_pooling=token`; then pre-norm encoder blocks (LayerNorm,
+multi-head self-attention, residual; LayerNorm, GELU MLP of 4x the width, residual), a final LayerNorm, and a
+Dense head on the class token or on the average of the patch tokens (`--vit_pooling=gap`). The layers and their
+sizes are timm's / big_vision's, hence their parameter counts (vit_s16 22,050,664 and vit_b16 86,567,656 at
+224 px and 1000 classes, class token). Initialisation follows big_vision: Xavier-uniform kernels with zero biases,
+a zero head (the first logits are all 0), position embeddings drawn with std 0.02.
+
+The position embeddings are made for the image size the model is built for (the dataset's); called on images of
+another size (fine-tuning at a higher resolution, a test), they are resized to the new grid of patches by bicubic
+interpolation, the class token's own embedding left as it is. A side that is not a multiple of 16 loses its last
+pixels, as a valid convolution does.
+"""
+
+import tensorflow as tf
+from absl import flags
+
+from research import UserError
+from research.models import register
+
+layers = tf.keras.layers
+
+flags.DEFINE_enum("vit_pooling", "token", ["token", "gap"],
+                  "vit_*: classify from a learned class token put before the patches (the ViT paper, timm), or from "
+                  "the average of the patch tokens with no class token (gap: big_vision's plain ViT baseline).")
+flags.DEFINE_float("stochastic_depth", 0.0,
+                   "vit_*: stochastic depth (0 = off): each block's attention and MLP branches are dropped for "
+                   "whole examples, at a rate rising linearly from 0 at the first block to this at the last.")
+CHECKPOINT_FLAGS = ("vit_pooling", "stochastic_depth")
+
+
+def validate(config):
+    if not 0 <= config.stochastic_depth < 1:
+        raise UserError(f"--stochastic_depth must be in [0, 1), got {config.stochastic_depth}")
+
+
+SIZES = {"ti": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}  # Width, depth, heads.
+PATCH = 16
+EPSILON = 1e-6  # LayerNorm's, as timm and big_vision.
+
+
+def resize_position_embeddings(embeddings, grid, new_grid):
+    """[1, h * w, D] embeddings of an h x w grid of patches -> [1, new_h * new_w, D], resized bicubically."""
+    if tuple(grid) == tuple(new_grid):
+        return embeddings
+    width = embeddings.shape[-1]
+    image = tf.reshape(tf.cast(embeddings, tf.float32), [1, *grid, width])
+    resized = tf.image.resize(image, new_grid, method="bicubic")
+    return tf.cast(tf.reshape(resized, [1, new_grid[0] * new_grid[1], width]), embeddings.dtype)
+
+
+@tf.keras.utils.register_keras_serializable(package="research")
+class SelfAttention(layers.Layer):
+    """Multi-head self-attention with one fused query/key/value projection; softmax in float32."""
+
+    def __init__(self, width, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads = width, heads
+        self.qkv = layers.Dense(3 * width)
+        self.project = layers.Dense(width)
+
+    def call(self, x):
+        batch, tokens = tf.shape(x)[0], tf.shape(x)[1]
+        head_width = self.width // self.heads
+        qkv = tf.reshape(self.qkv(x), [batch, tokens, 3, self.heads, head_width])
+        query, key, value = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # Each [batch, heads, tokens, width].
+        scores = tf.matmul(query, key, transpose_b=True) * head_width ** -0.5
+        weights = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32)), value.dtype)
+        mixed = tf.transpose(tf.matmul(weights, value), [0, 2, 1, 3])
+        return self.project(tf.reshape(mixed, [batch, tokens, self.width]))
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads}
+
+
+@tf.keras.utils.register_keras_serializable(package="research")
+class EncoderBlock(layers.Layer):
+    """x + attention(norm(x)), then x + MLP(norm(x)); each branch dropped per example at `drop_rate` in training
+    (stochastic depth: Dropout with one mask value per example, which also rescales the kept ones)."""
+
+    def __init__(self, width, heads, drop_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads, self.drop_rate = width, heads, drop_rate
+        self.attention_norm = layers.LayerNormalization(epsilon=EPSILON)
+        self.attention = SelfAttention(width, heads)
+        self.mlp_norm = layers.LayerNormalization(epsilon=EPSILON)
+        self.mlp = [layers.Dense(4 * width, activation="gelu"), layers.Dense(width)]
+        self.drop = [layers.Dropout(drop_rate, noise_shape=(None, 1, 1)) for _ in range(2)] if drop_rate else None
+
+    def call(self, x, training=False):
+        x = x + self._drop(0, self.attention(self.attention_norm(x)), training)
+        y = self.mlp_norm(x)
+        for layer in self.mlp:
+            y = layer(y)
+        return x + self._drop(1, y, training)
+
+    def _drop(self, index, branch, training):
+        return branch if self.drop is None else self.drop[index](branch, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads, "drop_rate": self.drop_rate}
+
+
+@tf.keras.utils.register_keras_serializable(package="research")
+class ViT(tf.keras.Model):
+    """ViT with `depth` blocks of `width` channels and `heads` heads on `patch_size` patches; position embeddings
+    made for images of `image_size` (height, width)."""
+
+    def __init__(self, num_classes, width, depth, heads, image_size, patch_size=PATCH, pooling="token",
+                 stochastic_depth=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes, self.width, self.depth, self.heads = num_classes, width, depth, heads
+        self.image_size, self.patch_size = tuple(image_size), patch_size
+        self.pooling, self.stochastic_depth = pooling, stochastic_depth
+        self.grid = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
+        self.patch_embedding = layers.Conv2D(width, patch_size, strides=patch_size)
+        self.class_token = self.add_weight(shape=(1, 1, width), initializer="zeros",
+                                           name="class_token") if pooling == "token" else None
+        self.position_embedding = self.add_weight(
+            shape=(1, self.grid[0] * self.grid[1] + (pooling == "token"), width),
+            initializer=tf.keras.initializers.RandomNormal(stddev=0.02), name="position_embedding")
+        rates = [stochastic_depth * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = [EncoderBlock(width, heads, rate) for rate in rates]
+        self.norm = layers.LayerNormalization(epsilon=EPSILON)
+        self.head = layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32")
+
+    def call(self, images, training=False):
+        patches = self.patch_embedding(images)
+        new_grid = tuple(patches.shape[1:3])
+        x = tf.reshape(patches, [-1, new_grid[0] * new_grid[1], self.width])
+        position = tf.cast(self.position_embedding, x.dtype)
+        if self.class_token is not None:
+            token = tf.cast(self.class_token, x.dtype)
+            x = tf.concat([tf.tile(token, [tf.shape(x)[0], 1, 1]), x], axis=1)
+            position = tf.concat([position[:, :1], resize_position_embeddings(position[:, 1:], self.grid, new_grid)],
+                                 axis=1)
+        else:
+            position = resize_position_embeddings(position, self.grid, new_grid)
+        x = x + position
+        for block in self.blocks:
+            x = block(x, training=training)
+        x = self.norm(x)
+        return self.head(x[:, 0] if self.class_token is not None else tf.reduce_mean(x, axis=1))
+
+    def no_weight_decay(self):
+        """Neither timm nor big_vision decays the position embeddings and class token."""
+        return [self.position_embedding] + ([self.class_token] if self.class_token is not None else [])
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "width": self.width, "depth": self.depth,
+                "heads": self.heads, "image_size": list(self.image_size), "patch_size": self.patch_size,
+                "pooling": self.pooling, "stochastic_depth": self.stochastic_depth}
+
+
+def _register_vit(size):
+    width, depth, heads = SIZES[size]
+
+    def build(config, dataset):
+        return ViT(dataset.num_classes, width, depth, heads, dataset.image_shape[:2], pooling=config.vit_pooling,
+                   stochastic_depth=config.stochastic_depth, name=f"vit_{size}16")
+    build.__doc__ = (f"ViT-{size.capitalize()}/16: {depth} blocks of width {width}, {heads} heads; --vit_pooling, "
+                     "--stochastic_depth.")
+    register(f"vit_{size}16")(build)
+
+
+for _size in SIZES:
+    _register_vit(_size)
