@@ -85,14 +85,15 @@ def checkpoint_step(path):
 def build_model(config, dataset):
     """The run's model with its variables created, computing in float32 whatever --mixed_precision trained it:
     the weights are float32 either way, and inference at full precision is the faithful reading of them."""
-    with _float32_policy():
+    with float32_policy():
         model = models.create(config, dataset)
         model(tf.zeros([1, *dataset.image_shape]))
     return model
 
 
 @contextlib.contextmanager
-def _float32_policy():
+def float32_policy():
+    """Within the block Keras builds layers in float32, whatever policy a training in this process set."""
     previous = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy("float32")
     try:

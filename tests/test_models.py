@@ -89,13 +89,13 @@ def test_bfloat16_training_then_export_and_reload(mock_tfds, tmp_path, name):
     results = train.train_and_evaluate(make_config(run_dir, dataset="cifar10", model=name, train_steps=2,
                                                    steps_per_loop=1, eval_every=2, mixed_precision="mixed_bfloat16"))
     assert results["step"] == 2 and np.isfinite(results["train"]["loss"]) and np.isfinite(results["eval"]["loss"])
-    # As in its own process (python -m research.export): Keras rebuilds the layers of a reloaded subclassed model
-    # under the global policy, which training left at mixed_bfloat16 in this one.
-    tf.keras.mixed_precision.set_global_policy("float32")
+    # In the same process, where training left the global policy at mixed_bfloat16: Keras rebuilds the layers of a
+    # reloaded subclassed model under it, so export reloads (and checks) in float32, as the model was rebuilt.
     export.export(run_dir, output)  # Itself checks both reloads against the checkpoint's predictions.
     images = tf.random.uniform([4, 32, 32, 3], seed=3)
     expected = runs.load_model(run_dir).model(images).numpy()
-    reloaded = keras.saving.load_model(os.path.join(output, "model.keras"), safe_mode=True)
+    with runs.float32_policy():
+        reloaded = keras.saving.load_model(os.path.join(output, "model.keras"), safe_mode=True)
     np.testing.assert_allclose(reloaded(images).numpy(), expected, atol=1e-5)
 
 
