@@ -18,6 +18,7 @@ ZOOM = 0.1  # Scale in [0.9, 1.1].
 CUTOUT = 0.25  # Square hole of a quarter of the image side.
 
 OPS = ("translate", "rotate", "zoom", "flip", "crop", "cutout")
+PREPROCESS_OPS = ("random_resized_crop",)  # Also accepted by --augment; applied while decoding (research/data/preprocess.py).
 
 
 def parse(names, image_shape):

@@ -22,7 +22,8 @@ from research import UserError, config as config_lib
 
 # Flags whose change makes a checkpoint mean something else: different variables, slots, data order or data position.
 MEANING_FLAGS = ("dataset", "train_split", "model", "hidden_units", "widths", "conv_layers", "dropout",
-                 "optimizer", "mixed_precision", "ema_decay", "batch_size", "seed", "augment")
+                 "optimizer", "mixed_precision", "ema_decay", "batch_size", "seed", "augment", "image_size",
+                 "crop_scale", "crop_ratio", "normalize")
 BEST = "best"
 
 

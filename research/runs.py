@@ -18,6 +18,7 @@ import tensorflow as tf
 from absl import flags
 
 from research import UserError, checkpoint as checkpoint_lib, config as config_lib, models
+from research.data import preprocess
 
 FLAGFILE = "flags.txt"
 DATASET_FILE = "dataset.json"
@@ -29,10 +30,12 @@ Restored = collections.namedtuple("Restored", "model config dataset checkpoint s
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What a model builder needs to know of the dataset (research.data.Dataset without the examples)."""
+    """What a model builder, predict and export need to know of the dataset (research.data.Dataset without its
+    sources): the model's input shape, the class names, and how a stored image becomes a model input."""
     name: str
     image_shape: tuple
     class_names: list
+    preprocessing: preprocess.Preprocessing = None
 
     @property
     def num_classes(self):
@@ -86,13 +89,17 @@ def _boolean(name):
 
 
 def read_dataset_info(model_dir):
-    """The dataset metadata train.py records in `model_dir/dataset.json` (name, image_shape, class_names)."""
+    """The dataset metadata train.py records in `model_dir/dataset.json` (name, image_shape, class_names,
+    preprocessing; runs written before preprocessing was recorded resized whole images, unnormalized)."""
     path = os.path.join(model_dir, DATASET_FILE)
     if not os.path.exists(path):
         raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
     try:
         info = json.load(open(path))
-        return DatasetInfo(info["name"], tuple(info["image_shape"]), list(info["class_names"]))
+        shape = tuple(info["image_shape"])
+        prep = preprocess.Preprocessing.from_json(info["preprocessing"]) if "preprocessing" in info else \
+            preprocess.Preprocessing(shape[:2], shape[2])
+        return DatasetInfo(info["name"], shape, list(info["class_names"]), prep)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is unreadable: {e}") from None
 

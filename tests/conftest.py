@@ -11,6 +11,7 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 from research import config as config_lib, data  # noqa: E402
+from research.data import tfds_source  # noqa: E402
 
 MNIST_FILES = os.environ.get(
     "MNIST_FILES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist"))
@@ -20,7 +21,7 @@ MNIST_FILES = os.environ.get(
 def mock_tfds(monkeypatch):
     """`tfds.testing.mock_data` with 64 random examples per split; downloads are no-ops under the mock, so the
     offline check that guards real downloads is switched off too."""
-    monkeypatch.setattr(data, "ensure_downloadable", lambda builder, manual_dir: None)
+    monkeypatch.setattr(tfds_source, "ensure_downloadable", lambda builder, manual_dir: None)
     with tfds.testing.mock_data(num_examples=64):
         yield
 

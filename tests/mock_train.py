@@ -14,11 +14,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import app  # noqa: E402
 
-from research import data, train  # noqa: E402
+from research import train  # noqa: E402
+from research.data import tfds_source  # noqa: E402
 
 
 def main(argv):
-    data.ensure_downloadable = lambda builder, manual_dir: None
+    tfds_source.ensure_downloadable = lambda builder, manual_dir: None
     with tfds.testing.mock_data(num_examples=64):
         train.main(argv)
 
