@@ -4,7 +4,6 @@ import os
 
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 # Two logical CPUs, so MirroredStrategy tests can run two replicas on a CPU-only machine. Must precede any TF op.
 tf.config.set_logical_device_configuration(
@@ -12,6 +11,7 @@ tf.config.set_logical_device_configuration(
 
 from research import config as config_lib, data  # noqa: E402
 from research.data import tfds_source  # noqa: E402
+from mock_train import mocked  # noqa: E402
 
 MNIST_FILES = os.environ.get(
     "MNIST_FILES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist"))
@@ -19,10 +19,10 @@ MNIST_FILES = os.environ.get(
 
 @pytest.fixture
 def mock_tfds(monkeypatch):
-    """`tfds.testing.mock_data` with 64 random examples per split; downloads are no-ops under the mock, so the
-    offline check that guards real downloads is switched off too."""
+    """`tfds.testing.mock_data` with 64 random examples per split (also read by index: mock_train.mock_records);
+    downloads are no-ops under the mock, so the offline check that guards real downloads is switched off too."""
     monkeypatch.setattr(tfds_source, "ensure_downloadable", lambda builder, manual_dir: None)
-    with tfds.testing.mock_data(num_examples=64):
+    with mocked():
         yield
 
 

@@ -107,6 +107,11 @@ class Transform:
         """Whether training needs a per-example map (else whole batches are converted at once)."""
         return bool(self.ops) or self.random_crop
 
+    def _stored(self, payload, encoded):
+        """The stored image as uint8 pixels, of static shape where the dataset's images have one size."""
+        image = decode(payload, self.prep.channels) if encoded else payload
+        return tf.ensure_shape(image, [*self.prep.image_size, self.prep.channels]) if self.stored_at_size else image
+
     def train_batch(self, images):
         """Decoded uint8 images [N, H, W, C] of one size, no per-example randomness: the batch at once."""
         return self.prep.eval_images(images) if not self.stored_at_size else self.prep.normalized(to_float(images))
@@ -118,14 +123,14 @@ class Transform:
             image = random_resized_crop(payload, encoded, self.prep.image_size, self.prep.channels, self.scale,
                                         self.ratio, augment._seed_pair([*seed, CROP_SEED_SALT]))
         else:
-            image = decode(payload, self.prep.channels) if encoded else payload
+            image = self._stored(payload, encoded)
             image = to_float(image) if self.stored_at_size else _resize(image, self.prep.image_size)
         if self.ops:
             image = augment.apply(self.ops, image, seed)
         return self.prep.normalized(image)
 
     def eval_example(self, payload, encoded):
-        image = decode(payload, self.prep.channels) if encoded else payload
+        image = self._stored(payload, encoded)
         if self.stored_at_size and self.prep.eval_crop_fraction is None:
             return self.prep.normalized(to_float(image))
         return self.prep.eval_images(image)

@@ -23,6 +23,7 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from research import UserError
 from research.data import preprocess, sources
@@ -93,7 +94,7 @@ def _prepare(builder, name, config):
             try:
                 builder.download_and_prepare(
                     download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir))
-            except tfds.download.NonMatchingChecksumError as e:
+            except NonMatchingChecksumError as e:
                 raise UserError(f"{name}: a source file does not match the checksum TFDS registers for it "
                                 f"({_first_line(e)}): it is another or a damaged copy; fetch it again into "
                                 f"{config.tfds_manual_dir or 'the download folder'} and rerun") from None
@@ -160,15 +161,7 @@ def _reads_in_memory(builder, config, stored_shape):
     return examples * int(np.prod(stored_shape)) <= IN_MEMORY_LIMIT_BYTES
 
 
-def _check_split(builder, split, flag):
-    try:
-        builder.info.splits[split]
-    except (ValueError, KeyError, AssertionError) as e:
-        raise UserError(f"--{flag}={split} is not a split of {builder.name}: {_first_line(e)}") from None
-
-
 def _record_source(builder, split, flag):
-    _check_split(builder, split, flag)
     try:
         records = builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     except NotImplementedError:
