@@ -12,6 +12,9 @@ This measures, in one process and on the same tf.data input, after warm-up:
 The methods take turns over --benchmark_rounds rounds and each reports its best round: on a shared machine the
 least-disturbed round is the closest to the method's own speed; the spread over rounds shows the noise.
 It takes the training flags (--flagfile works); --model_dir and the run length are optional: nothing is written.
+--input_only measures the input pipeline alone instead (research/data/input_benchmark.py): images/s with 1 thread
+and with every core, next to a bare decode-crop-resize loop over the same image files, peak memory, and the time to
+the first batch.
 """
 
 import json
@@ -26,6 +29,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from research import UserError, config as config_lib, data, distribute, models, optim, train
+from research.data import input_benchmark
 
 flags.DEFINE_integer("benchmark_steps", 600, "Timed training steps per method and round.")
 flags.DEFINE_integer("benchmark_warmup_steps", 100,
@@ -36,6 +40,9 @@ flags.DEFINE_integer("fit_steps_per_execution", None,
                      "Keras fit's large steps_per_execution (default: --steps_per_loop).")
 flags.DEFINE_integer("input_steps", 5000, "Batches read when timing the input pipeline alone.")
 flags.DEFINE_boolean("json", False, "Print one JSON object instead of the table.")
+flags.DEFINE_boolean("input_only", False,
+                     "Measure only the training input pipeline (--input_steps batches, with 1 thread and every "
+                     "core), beside a bare decode-crop-resize loop over the same image files; no model.")
 
 FLAGS = flags.FLAGS
 
@@ -260,12 +267,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        results = run(_config_from_flags(), FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps,
-                      FLAGS.benchmark_rounds, FLAGS.fit_steps_per_execution, FLAGS.input_steps)
+        config = _config_from_flags()
+        if FLAGS.input_only:
+            results = input_benchmark.measure(config, data.load(config), FLAGS.input_steps)
+        else:
+            results = run(config, FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps, FLAGS.benchmark_rounds,
+                          FLAGS.fit_steps_per_execution, FLAGS.input_steps)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(results, indent=1) if FLAGS.json else format_table(results))
+    table = input_benchmark.format_results if FLAGS.input_only else format_table
+    print(json.dumps(results, indent=1) if FLAGS.json else table(results))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from matplotlib.ticker import MaxNLocator
 from research import UserError, cli  # Not research.config: it imports TensorFlow, and reading files needs none.
 
 ASCENDING = ("eval_loss", "train_loss", "steps", "wall_time_s", "params")
-METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps", "wall_time_s", "params")
-WITH_STD = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss")
-TABLE_METRICS = ("steps", "eval_accuracy", "eval_loss", "wall_time_s", "params")
+METRICS = ("eval_accuracy", "eval_top5_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps",
+           "wall_time_s", "params")
+WITH_STD = ("eval_accuracy", "eval_top5_accuracy", "eval_loss", "train_accuracy", "train_loss")
+TABLE_METRICS = ("steps", "eval_accuracy", "eval_top5_accuracy", "eval_loss", "wall_time_s", "params")
 IGNORED_FLAGS = ("model_dir",)  # Differs between any two runs and says nothing about them.
 SWEEP_FILE = "sweep.json"  # Written by launch/sweep.py.
 
@@ -80,7 +81,7 @@ def read_run(run_dir, name, sweep_status):
         results = _read_json(results_path)
         try:
             run.update(status="finished", steps=results["step"], eval_accuracy=results["eval"]["accuracy"],
-                       eval_loss=results["eval"]["loss"], train_accuracy=results["train"].get("accuracy"),
+                       eval_top5_accuracy=results["eval"].get("top5_accuracy"), eval_loss=results["eval"]["loss"], train_accuracy=results["train"].get("accuracy"),
                        train_loss=results["train"].get("loss"), wall_time_s=results["wall_time_s"],
                        params=results["params"])
         except (KeyError, TypeError, AttributeError) as e:
@@ -89,7 +90,7 @@ def read_run(run_dir, name, sweep_status):
     latest = evals[-1] if evals else {}
     status = sweep_status if sweep_status in ("failed", "running", "interrupted") else "unfinished"
     run.update(status=status, steps=latest.get("step"), eval_accuracy=latest.get("accuracy"),
-               eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
+               eval_top5_accuracy=latest.get("top5_accuracy"), eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
                train_loss=latest.get("train_loss"), wall_time_s=latest.get("elapsed_s"), params=None)
     return run
 

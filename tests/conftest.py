@@ -33,6 +33,10 @@ def make_config(model_dir, **overrides):
     return config_lib.make_config(**{**defaults, **overrides})
 
 
+FASHION_MNIST_FILES = os.environ.get(
+    "FASHION_MNIST_FILES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "fashion_mnist"))
+
+
 @pytest.fixture(scope="session")
 def mnist_data_dir(tmp_path_factory):
     """A TFDS data_dir with real MNIST prepared from ../shared/datasets/mnist (skips where the files are absent)."""

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import MNIST_FILES, make_config
+from conftest import FASHION_MNIST_FILES, MNIST_FILES, make_config
 from research import UserError, data, models, optim, runs, train
 from research.data import tfds_source
 
@@ -177,3 +177,15 @@ def test_real_mnist_cnn_learns(tmp_path, mnist_data_dir):
     assert results["eval"]["examples"] == 10_000
     assert results["eval"]["accuracy"] >= 0.93
     assert results["params"] == 104_202
+
+
+def test_real_fashion_mnist_mlp_learns(tmp_path):
+    """The tutorial's Fashion-MNIST MLP on the real files, prepared here: 300 steps reach 75% (88% takes 10 epochs)."""
+    if not os.path.exists(os.path.join(FASHION_MNIST_FILES, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"real Fashion-MNIST files not found in {FASHION_MNIST_FILES}")
+    results = train.train_and_evaluate(make_config(
+        tmp_path / "run", dataset="fashion_mnist", data_dir=str(tmp_path / "tfds"), tfds_manual_dir=FASHION_MNIST_FILES,
+        hidden_units="128", batch_size=32, train_steps=300, steps_per_loop=100, eval_every=300, checkpoint_every=300))
+    assert results["eval"]["examples"] == 10_000
+    assert results["eval"]["accuracy"] >= 0.75
+    assert runs.read_dataset_info(str(tmp_path / "run")).class_names[0] == "T-shirt/top"
