@@ -269,7 +269,7 @@ def main(argv):
     try:
         config = _config_from_flags()
         if FLAGS.input_only:
-            results = input_benchmark.measure(config, data.load(config), FLAGS.input_steps)
+            results = input_benchmark.measure(config, data.load(config), FLAGS.input_steps, FLAGS.benchmark_rounds)
         else:
             results = run(config, FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps, FLAGS.benchmark_rounds,
                           FLAGS.fit_steps_per_execution, FLAGS.input_steps)

@@ -223,3 +223,16 @@ def test_a_corrupt_image_met_in_training_names_the_file_and_keeps_the_checkpoint
     done = subprocess.run([sys.executable, "-m", "research.data.verify", f"--dataset=folder:{root}", "--split=train"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout.count("bad: ") == 1 and f"bad: {bad}: " in done.stdout
+
+
+def test_input_only_benchmark_measures_pipeline_and_bare_loop(digits, tmp_path):
+    from research import benchmark
+    from research.data import input_benchmark
+    config = folder_config(tmp_path, digits, image_size=24, augment="random_resized_crop,flip", batch_size=8)
+    results = input_benchmark.measure(config, data.load(config), batches=2, rounds=1)
+    for rates in results["threads"].values():
+        assert rates["pipeline"] > 0 and rates["bare"] > 0 and rates["ratio_per_cpu_s"] > 0
+    assert results["peak_rss_bytes"] > 0 and results["first_batch_s"] > 0
+    table = input_benchmark.format_results(results)
+    assert "pipeline img/s" in table and "bare img/s" in table and "peak memory" in table
+    assert benchmark.FLAGS["input_only"].help.startswith("Measure only the training input pipeline")

@@ -21,26 +21,35 @@ from research import UserError, data
 from research.data import preprocess, sources
 
 
-def measure(config, dataset, batches):
-    """{threads: {"pipeline": images/s, "bare": images/s}} for 1 thread and every core, plus memory and timings."""
+def measure(config, dataset, batches, rounds=3):
+    """{threads: {"pipeline": images/s, "bare": images/s, "ratio"}} for 1 thread and every core (each the best of
+    `rounds` rounds in which the two take turns: on a shared machine the least-disturbed round is the closest to
+    each one's own speed), plus memory and timings."""
     cores = os.cpu_count()
     started = time.time()
     results = {"threads": {}}
     for threads in sorted({1, cores}):
-        pipeline = data.train_input_fn(dataset, config, 0)(tf.distribute.InputContext()).with_options(
-            _threads(threads))
-        first = time.time()
-        next(iter(pipeline))
-        results.setdefault("first_batch_s", time.time() - first)
-        rates = {"pipeline": _images_per_sec(pipeline, batches, config.batch_size)}
+        pipelines = {"pipeline": data.train_input_fn(dataset, config, 0)(tf.distribute.InputContext())}
         if isinstance(dataset.train, sources.FileSource):
-            rates["bare"] = _images_per_sec(_bare(dataset, config).with_options(_threads(threads)), batches,
-                                            config.batch_size)
+            pipelines["bare"] = _bare(dataset, config)
+        pipelines = {name: ds.with_options(_threads(threads)) for name, ds in pipelines.items()}
+        first = time.time()
+        next(iter(pipelines["pipeline"]))
+        results.setdefault("first_batch_s", time.time() - first)
+        samples = {name: [] for name in pipelines}
+        for _ in range(rounds):
+            for name, ds in pipelines.items():
+                samples[name].append(_images_per_sec(ds, batches, config.batch_size))
+        rates = {name: max(wall for wall, _ in values) for name, values in samples.items()}
+        rates.update({f"{name}_per_cpu_s": max(cpu for _, cpu in values) for name, values in samples.items()})
+        rates["rounds"] = samples
+        if "bare" in rates:
             rates["ratio"] = rates["pipeline"] / rates["bare"]
+            rates["ratio_per_cpu_s"] = rates["pipeline_per_cpu_s"] / rates["bare_per_cpu_s"]
         results["threads"][threads] = rates
     results.update(
         dataset=dataset.name, examples=dataset.num_train, reading=dataset.reading, batch_size=config.batch_size,
-        image_size=dataset.image_shape, augment=config.augment, cores=cores, batches=batches,
+        image_size=dataset.image_shape, augment=config.augment, cores=cores, batches=batches, rounds=rounds,
         measure_s=time.time() - started, first_batch_from_start_s=started + results["first_batch_s"] -
         psutil.Process().create_time(),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, load_average=os.getloadavg())
@@ -50,13 +59,20 @@ def measure(config, dataset, batches):
 def format_results(r):
     lines = [f"input pipeline alone: {r['dataset']} ({r['examples']} examples, {r['reading']}), batch "
              f"{r['batch_size']}, model input {r['image_size']}, --augment={','.join(r['augment']) or 'none'}; "
-             f"{r['batches']} batches per measurement; load average {', '.join(f'{x:.1f}' for x in r['load_average'])}",
-             f"{'threads':>8} {'pipeline img/s':>15} {'per thread':>11} {'bare img/s':>11} {'pipeline/bare':>14}"]
+             f"best of {r['rounds']} rounds of {r['batches']} batches; load average {', '.join(f'{x:.1f}' for x in r['load_average'])}",
+             f"{'threads':>8} {'pipeline img/s':>15} {'per thread':>11} {'bare img/s':>11} {'ratio':>6}"
+             f" {'pipeline img/CPU-s':>19} {'bare img/CPU-s':>15} {'ratio':>6}"]
     for threads, rates in r["threads"].items():
-        bare = (f"{rates['bare']:11.0f} {rates['ratio']:14.2f}" if "bare" in rates else f"{'-':>11} {'-':>14}")
-        lines.append(f"{threads:>8} {rates['pipeline']:15.0f} {rates['pipeline'] / threads:11.0f} {bare}")
+        line = f"{threads:>8} {rates['pipeline']:15.0f} {rates['pipeline'] / threads:11.0f}"
+        if "bare" in rates:
+            line += (f" {rates['bare']:11.0f} {rates['ratio']:6.2f} {rates['pipeline_per_cpu_s']:19.0f}"
+                     f" {rates['bare_per_cpu_s']:15.0f} {rates['ratio_per_cpu_s']:6.2f}")
+        else:
+            line += f" {'-':>11} {'-':>6} {rates['pipeline_per_cpu_s']:19.0f}"
+        lines.append(line)
     lines += ["bare: read_file, the same crop sampling, decode_and_crop_jpeg (JPEG) or decode + crop, bilinear "
-              "resize, batch; same files and threads",
+              "resize, batch; same files and threads. img/CPU-s: images per second of this process's CPU time, "
+              "what one core's work costs even where other processes share the cores (wall rates then vary)",
               f"first batch {r['first_batch_s']:.2f} s after building the pipeline, "
               f"{r['first_batch_from_start_s']:.1f} s after process start",
               f"peak memory: {r['peak_rss_bytes'] / 2**20:.0f} MiB RSS (getrusage maxrss)"]
@@ -71,11 +87,13 @@ def _threads(threads):
 
 
 def _images_per_sec(ds, batches, batch_size):
+    """(images per wall second, images per CPU second of this process)."""
     count = lambda n: ds.take(n).reduce(tf.constant(0, tf.int64), lambda c, _: c + 1).numpy()  # noqa: E731
     count(max(1, batches // 10))  # Warm-up: threads started, autotuning settled.
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     count(batches)
-    return batches * batch_size / (time.perf_counter() - start)
+    images = batches * batch_size
+    return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
 
 
 def _bare(dataset, config):

@@ -57,7 +57,7 @@ def train_input_fn(dataset, config, start_step):
         ds = tf.data.Dataset.range(start_step, 2**62).map(share, num_parallel_calls=AUTOTUNE).unbatch()
         if transform.per_example or source.encoded:
             ds = ds.map(lambda epoch, position, image, label: (
-                transform.train_example(image, source.encoded, [config.seed, epoch, position]), label),
+                transform.train_example(source.fetch(image), source.encoded, [config.seed, epoch, position]), label),
                 num_parallel_calls=AUTOTUNE).batch(per_replica, drop_remainder=True)
         else:
             ds = ds.batch(per_replica, drop_remainder=True).map(
@@ -77,7 +77,7 @@ def eval_input_fn(dataset, config):
         ds = tf.data.Dataset.range(len(source)).shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
         ds = ds.batch(per_replica).map(source.reader(), num_parallel_calls=AUTOTUNE)
         if source.encoded or not transform.stored_at_size or transform.prep.eval_crop_fraction is not None:
-            ds = ds.unbatch().map(lambda image, label: (transform.eval_example(image, source.encoded), label),
+            ds = ds.unbatch().map(lambda image, label: (transform.eval_example(source.fetch(image), source.encoded), label),
                                   num_parallel_calls=AUTOTUNE).batch(per_replica)
         else:
             ds = ds.map(lambda images, labels: (transform.train_batch(images), labels), num_parallel_calls=AUTOTUNE)
@@ -124,9 +124,9 @@ def unreadable_examples(source, channels):
 def _check(read, source, index, channels):
     """Why example `index` cannot be read or decoded, or None."""
     try:
-        image, _ = read(tf.constant([index], tf.int64))
+        image = source.fetch(read(tf.constant([index], tf.int64))[0][0])
         if source.encoded:
-            preprocess.decode(image[0], channels).numpy()
+            preprocess.decode(image, channels).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError,
             tf.errors.UnknownError) as e:
         return (e.message or str(e)).strip().splitlines()[0][:200]

@@ -8,7 +8,9 @@ Three kinds of storage do that:
   - `RecordSource`: serialized `tf.train.Example`s from a random-access reader such as `tfds.data_source` over
     ArrayRecord files (there is no TF-native ArrayRecord op: one Python call fetches a whole step's records).
 `reader()`, called where a pipeline is built, returns `read(indices)`: a TF function of an int64 index vector for
-tf.data maps (the in-memory tensors it needs are made once, outside the map, and captured).
+tf.data maps (the in-memory tensors it needs are made once, outside the map, and captured); `fetch(stored)` then
+completes one example inside the per-example map (a file source reads its file there, in parallel with decoding,
+where a loop over the batch's files would run them one by one).
 
 Where datasets come from is a registry of openers by `--dataset` prefix (`folder:PATH`; no prefix is TFDS), so
 adding a kind of dataset is one new module in this package with an `@register("prefix")` opener.
@@ -41,9 +43,14 @@ def opener_of(dataset_flag):
     return _OPENERS[DEFAULT], dataset_flag
 
 
+def _as_read(stored):
+    return stored
+
+
 class ArraySource:
     """Decoded images [N, H, W, C] uint8 and labels [N] in memory."""
     encoded = False
+    fetch = staticmethod(_as_read)
 
     def __init__(self, images, labels, description):
         self.images, self.labels = images, np.asarray(labels, np.int64)
@@ -61,8 +68,10 @@ class ArraySource:
 
 
 class FileSource:
-    """One encoded image file per example (paths relative to `root`), read by index."""
+    """One encoded image file per example (paths relative to `root`), read by index: `read` gives the paths,
+    `fetch` the file's bytes."""
     encoded = True
+    fetch = staticmethod(tf.io.read_file)
 
     def __init__(self, root, paths, labels, description):
         self.root, self.paths, self.labels = root, list(paths), np.asarray(labels, np.int64)
@@ -76,8 +85,7 @@ class FileSource:
         labels = tf.constant(self.labels)
 
         def read(indices):
-            files = tf.map_fn(tf.io.read_file, tf.gather(paths, indices), fn_output_signature=tf.string)
-            return files, tf.gather(labels, indices)
+            return tf.gather(paths, indices), tf.gather(labels, indices)
 
         return read
 
@@ -89,6 +97,7 @@ class RecordSource:
     """Serialized tf.train.Examples by index from `records` (a Sequence, with `__getitems__` for whole batches as
     `tfds.data_source` has), parsed in TF: `image` (encoded bytes) and `label` (int64) features."""
     encoded = True
+    fetch = staticmethod(_as_read)
 
     def __init__(self, records, description, image_key="image", label_key="label"):
         self.records, self.description = records, description

@@ -210,7 +210,7 @@ def _array_source(builder, split, flag, channels):
 def _decoded(source, channels):
     """(image, label) pairs of every record of `source`, decoded in parallel, in order."""
     return tf.data.Dataset.range(len(source)).batch(1024).map(source.reader()).unbatch().map(
-        lambda image, label: (preprocess.decode(image, channels), label),
+        lambda image, label: (preprocess.decode(source.fetch(image), channels), label),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
