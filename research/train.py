@@ -252,7 +252,15 @@ def train_and_evaluate(config):
 
         def run_eval(current):
             with ema.swapped_in() if ema else contextlib.nullcontext():  # The reporter's pictures see them too.
-                loss, confusion, top_k = (t.numpy() for t in evaluate(eval_data))
+                try:
+                    loss, confusion, top_k = (t.numpy() for t in evaluate(eval_data))
+                except data.READ_ERRORS:
+                    bad = data.unreadable_eval_example(dataset)
+                    if bad is None:
+                        raise
+                    saved_at = checkpoints.save(current)  # The training done so far is not lost with the eval.
+                    raise UserError(f"cannot read eval example {bad} (evaluating step {current}); training saved "
+                                    f"as {saved_at}; `python -m research.data.verify` lists every bad file") from None
                 metrics = summarize_eval(loss, confusion, top_k)
                 reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - started, 1),
                                         **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
@@ -267,8 +275,7 @@ def train_and_evaluate(config):
             with _profiling(config, current, num_steps, total_steps, loops_run):
                 try:
                     totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
-                except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError,
-                        tf.errors.UnknownError):
+                except data.READ_ERRORS:
                     bad = data.unreadable_example(dataset, config, current, num_steps)
                     if bad is None:
                         raise

@@ -213,7 +213,8 @@ def test_a_corrupt_image_met_in_training_names_the_file_and_keeps_the_checkpoint
     write_digit_folder(root, counts=(("train", "train", 40), ("test", "t10k", 10)))
     train.train_and_evaluate(folder_config(tmp_path / "run", root, train_steps=4))
     bad = sorted((root / "train").glob("*/*.jpg"))[3]
-    bad.write_bytes(bad.read_bytes()[:40])  # Truncated, as by a failed copy.
+    original = bad.read_bytes()
+    bad.write_bytes(original[:40])  # Truncated, as by a failed copy.
     with pytest.raises(UserError, match=rf"cannot read training example {bad}: .*last checkpoint .*ckpt-\d+ left "
                                         r"intact; `python -m research.data.verify`"):
         train.train_and_evaluate(folder_config(tmp_path / "run", root, train_steps=40, checkpoint_every=1000))
@@ -223,6 +224,13 @@ def test_a_corrupt_image_met_in_training_names_the_file_and_keeps_the_checkpoint
     done = subprocess.run([sys.executable, "-m", "research.data.verify", f"--dataset=folder:{root}", "--split=train"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout.count("bad: ") == 1 and f"bad: {bad}: " in done.stdout
+
+    bad.write_bytes(original)
+    bad_eval = sorted((root / "test").glob("*/*.png"))[0]
+    bad_eval.write_bytes(b"not a png")
+    with pytest.raises(UserError, match=rf"cannot read eval example {bad_eval}: Unknown image file format.* "
+                                        r"\(evaluating step 4\); training saved as .*ckpt-4;"):
+        train.train_and_evaluate(folder_config(tmp_path / "second", root, train_steps=4))
 
 
 def test_input_only_benchmark_measures_pipeline_and_bare_loop(digits, tmp_path):

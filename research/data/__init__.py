@@ -12,7 +12,8 @@ import pkgutil
 
 from research.data import pipeline, preprocess, sources
 from research.data.dataset import Dataset
-from research.data.pipeline import eval_input_fn, first_eval_examples, train_input_fn, unreadable_example
+from research.data.pipeline import (READ_ERRORS, eval_input_fn, first_eval_examples, train_input_fn,
+                                    unreadable_eval_example, unreadable_example)
 from research.data.preprocess import to_float
 
 # Every dataset kind registers its opener when imported (`*_source` modules), so adding one touches one file.
@@ -35,5 +36,5 @@ def in_memory(name, class_names, train, eval):
                    sources.ArraySource(*eval, f"{name} eval"), prep, shape)
 
 
-__all__ = ["Dataset", "eval_input_fn", "first_eval_examples", "in_memory", "load", "pipeline", "preprocess",
-           "to_float", "train_input_fn", "unreadable_example"]
+__all__ = ["READ_ERRORS", "Dataset", "eval_input_fn", "first_eval_examples", "in_memory", "load", "pipeline",
+           "preprocess", "to_float", "train_input_fn", "unreadable_eval_example", "unreadable_example"]

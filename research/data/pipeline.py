@@ -10,6 +10,8 @@ from the source (research/data/sources.py), then decodes and preprocesses them i
 (research/data/preprocess.py). The global batch of a step is the same for any number of replicas or workers.
 """
 
+import re
+
 import numpy as np
 import tensorflow as tf
 
@@ -97,28 +99,38 @@ def first_eval_examples(dataset, config, count):
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
+# What reading or decoding a bad example raises inside a pipeline (and so inside the train loop or evaluation).
+READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError,
+               tf.errors.UnknownError)
+
+
 def unreadable_example(dataset, config, first_step, num_steps):
-    """The name of the first training example of steps [first_step, first_step + num_steps) that cannot be read
-    or decoded, with the reason, or None: what a decoding error inside the train loop was about."""
+    """'NAME: REASON' of the first training example of steps [first_step, first_step + num_steps) that cannot be
+    read or decoded, or None: what a READ_ERRORS error inside the train loop was about."""
     per_epoch = steps_per_epoch(dataset, config)
-    read = dataset.train.reader()
-    for step in range(first_step, first_step + num_steps):
-        _, _, indices = _step_share(tf.constant(step, tf.int64), config, len(dataset.train), per_epoch, 1, 0)
-        for index in indices.numpy():
-            reason = _check(read, dataset.train, int(index), dataset.preprocessing.channels)
-            if reason:
-                return f"{dataset.train.name_of(int(index))}: {reason}"
-    return None
+
+    def indices():
+        for step in range(first_step, first_step + num_steps):
+            _, _, step_indices = _step_share(tf.constant(step, tf.int64), config, len(dataset.train), per_epoch, 1, 0)
+            yield from (int(i) for i in step_indices.numpy())
+
+    found = next(unreadable(dataset.train, dataset.preprocessing.channels, indices()), None)
+    return found and ": ".join(found)
 
 
-def unreadable_examples(source, channels):
-    """[(name, reason)] of every example of `source` that cannot be read or decoded (research.data.verify)."""
-    read, bad = source.reader(), []
-    for index in range(len(source)):
+def unreadable_eval_example(dataset):
+    """'NAME: REASON' of the first eval example that cannot be read or decoded, or None."""
+    found = next(unreadable(dataset.eval, dataset.preprocessing.channels, range(len(dataset.eval))), None)
+    return found and ": ".join(found)
+
+
+def unreadable(source, channels, indices):
+    """(name, reason) of each example at `indices` of `source` that cannot be read or decoded, lazily."""
+    read = source.reader()
+    for index in indices:
         reason = _check(read, source, index, channels)
         if reason:
-            bad.append((source.name_of(index), reason))
-    return bad
+            yield source.name_of(index), reason
 
 
 def _check(read, source, index, channels):
@@ -129,7 +141,8 @@ def _check(read, source, index, channels):
             preprocess.decode(image, channels).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError,
             tf.errors.UnknownError) as e:
-        return (e.message or str(e)).strip().splitlines()[0][:200]
+        message = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:.*$", "", (e.message or str(e)).strip().splitlines()[0])
+        return message[:200] or type(e).__name__
     return None
 
 
