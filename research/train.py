@@ -260,7 +260,7 @@ def train_and_evaluate(config):
                         raise
                     saved_at = checkpoints.save(current)  # The training done so far is not lost with the eval.
                     raise UserError(f"cannot read eval example {bad} (evaluating step {current}); training saved "
-                                    f"as {saved_at}; `python -m research.data.verify` lists every bad file") from None
+                                    f"as {saved_at}; {dataset.eval.advice}") from None
                 metrics = summarize_eval(loss, confusion, top_k)
                 reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - started, 1),
                                         **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
@@ -281,7 +281,7 @@ def train_and_evaluate(config):
                         raise
                     raise UserError(f"cannot read training example {bad} (a step in {current + 1}-"
                                     f"{current + num_steps}); last checkpoint {checkpoints.latest() or 'none'} "
-                                    "left intact; `python -m research.data.verify` lists every bad file") from None
+                                    f"left intact; {dataset.train.advice}") from None
             loops_run += 1
             (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step.numpy())
             if not finite:

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,18 @@ def test_manual_files_failing_the_checksum_say_so(tmp_path):
         (manual / name).write_bytes(b"not the real file")
     with pytest.raises(UserError, match=r"does not match the checksum TFDS registers .*fetch it again into"):
         data.load(make_config(tmp_path, data_dir=str(tmp_path / "tfds"), tfds_manual_dir=str(manual)))
+
+
+def test_damaged_prepared_files_name_the_file_and_the_way_out(mnist_data_dir, tmp_path):
+    shutil.copytree(mnist_data_dir, tmp_path / "tfds")
+    version_dir = next(p for p in (tmp_path / "tfds" / "mnist").iterdir() if p.is_dir())
+    for cache in version_dir.glob("arrays-*.npz"):
+        cache.unlink()
+    damaged = next(version_dir.glob("mnist-test.array_record-*"))
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with pytest.raises(UserError, match=rf"mnist's prepared files in {version_dir} are damaged \({damaged.name}: "
+                                        rf".*\): delete {version_dir} and run again to prepare it anew"):
+        data.load(make_config(tmp_path, data_dir=str(tmp_path / "tfds"), tfds_read="memory"))
 
 
 def test_a_corrupt_image_met_in_training_names_the_file_and_keeps_the_checkpoint(tmp_path):

@@ -51,6 +51,7 @@ class ArraySource:
     """Decoded images [N, H, W, C] uint8 and labels [N] in memory."""
     encoded = False
     fetch = staticmethod(_as_read)
+    advice = "the decoded arrays are in memory"
 
     def __init__(self, images, labels, description):
         self.images, self.labels = images, np.asarray(labels, np.int64)
@@ -72,6 +73,7 @@ class FileSource:
     `fetch` the file's bytes."""
     encoded = True
     fetch = staticmethod(tf.io.read_file)
+    advice = "`python -m research.data.verify` lists every bad file"
 
     def __init__(self, root, paths, labels, description):
         self.root, self.paths, self.labels = root, list(paths), np.asarray(labels, np.int64)
@@ -99,8 +101,9 @@ class RecordSource:
     encoded = True
     fetch = staticmethod(_as_read)
 
-    def __init__(self, records, description, image_key="image", label_key="label"):
+    def __init__(self, records, description, prepared_dir, image_key="image", label_key="label"):
         self.records, self.description = records, description
+        self.advice = f"if the prepared files are damaged, delete {prepared_dir} and run again to prepare it anew"
         self.features = {image_key: tf.io.FixedLenFeature([], tf.string),
                          label_key: tf.io.FixedLenFeature([], tf.int64)}
         self.image_key, self.label_key = image_key, label_key

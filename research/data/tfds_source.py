@@ -172,10 +172,10 @@ def _record_source(builder, split, flag):
     except (ValueError, KeyError, AssertionError) as e:
         raise UserError(f"--{flag}={split} is not a split of {builder.name}: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - ArrayRecord reports damaged files as RuntimeError, OSError, ...
-        raise _damaged(builder, e) from None
+        raise _damaged(builder, e, split) from None
     if not len(records):
         raise UserError(f"--{flag}={split} of {builder.name} is empty")
-    return sources.RecordSource(records, f"{builder.name} {split}")
+    return sources.RecordSource(records, f"{builder.name} {split}", builder.data_dir)
 
 
 def _array_source(builder, split, flag, channels):
@@ -197,8 +197,8 @@ def _array_source(builder, split, flag, channels):
             pass  # Absent, stale or damaged: decode the split again below and rewrite the cache.
     try:
         chunks = list(tfds.as_numpy(ds.batch(4096)))  # (batch_size=-1 crashes under tfds.testing.mock_data)
-    except tf.errors.DataLossError as e:
-        raise _damaged(builder, e) from None
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+        raise _damaged(builder, e, split) from None
     if not chunks:
         raise UserError(f"--{flag}={split} of {builder.name} is empty")
     images, labels = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
@@ -214,13 +214,21 @@ def _decoded(source, channels):
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _damaged(builder, error):
-    """A truncated or corrupt prepared file: which one, and how to recover."""
-    message = _first_line(error)
+def _damaged(builder, error, split):
+    """A truncated or corrupt prepared file: which one (TFRecord errors name it; ArrayRecord's do not, so the
+    split's files are named), and how to recover."""
+    first_line = ((getattr(error, "message", None) or str(error)).strip().splitlines() or [""])[0]
+    message = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[\[.*$|\s*\[Op:.*$", "", first_line)
+    message = (re.search(r"\w+Error: .*", message) or re.search(".*", message)).group(0)[:160]
     named = re.search(r"(/\S+?(?:tfrecord|array_record)\S*?)(?=[\s:,'\"]|$)", message)
+    if not named:
+        try:
+            files = ", ".join(os.path.basename(i.filename) for i in builder.info.splits[split].file_instructions)
+        except (KeyError, ValueError, TypeError):
+            files = f"those of {split}"
     return UserError(f"{builder.name}'s prepared files in {builder.data_dir} are damaged "
-                     f"({named.group(1) if named else message}): delete {builder.data_dir} and run again to "
-                     "prepare it anew")
+                     f"({named.group(1) if named else f'{files}: {message}'}): delete {builder.data_dir} and run "
+                     "again to prepare it anew")
 
 
 def _first_line(error):
