@@ -179,13 +179,17 @@ def test_real_mnist_cnn_learns(tmp_path, mnist_data_dir):
     assert results["params"] == 104_202
 
 
-def test_real_fashion_mnist_mlp_learns(tmp_path):
-    """The tutorial's Fashion-MNIST MLP on the real files, prepared here: 300 steps reach 75% (88% takes 10 epochs)."""
+def test_real_fashion_mnist_mlp_learns(tmp_path, mnist_data_dir):
+    """The tutorial's Fashion-MNIST MLP on the real files, prepared here beside MNIST (same file names: each must
+    keep its own images): 300 steps reach 75% (88% takes 10 epochs)."""
     if not os.path.exists(os.path.join(FASHION_MNIST_FILES, "train-images-idx3-ubyte.gz")):
         pytest.skip(f"real Fashion-MNIST files not found in {FASHION_MNIST_FILES}")
-    results = train.train_and_evaluate(make_config(
-        tmp_path / "run", dataset="fashion_mnist", data_dir=str(tmp_path / "tfds"), tfds_manual_dir=FASHION_MNIST_FILES,
-        hidden_units="128", batch_size=32, train_steps=300, steps_per_loop=100, eval_every=300, checkpoint_every=300))
+    config = make_config(tmp_path / "run", dataset="fashion_mnist", data_dir=mnist_data_dir,
+                         tfds_manual_dir=FASHION_MNIST_FILES, hidden_units="128", batch_size=32, train_steps=300,
+                         steps_per_loop=100, eval_every=300, checkpoint_every=300)
+    results = train.train_and_evaluate(config)
     assert results["eval"]["examples"] == 10_000
-    assert results["eval"]["accuracy"] >= 0.75
+    assert 0.75 <= results["eval"]["accuracy"] < 0.9  # MNIST's digits would give more.
     assert runs.read_dataset_info(str(tmp_path / "run")).class_names[0] == "T-shirt/top"
+    mnist = data.load(make_config(tmp_path, data_dir=mnist_data_dir, train_split=""))
+    assert not np.array_equal(data.load(config).eval.images[:100], mnist.eval.images[:100])

@@ -92,7 +92,11 @@ def _prepare(builder, name, config):
         builder = _builder(name, config.data_dir, file_format="array_record")
         if not _is_prepared(builder):
             try:
+                # Downloads and extractions in a folder of this dataset's own: TFDS names extracted files after
+                # the source file alone, and mnist and fashion_mnist have the same file names, so in the shared
+                # default folder the second dataset prepared silently reads the first one's images.
                 builder.download_and_prepare(
+                    download_dir=os.path.join(builder.data_dir_root, "downloads", builder.name),
                     download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir))
             except NonMatchingChecksumError as e:
                 raise UserError(f"{name}: a source file does not match the checksum TFDS registers for it "
