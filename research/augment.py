@@ -24,6 +24,7 @@ CUTOUT = 0.25  # Square hole of a quarter of the image side.
 OPS = ("translate", "rotate", "zoom", "flip", "crop", "cutout", "randaugment")
 
 RandAugment = collections.namedtuple("RandAugment", "num_ops magnitude")  # How parse() passes on its settings.
+PREPROCESS_OPS = ("random_resized_crop",)  # Also accepted by --augment; applied while decoding (research/data/preprocess.py).
 
 
 def parse(names, image_shape, randaugment_num_ops=2, randaugment_magnitude=10.0):

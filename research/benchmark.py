@@ -13,11 +13,14 @@ The methods take turns over --benchmark_rounds rounds and each reports its best 
 least-disturbed round is the closest to the method's own speed; the spread over rounds shows the noise.
 It takes the training flags (--flagfile works); --model_dir and the run length are optional: nothing is written.
 
-For GPU speed without a dataset: `--synthetic_data --image_size=224 --model=resnet50` trains on one random batch
+For GPU speed without a dataset: `--synthetic_data --model=resnet50` (at --image_size, 224 if unset) trains on one random batch
 repeated by tf.data (nothing read, decoded, gathered or augmented; prefetched to the device, for both loops), and
 `--compare_precisions` measures float32, mixed_bfloat16 and mixed_float16, each without and with --jit_compile,
 in one process. Model FLOP utilisation is the achieved training FLOP/s (3 x the forward pass's profiler count per
 image) over the device's peak for the precision, from PEAK_TFLOPS; unknown devices (and CPUs) say so.
+--input_only measures the input pipeline alone instead (research/data/input_benchmark.py): images/s with 1 thread
+and with every core, next to a bare decode-crop-resize loop over the same image files, peak memory, and the time to
+the first batch.
 """
 
 import json
@@ -38,6 +41,7 @@ import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from research import UserError, data, distribute, models, optim, train  # noqa: E402
+from research.data import input_benchmark  # noqa: E402
 
 flags.DEFINE_integer("benchmark_steps", 600, "Timed training steps per method and round.")
 flags.DEFINE_integer("benchmark_warmup_steps", 100,
@@ -49,13 +53,16 @@ flags.DEFINE_integer("fit_steps_per_execution", None,
 flags.DEFINE_integer("input_steps", 5000, "Batches read when timing the input pipeline alone.")
 flags.DEFINE_boolean("json", False, "Print one JSON object instead of the table.")
 flags.DEFINE_boolean("synthetic_data", False,
-                     "Train on one random batch of --image_size RGB images and --synthetic_classes classes, repeated: "
+                     "Train on one random batch of --image_size (default 224) RGB images and --synthetic_classes classes, repeated: "
                      "the speed of the model and loop alone.")
-flags.DEFINE_integer("image_size", 224, "--synthetic_data: side of the square images.")
+SYNTHETIC_IMAGE_SIZE = 224  # --synthetic_data without --image_size: ImageNet's.
 flags.DEFINE_integer("synthetic_classes", 1000, "--synthetic_data: number of classes.")
 flags.DEFINE_boolean("compare_precisions", False,
                      "Run the benchmark for float32, mixed_bfloat16 and mixed_float16, each without and with "
                      "--jit_compile (ignoring those two flags), and print one table.")
+flags.DEFINE_boolean("input_only", False,
+                     "Measure only the training input pipeline (--input_steps batches, with 1 thread and every "
+                     "core), beside a bare decode-crop-resize loop over the same image files; no model.")
 
 FLAGS = flags.FLAGS
 
@@ -341,8 +348,12 @@ def main(argv):
 
 
 def _benchmark_from_flags(_):
-    synthetic = (FLAGS.image_size, FLAGS.synthetic_classes) if FLAGS.synthetic_data else None
     config = _config_from_flags()
+    if FLAGS.input_only:
+        results = input_benchmark.measure(config, data.load(config), FLAGS.input_steps, FLAGS.benchmark_rounds)
+        print(json.dumps(results, indent=1) if FLAGS.json else input_benchmark.format_results(results))
+        return
+    synthetic = (config.image_size or SYNTHETIC_IMAGE_SIZE, FLAGS.synthetic_classes) if FLAGS.synthetic_data else None
     variants = [types.SimpleNamespace(**{**vars(config), "mixed_precision": precision, "jit_compile": jit})
                 for precision in PRECISIONS for jit in (False, True)] if FLAGS.compare_precisions else [config]
     results = []

@@ -19,7 +19,7 @@ from research import UserError, config as config_lib, models, run_dir
 # or a different training computation; each model module adds its own (CHECKPOINT_FLAGS, see research/models).
 MEANING_FLAGS = ("dataset", "train_split", "model", "dropout", "optimizer", "mixed_precision", "ema_decay",
                  "batch_size", "seed", "augment", "randaugment_num_ops", "randaugment_magnitude", "mixup_alpha",
-                 "cutmix_alpha", *models.checkpoint_flags())
+                 "cutmix_alpha", "image_size", "crop_scale", "crop_ratio", "normalize", *models.checkpoint_flags())
 
 
 def model_state(model):

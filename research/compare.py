@@ -27,9 +27,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from research import UserError, run_dir  # noqa: E402
 
 ASCENDING = ("eval_loss", "train_loss", "steps", "wall_time_s", "params")
-METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps", "wall_time_s", "params")
-WITH_STD = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss")
-TABLE_METRICS = ("steps", "eval_accuracy", "eval_loss", "wall_time_s", "params")
+METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps", "wall_time_s", "params",
+           "eval_top5_accuracy")
+WITH_STD = ("eval_accuracy", "eval_top5_accuracy", "eval_loss", "train_accuracy", "train_loss")
+TABLE_METRICS = ("steps", "eval_accuracy", "eval_top5_accuracy", "eval_loss", "wall_time_s", "params")
 IGNORED_FLAGS = ("model_dir",)  # Differs between any two runs and says nothing about them.
 
 
@@ -92,7 +93,7 @@ def read_run(path, name, sweep_status):
     if results is not None:
         try:
             run.update(status="finished", steps=results["step"], eval_accuracy=results["eval"]["accuracy"],
-                       eval_loss=results["eval"]["loss"], train_accuracy=results["train"].get("accuracy"),
+                       eval_top5_accuracy=results["eval"].get("top5_accuracy"), eval_loss=results["eval"]["loss"], train_accuracy=results["train"].get("accuracy"),
                        train_loss=results["train"].get("loss"), wall_time_s=results["wall_time_s"],
                        params=results["params"])
         except (KeyError, TypeError, AttributeError) as e:
@@ -102,7 +103,7 @@ def read_run(path, name, sweep_status):
     latest = evals[-1] if evals else {}
     status = sweep_status if sweep_status in ("failed", "running", "interrupted") else "unfinished"
     run.update(status=status, steps=latest.get("step"), eval_accuracy=latest.get("accuracy"),
-               eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
+               eval_top5_accuracy=latest.get("top5_accuracy"), eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
                train_loss=latest.get("train_loss"), wall_time_s=latest.get("elapsed_s"), params=None)
     return run
 
@@ -160,13 +161,15 @@ def _fmt(metric, value, std=None):
 def format_table(rows, per_run):
     """Aligned plain-text table, one line per row."""
     flag_names = list(rows[0]["flags"])
-    header = (["run"] if per_run else []) + flag_names + ([] if per_run else ["seeds"]) + ["status", *TABLE_METRICS]
+    # Top-5 accuracy exists for datasets of more than 5 classes only: a column where some run has it.
+    metrics = [m for m in TABLE_METRICS if m != "eval_top5_accuracy" or any(row[m] is not None for row in rows)]
+    header = (["run"] if per_run else []) + flag_names + ([] if per_run else ["seeds"]) + ["status", *metrics]
     lines = [header]
     for row in rows:
         cells = [row["runs"][0]["name"]] if per_run else []
         cells += [str(row["flags"][name]) for name in flag_names]
         cells += [] if per_run else [",".join(str(s) for s in row["seeds"])]
-        cells += [row["status"]] + [_fmt(m, row[m], row.get(f"{m}_std")) for m in TABLE_METRICS]
+        cells += [row["status"]] + [_fmt(m, row[m], row.get(f"{m}_std")) for m in metrics]
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)

@@ -16,18 +16,35 @@ from research import UserError
 FLAGS = flags.FLAGS
 
 # --- data -------------------------------------------------------------------------------------------------------
-flags.DEFINE_string("dataset", "mnist", "TFDS image-classification dataset name (mnist, fashion_mnist, cifar10, ...).")
-flags.DEFINE_string("train_split", "train", "TFDS split to train on; TFDS slicing works, e.g. 'train[:90%]'.")
-flags.DEFINE_string("eval_split", "test", "TFDS split to evaluate on, every example exactly once.")
+flags.DEFINE_string(
+    "dataset", "mnist",
+    "TFDS image-classification dataset name (mnist, fashion_mnist, cifar10, tf_flowers, imagenet2012, ...), or "
+    "folder:PATH for your own images in PATH/<split>/<class>/*.jpg|jpeg|png (class names: the sorted folder names).")
+flags.DEFINE_string("train_split", "train",
+                    "Split to train on (a TFDS split, or a split folder of folder:PATH); TFDS slicing works for "
+                    "both, e.g. 'train[:90%]'.")
+flags.DEFINE_string("eval_split", "test", "Split to evaluate on, every example exactly once (e.g. test, val).")
 flags.DEFINE_string("data_dir", None, "Where TFDS keeps prepared datasets (TFDS default: ~/tensorflow_datasets).")
 flags.DEFINE_string(
     "tfds_manual_dir", None,
     "Folder holding the dataset's source files fetched by hand (TFDS DownloadConfig(manual_dir=...)), "
     "e.g. ../shared/datasets/mnist. Used only when the dataset is not yet prepared in --data_dir.")
+flags.DEFINE_enum(
+    "tfds_read", "auto", ["auto", "memory", "array_record"],
+    "How a TFDS dataset is read: memory decodes fixed-size splits into RAM (fastest for small datasets; cached "
+    "as arrays-*.npz beside the prepared files); array_record streams examples by index from the prepared "
+    "ArrayRecord files (any size, any number of examples); auto: memory for fixed-size images whose decoded "
+    "training split is under 1 GiB, else array_record. Both give the same batches.")
+flags.DEFINE_integer("image_size", 0,
+                     "Height and width of the model's input (0: the dataset's own, when all its images have one "
+                     "size; required when sizes vary). Images are resized to it, the same way for training and "
+                     "evaluation unless --augment=random_resized_crop.")
 flags.DEFINE_list(
     "augment", [],
     "Comma-separated training augmentations applied per example in tf.data, e.g. 'translate,rotate'. "
-    "See research/augment.py for the list.")
+    "See research/augment.py for the list; random_resized_crop (research/data/preprocess.py) is the "
+    "Inception crop made while decoding (--crop_scale, --crop_ratio), and makes evaluation resize the shorter "
+    "side and centre-crop (--eval_crop_fraction).")
 flags.DEFINE_integer("randaugment_num_ops", 2, "--augment=randaugment: operations applied to each image.")
 flags.DEFINE_float("randaugment_magnitude", 10.0,
                    "--augment=randaugment: strength of every operation, on RandAugment's scale of 0 to 10 (10 is "
@@ -39,6 +56,16 @@ flags.DEFINE_float("cutmix_alpha", 0.0,
                    "CutMix (0 = off): a box of each replica's batch is pasted from the batch rolled by one, of "
                    "area 1 - Beta(alpha, alpha); targets weighted by area. With --mixup_alpha too, each batch uses "
                    "one of the two, with even odds.")
+flags.DEFINE_list("crop_scale", ["0.08", "1.0"],
+                  "random_resized_crop: the range of the crop's share of the image area.")
+flags.DEFINE_list("crop_ratio", ["0.75", "1.3333333"],
+                  "random_resized_crop: the range of the crop's aspect ratio (width / height).")
+flags.DEFINE_float("eval_crop_fraction", 0.875,
+                   "With --augment=random_resized_crop: evaluation resizes the shorter side to "
+                   "image_size / this and takes the central image_size square.")
+flags.DEFINE_enum("normalize", "none", ["none", "imagenet"],
+                  "none: model inputs in [0, 1]; imagenet: then minus ImageNet's per-channel mean, divided by its "
+                  "standard deviation (colour images).")
 
 # --- model ------------------------------------------------------------------------------------------------------
 flags.DEFINE_string("model", "cnn", "Model name from the registry in research/models/ (`python -m research.models "
@@ -176,8 +203,19 @@ def validate(config):
     need(not bad_steps, f"--profile_steps: {','.join(bad_steps)} is not 'first', 'last' or a step number")
     models.validate(config)
     need(config.model in models.names(), f"--model={config.model} is unknown; choose from {', '.join(models.names())}")
-    unknown_ops = sorted(set(config.augment) - set(augment.OPS))
-    need(not unknown_ops, f"--augment: unknown op {', '.join(unknown_ops)}; choose from {', '.join(augment.OPS)}")
+    known_ops = augment.OPS + augment.PREPROCESS_OPS
+    unknown_ops = sorted(set(config.augment) - set(known_ops))
+    need(not unknown_ops, f"--augment: unknown op {', '.join(unknown_ops)}; choose from {', '.join(known_ops)}")
+    need(config.image_size >= 0, "--image_size must be >= 0")
+    need(0 < config.eval_crop_fraction <= 1, "--eval_crop_fraction must be in (0, 1]")
+    for name, low, high in (("crop_scale", 0, 1), ("crop_ratio", 0, float("inf"))):
+        try:
+            values = [float(v) for v in getattr(config, name)]
+        except ValueError:
+            values = []
+        need(len(values) == 2 and low < values[0] <= values[1] <= high,
+             f"--{name} must be two increasing numbers in ({low}, {high}], got {','.join(getattr(config, name))}")
+        setattr(config, name, values)
     return config
 
 

@@ -43,10 +43,9 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
     restored = runs.load_model(model_dir, checkpoint, **overrides)
     config, model, info = restored.config, restored.model, restored.dataset
     split = split or config.eval_split
-    # data.load also reads a training split: the run's eval split stands in for it, so that evaluation neither
-    # reads the training data (60,000 images for MNIST) nor depends on it being there.
+    # No training split: evaluation neither reads the training data nor depends on it being there.
     try:
-        dataset = data.load(runs.read_config(model_dir, **overrides, train_split=config.eval_split, eval_split=split))
+        dataset = data.load(runs.read_config(model_dir, **overrides, train_split="", eval_split=split))
     except UserError as e:  # It names the training flag that --split stands in for.
         raise UserError(str(e).replace(f"--eval_split={split} ", f"--split={split} ")) from None
     if tuple(dataset.image_shape) != info.image_shape or list(dataset.class_names) != info.class_names:
@@ -55,23 +54,24 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
 
     strategy = tf.distribute.get_strategy()
     evaluation = train.make_evaluate(strategy, model, dataset.num_classes)
-    loss, confusion = (t.numpy() for t in evaluation(
+    loss, confusion, top_k = (t.numpy() for t in evaluation(
         strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))))
+    metrics = train.summarize_eval(loss, confusion, top_k)
     confusion = confusion.astype(np.int64)
-    examples = int(confusion.sum())
     correct = np.diag(confusion)
     per_class = confusion.sum(axis=1)
     report = {
         "model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, "split": split,
-        "examples": examples, "accuracy": float(correct.sum() / examples), "loss": float(loss / examples),
+        **metrics,
         "per_class": [{"class": i, "name": name, "examples": int(n), "correct": int(c),
                        "accuracy": float(c / n) if n else None}
                       for i, (name, n, c) in enumerate(zip(info.class_names, per_class, correct))],
         "confusion_matrix": confusion.tolist(),
     }
 
-    images, labels = dataset.eval_images[:PREDICTIONS_SHOWN], dataset.eval_labels[:PREDICTIONS_SHOWN]
-    probabilities = tf.nn.softmax(model(data.to_float(images), training=False)).numpy()
+    inputs, labels = data.first_eval_examples(dataset, config, PREDICTIONS_SHOWN)
+    probabilities = tf.nn.softmax(model(inputs, training=False)).numpy()
+    images = np.asarray(dataset.preprocessing.for_display(inputs))
     files = [run_dir.save_figure(plots.confusion(confusion, info.class_names),
                                  run_dir.join(model_dir, run_dir.CONFUSION_FILE)),
              run_dir.save_figure(plots.predictions(images, labels, probabilities, info.class_names,
@@ -89,7 +89,8 @@ def format_report(report):
     """The report as the lines printed: totals, a per-class table and (for few classes) the confusion matrix."""
     lines = [f"{report['checkpoint']} (step {report['step']}) on split {report['split']}: "
              f"accuracy {report['accuracy']:.4f} ({sum(c['correct'] for c in report['per_class'])}/"
-             f"{report['examples']}), loss {report['loss']:.4f}",
+             f"{report['examples']}), loss {report['loss']:.4f}"
+             + (f", top-5 accuracy {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""),
              "", f"{'class':>5}  {'name':<16} {'accuracy':>8} {'examples':>8}"]
     for c in report["per_class"]:
         accuracy = "-" if c["accuracy"] is None else f"{c['accuracy']:.4f}"

@@ -1,11 +1,14 @@
 """Export a run's model for serving: `python -m research.export --model_dir=RUN --output=DIR [--checkpoint=...]`.
 
-DIR becomes a TensorFlow SavedModel whose `serving_default` signature takes uint8 images [N, H, W, C], as the
-dataset stores them, and returns {"probabilities": float32 [N, classes], "class_ids": int64 [N]}; the scaling to
-[0, 1] is inside, so clients send raw pixels. TF Serving loads it from a numbered version directory (e.g.
---output=exports/mnist/1). The class names travel with it as the string variable `class_names`.
+DIR becomes a TensorFlow SavedModel whose `serving_default` signature takes uint8 images [N, H, W, C] of any size
+(one size per request) and returns {"probabilities": float32 [N, classes], "class_ids": int64 [N]}; the run's
+evaluation preprocessing (resize or resize and centre crop, scaling, normalization: research/data/preprocess.py,
+recorded in dataset.json) is inside, so clients send raw pixels and a photo is classified as evaluation saw it.
+The `serving_encoded` signature takes the JPEG/PNG file bytes instead (`encoded`: string [N]). TF Serving loads it
+from a numbered version directory (e.g. --output=exports/mnist/1). The class names travel with it as the string
+variable `class_names`.
 
-DIR/model.keras is the same model as a Keras file (float [0, 1] images in, logits out), for
+DIR/model.keras is the same model as a Keras file (preprocessed model inputs in, logits out), for
 `keras.saving.load_model(path, safe_mode=True)` once `research.models` is imported (which registers the model
 classes with Keras).
 
@@ -34,25 +37,40 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, run_dir, runs  # noqa: E402
+from research import UserError, run_dir, runs  # noqa: E402
+from research.data import preprocess  # noqa: E402
 
 KERAS_FILE = "model.keras"
 TOLERANCE = 1e-5  # Largest difference in any probability between the checkpoint and its reloaded export.
 
 
 class Serving(tf.Module):
-    """What the SavedModel holds: the model, its class names, and the uint8-in serving function."""
+    """What the SavedModel holds: the model, its class names, and the serving functions (uint8 pixels or file
+    bytes in)."""
 
-    def __init__(self, model, image_shape, class_names):
+    def __init__(self, model, preprocessing, class_names):
         super().__init__()
         self.model = model
+        self.preprocessing = preprocessing
         self.class_names = tf.Variable(class_names, trainable=False, name="class_names")
+        channels = preprocessing.channels
         self.serve = tf.function(
-            self._serve, input_signature=[tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
+            self._serve, input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
+        self.serve_encoded = tf.function(
+            self._serve_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")])
+
+    def _classify(self, inputs):
+        probabilities = tf.nn.softmax(self.model(inputs, training=False))
+        return {"probabilities": probabilities, "class_ids": tf.argmax(probabilities, axis=-1)}
 
     def _serve(self, images):
-        probabilities = tf.nn.softmax(self.model(data.to_float(images), training=False))
-        return {"probabilities": probabilities, "class_ids": tf.argmax(probabilities, axis=-1)}
+        return self._classify(self.preprocessing.eval_images(images))
+
+    def _serve_encoded(self, encoded):
+        prep = self.preprocessing
+        inputs = tf.map_fn(lambda e: prep.eval_images(preprocess.decode(e, prep.channels)), encoded,
+                           fn_output_signature=tf.TensorSpec([*prep.image_size, prep.channels], tf.float32))
+        return self._classify(inputs)
 
 
 def export(model_dir, output, checkpoint="latest"):
@@ -75,8 +93,9 @@ def export(model_dir, output, checkpoint="latest"):
         except OSError as e:
             raise UserError(f"cannot write {os.path.dirname(output)}: {e.strerror}") from None
     try:
-        module = Serving(restored.model, restored.dataset.image_shape, restored.dataset.class_names)
-        tf.saved_model.save(module, staging, signatures={"serving_default": module.serve})
+        module = Serving(restored.model, restored.dataset.preprocessing, restored.dataset.class_names)
+        tf.saved_model.save(module, staging, signatures={"serving_default": module.serve,
+                                                         "serving_encoded": module.serve_encoded})
         _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
         _verify(staging, restored)
         if run_dir.is_url(output):
@@ -100,16 +119,24 @@ def _save_keras(model, path, name):
 
 
 def _verify(directory, restored):
-    """Both reloaded forms must give the restored model's probabilities on the same (random) images."""
-    images = np.random.default_rng(0).integers(0, 256, [8, *restored.dataset.image_shape], dtype=np.uint8)
-    expected = tf.nn.softmax(restored.model(data.to_float(images), training=False)).numpy()
-    serving = tf.saved_model.load(directory).signatures["serving_default"]
+    """Every reloaded form must give the restored model's probabilities on the same (random) images: pixels at
+    the model's input size and at another, and the same pixels as PNG files."""
+    prep = restored.dataset.preprocessing
+    rng = np.random.default_rng(0)
+    sizes = [restored.dataset.image_shape[:2], (prep.image_size[0] + 7, prep.image_size[1] * 2)]
+    images = [rng.integers(0, 256, [4, *size, prep.channels], dtype=np.uint8) for size in sizes]
+    expected = [tf.nn.softmax(restored.model(prep.eval_images(x), training=False)).numpy() for x in images]
+    loaded = tf.saved_model.load(directory)
     with runs.float32_policy():  # As the model was rebuilt: Keras builds the reloaded layers under the global policy.
         reloaded = keras.saving.load_model(os.path.join(directory, KERAS_FILE), safe_mode=True)
-    outputs = {"SavedModel": serving(images=tf.constant(images))["probabilities"].numpy(),
-               "Keras file": tf.nn.softmax(reloaded(data.to_float(images), training=False)).numpy()}
+    encoded = tf.stack([tf.io.encode_png(x) for x in images[1]])
+    outputs = {"SavedModel": [loaded.signatures["serving_default"](images=tf.constant(x))["probabilities"].numpy()
+                              for x in images],
+               "SavedModel, encoded images": [expected[0], loaded.signatures["serving_encoded"](
+                   encoded=encoded)["probabilities"].numpy()],
+               "Keras file": [tf.nn.softmax(reloaded(prep.eval_images(x), training=False)).numpy() for x in images]}
     for form, probabilities in outputs.items():
-        difference = float(np.abs(probabilities - expected).max())
+        difference = max(float(np.abs(p - e).max()) for p, e in zip(probabilities, expected))
         if difference > TOLERANCE:
             raise UserError(f"the exported {form} does not reproduce the checkpoint's predictions "
                             f"(probabilities differ by up to {difference:.3g}); nothing was written")

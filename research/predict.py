@@ -1,8 +1,9 @@
 """Classify image files with a run's model: `python -m research.predict --model_dir=RUN [--top_k=3] IMAGE...`.
 
 Prints one line per image, `PATH: NAME PROBABILITY, ...` with the top-k classes. Any image file Pillow reads
-(PNG, JPEG, BMP, GIF, ...), grayscale or colour, of any size, is converted to the model's channels, resized to
-its input size and scaled to [0, 1] as training scales. The images are taken as they are: a model trained on
+(PNG, JPEG, BMP, GIF, ...), grayscale or colour, of any size, is converted to the model's channels and then
+preprocessed exactly as the run's evaluation preprocesses (research/data/preprocess.py, recorded in the run's
+dataset.json: resized, or resized and centre-cropped, scaled and normalized). The images are taken as they are: a model trained on
 MNIST expects a light digit on a dark background.
 
 An image that cannot be read gets one `error: ...` line on stderr and the others are still classified; the exit
@@ -30,15 +31,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from research import UserError, data, runs  # noqa: E402
+from research import UserError, runs  # noqa: E402
 
 MODES = {1: "L", 3: "RGB"}  # Model input channels -> the Pillow mode to convert to.
 BATCH = 256
 
 
-def read_image(path, image_shape):
-    """The file as uint8 [H, W, C] for a model taking `image_shape` images; a UserError names what is wrong."""
-    height, width, channels = image_shape
+def read_image(path, channels):
+    """The file as uint8 [H, W, channels] at its own size; a UserError names what is wrong."""
     if channels not in MODES:
         raise UserError(f"the model takes {channels}-channel images; only 1 (grayscale) or 3 (RGB) can be read")
     if not os.path.exists(path):
@@ -56,20 +56,20 @@ def read_image(path, image_shape):
         with image:
             if image.mode.startswith("I;16"):  # 16-bit grayscale, which convert() would clip rather than scale.
                 image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-            image = image.convert(MODES[channels]).resize((width, height), Image.Resampling.BILINEAR)
+            image = image.convert(MODES[channels])
     except UnidentifiedImageError:
         raise UserError(f"{path}: not an image file Pillow can read") from None
     except Image.DecompressionBombError:
         raise UserError(f"{path}: too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except (OSError, ValueError) as e:  # Truncated or corrupt image data.
         raise UserError(f"{path}: unreadable image ({e})") from None
-    return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+    return np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, channels)
 
 
-def top_k(model, images, k):
-    """[(class ids, probabilities)] of the k most probable classes of each uint8 image, most probable first."""
-    probabilities = np.concatenate([tf.nn.softmax(model(data.to_float(images[i:i + BATCH]), training=False))
-                                    for i in range(0, len(images), BATCH)])
+def top_k(model, inputs, k):
+    """[(class ids, probabilities)] of the k most probable classes of each model input, most probable first."""
+    probabilities = np.concatenate([tf.nn.softmax(model(inputs[i:i + BATCH], training=False))
+                                    for i in range(0, len(inputs), BATCH)])
     best = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
     return [(ids, probs[ids]) for ids, probs in zip(best, probabilities)]
 
@@ -82,9 +82,10 @@ def predict(restored, paths, k=3):
     if k < 1:
         raise UserError(f"--top_k must be at least 1, got {k}")
     images, readable, errors = [], [], []
+    prep = restored.dataset.preprocessing
     for path in paths:
         try:
-            images.append(read_image(path, restored.dataset.image_shape))
+            images.append(prep.eval_images(read_image(path, prep.channels)).numpy())
             readable.append(path)
         except UserError as e:
             errors.append(str(e))

@@ -48,6 +48,7 @@ class Reporter:
         self.started = time.time()
         self.start_step = start_step
         self.inputs_written = False
+        self.eval_sample = None
         self.histograms_at = start_step
         if is_chief:
             self.writers = {name: tf.summary.create_file_writer(run_dir.join(model_dir, name))
@@ -90,10 +91,11 @@ class Reporter:
     def eval(self, step, metrics, confusion):
         """After each evaluation: console line, eval scalars, one metrics.jsonl line. `confusion` is the
         [true, predicted] count matrix over the whole eval split."""
-        self.scalars("eval", step, {k: v for k, v in metrics.items() if k in ("loss", "accuracy")})
+        self.scalars("eval", step, {k: v for k, v in metrics.items() if k in ("loss", "accuracy", "top5_accuracy")})
         if self.tty and step % self.steps_per_epoch:
             print()  # Leave the unfinished progress bar's line.
-        print(f"eval step {step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+        top5 = f" top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
+        print(f"eval step {step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f}{top5} "
               f"({metrics['examples']} examples)", flush=True)
         if self.is_chief:
             run_dir.append_metrics(self.model_dir, {"step": step, **metrics})
@@ -130,7 +132,8 @@ class Reporter:
     def _write_inputs(self, step):
         """The first batch of the training stream, rebuilt by the same pipeline, labelled with class names."""
         batch = data.train_input_fn(self.dataset, self.config, 0)(tf.distribute.InputContext())
-        images, labels = (t[:INPUTS_SHOWN].numpy() for t in next(iter(batch)))
+        inputs, labels = (t[:INPUTS_SHOWN] for t in next(iter(batch)))
+        images, labels = np.asarray(self.dataset.preprocessing.for_display(inputs)), labels.numpy()
         captions = [str(self.dataset.class_names[label]) for label in labels]
         title = f"training inputs (--augment={','.join(self.config.augment) or 'none'})"
         self.image("train", "inputs", step, plots.image_grid(images, captions, title=title))
@@ -150,12 +153,14 @@ class Reporter:
 
     def _misclassified(self):
         """The Keras tutorial's prediction grid for the mistakes among the first eval examples."""
-        images = self.dataset.eval_images[:MISTAKES_SCANNED]
-        labels = self.dataset.eval_labels[:MISTAKES_SCANNED]
+        if self.eval_sample is None:  # Read once through the eval pipeline: the inputs as evaluation sees them.
+            self.eval_sample = data.first_eval_examples(self.dataset, self.config, MISTAKES_SCANNED)
+        inputs, labels = self.eval_sample
         batch = 250  # Eager calls: few and large.
-        probabilities = np.concatenate([tf.nn.softmax(self.model(data.to_float(images[i:i + batch]), training=False))
-                                        for i in range(0, len(images), batch)])
+        probabilities = np.concatenate([tf.nn.softmax(self.model(inputs[i:i + batch], training=False))
+                                        for i in range(0, len(inputs), batch)])
         wrong = np.flatnonzero(np.argmax(probabilities, -1) != labels)
         shown = wrong[:MISTAKES_SHOWN]
-        return plots.predictions(images[shown], labels[shown], probabilities[shown], self.dataset.class_names,
-                                 title=f"{len(wrong)} of the first {len(images)} eval examples misclassified")
+        images = np.asarray(self.dataset.preprocessing.for_display(inputs[shown]))
+        return plots.predictions(images, labels[shown], probabilities[shown], self.dataset.class_names,
+                                 title=f"{len(wrong)} of the first {len(inputs)} eval examples misclassified")

@@ -10,6 +10,7 @@ line rewrites the file (metrics.jsonl: one line per evaluation, a few kB).
 
 Layout (research/train.py writes it, the tools read it):
   flags.txt      the resolved flags, itself a valid --flagfile      dataset.json   image shape, classes, preprocessing
+  data_files.json  the file lists of a --dataset=folder:PATH run
   metrics.jsonl  one JSON line per evaluation                       results.json   the final evaluation and totals
   ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
   train/, eval/  TensorBoard events           LOCK   the one writer    curves.png, report.json, ...   figures, reports
@@ -32,6 +33,7 @@ gfile = tf.io.gfile
 
 FLAGS_FILE = "flags.txt"
 DATASET_FILE = "dataset.json"
+DATA_FILES_FILE = "data_files.json"  # A folder dataset's file lists, so that a resume reads the same files.
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 BEST_DIR = "best"

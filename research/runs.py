@@ -15,16 +15,19 @@ import re
 import tensorflow as tf
 
 from research import UserError, checkpoint as checkpoint_lib, config as config_lib, models, run_dir
+from research.data import preprocess
 
 Restored = collections.namedtuple("Restored", "model config dataset checkpoint step")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What a model builder needs to know of the dataset (research.data.Dataset without the examples)."""
+    """What a model builder, predict and export need to know of the dataset (research.data.Dataset without its
+    sources): the model's input shape, the class names, and how a stored image becomes a model input."""
     name: str
     image_shape: tuple
     class_names: list
+    preprocessing: preprocess.Preprocessing = None
 
     @property
     def num_classes(self):
@@ -46,12 +49,16 @@ def read_config(model_dir, **overrides):
 
 
 def read_dataset_info(model_dir):
-    """The dataset metadata train.py records in `model_dir/dataset.json` (name, image_shape, class_names)."""
+    """The dataset metadata train.py records in `model_dir/dataset.json` (name, image_shape, class_names,
+    preprocessing; runs written before preprocessing was recorded resized whole images, unnormalized)."""
     info = run_dir.read_dataset_info(model_dir)
     try:
-        return DatasetInfo(info["name"], tuple(info["image_shape"]), list(info["class_names"]))
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{run_dir.join(model_dir, run_dir.DATASET_FILE)} is unreadable: lacks {e}") from None
+        shape = tuple(info["image_shape"])
+        prep = preprocess.Preprocessing.from_json(info["preprocessing"]) if "preprocessing" in info else \
+            preprocess.Preprocessing(shape[:2], shape[2])
+        return DatasetInfo(info["name"], shape, list(info["class_names"]), prep)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{run_dir.join(model_dir, run_dir.DATASET_FILE)} is unreadable: {e}") from None
 
 
 def checkpoint_paths(model_dir, checkpoint="latest"):

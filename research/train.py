@@ -135,25 +135,41 @@ class WeightAverage:
                 v.assign(value)
 
 
+TOP_K = 5  # Top-5 accuracy is reported for datasets of more classes than this.
+
+
 def make_evaluate(strategy, model, num_classes):
-    """`evaluate(distributed_dataset)` -> (summed cross-entropy, confusion matrix) over every example once."""
+    """`evaluate(distributed_dataset)` -> (summed cross-entropy, confusion matrix, examples whose label is among
+    the TOP_K highest logits) over every example once."""
 
     def replica_eval(images, labels):
-        logits = model(images, training=False)
+        logits = tf.cast(model(images, training=False), tf.float32)
         loss = tf.reduce_sum(optim.per_example_loss(labels, logits))
         confusion = tf.math.confusion_matrix(labels, tf.argmax(logits, -1), num_classes, dtype=tf.float32)
-        return loss, confusion
+        in_top_k = tf.math.in_top_k(labels, logits, k=min(TOP_K, num_classes))
+        return loss, confusion, tf.reduce_sum(tf.cast(in_top_k, tf.float32))
 
     @tf.function
     def evaluate(dist_dataset):
-        loss, confusion = tf.constant(0.0), tf.zeros([num_classes, num_classes])
+        loss, confusion, top_k = tf.constant(0.0), tf.zeros([num_classes, num_classes]), tf.constant(0.0)
         for images, labels in dist_dataset:
-            replica_loss, replica_confusion = strategy.run(replica_eval, args=(images, labels))
+            replica_loss, replica_confusion, replica_top_k = strategy.run(replica_eval, args=(images, labels))
             loss += strategy.reduce(SUM, replica_loss, axis=None)
             confusion += strategy.reduce(SUM, replica_confusion, axis=None)
-        return loss, confusion
+            top_k += strategy.reduce(SUM, replica_top_k, axis=None)
+        return loss, confusion, top_k
 
     return evaluate
+
+
+def summarize_eval(loss, confusion, top_k):
+    """The numbers of one evaluation: mean loss, accuracy, examples, and top-5 accuracy if there are > 5 classes."""
+    examples = int(confusion.sum())
+    metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
+               "examples": examples}
+    if len(confusion) > TOP_K:
+        metrics["top5_accuracy"] = float(top_k / examples)
+    return metrics
 
 
 def run_length(config, dataset, strategy):
@@ -210,6 +226,8 @@ def train_and_evaluate(config):
 
         # -------------------------------------------------------------- Data, model, optimizer, checkpoint
         dataset = data.load(config)
+        print(f"Data: {dataset.name}, {dataset.num_train} training and {len(dataset.eval)} eval examples, "
+              f"{dataset.reading}; model input {dataset.image_shape}")
         steps_per_epoch, total_steps = run_length(config, dataset, strategy)
         eval_every = config.eval_every or steps_per_epoch
         model, optimizer, step, ema = build(config, dataset, strategy, total_steps)
@@ -233,8 +251,7 @@ def train_and_evaluate(config):
             return finished
         if chief:
             run_dir.write_flags(config.model_dir, config)
-            run_dir.write_dataset_info(config.model_dir, {"name": dataset.name, "image_shape": list(dataset.image_shape),
-                                                          "class_names": dataset.class_names})
+            run_dir.write_dataset_info(config.model_dir, dataset.metadata())
             model.summary(expand_nested=True)
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
@@ -249,10 +266,16 @@ def train_and_evaluate(config):
 
         def run_eval(current):
             with ema.swapped_in() if ema else contextlib.nullcontext():  # The reporter's pictures see them too.
-                loss, confusion = (t.numpy() for t in evaluate(eval_data))
-                examples = int(confusion.sum())
-                metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
-                           "examples": examples}
+                try:
+                    loss, confusion, top_k = (t.numpy() for t in evaluate(eval_data))
+                except data.READ_ERRORS:
+                    bad = data.unreadable_eval_example(dataset)
+                    if bad is None:
+                        raise
+                    saved_at = checkpoints.save(current)  # The training done so far is not lost with the eval.
+                    raise UserError(f"cannot read eval example {bad} (evaluating step {current}); training saved "
+                                    f"as {saved_at}; {dataset.eval.advice}") from None
+                metrics = summarize_eval(loss, confusion, top_k)
                 reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - started, 1),
                                         **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
             return metrics, confusion
@@ -264,7 +287,15 @@ def train_and_evaluate(config):
                 every - current % every for every in (steps_per_epoch, eval_every, config.checkpoint_every)])
             loop_start = time.time()
             with _profiling(config, current, num_steps, total_steps, loops_run):
-                totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
+                try:
+                    totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
+                except data.READ_ERRORS:
+                    bad = data.unreadable_example(dataset, config, current, num_steps)
+                    if bad is None:
+                        raise
+                    raise UserError(f"cannot read training example {bad} (a step in {current + 1}-"
+                                    f"{current + num_steps}); last checkpoint {checkpoints.latest() or 'none'} "
+                                    f"left intact; {dataset.train.advice}") from None
             loops_run += 1
             (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step.numpy())
             if not finite:

@@ -4,13 +4,14 @@ import os
 
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 # Two logical CPUs, so MirroredStrategy tests can run two replicas on a CPU-only machine. Must precede any TF op.
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 from research import config as config_lib, data  # noqa: E402
+from research.data import tfds_source  # noqa: E402
+from mock_train import mocked  # noqa: E402
 
 MNIST_FILES = os.environ.get(
     "MNIST_FILES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist"))
@@ -18,10 +19,10 @@ MNIST_FILES = os.environ.get(
 
 @pytest.fixture
 def mock_tfds(monkeypatch):
-    """`tfds.testing.mock_data` with 64 random examples per split; downloads are no-ops under the mock, so the
-    offline check that guards real downloads is switched off too."""
-    monkeypatch.setattr(data, "ensure_downloadable", lambda builder, manual_dir: None)
-    with tfds.testing.mock_data(num_examples=64):
+    """`tfds.testing.mock_data` with 64 random examples per split (also read by index: mock_train.mock_records);
+    downloads are no-ops under the mock, so the offline check that guards real downloads is switched off too."""
+    monkeypatch.setattr(tfds_source, "ensure_downloadable", lambda builder, manual_dir: None)
+    with mocked():
         yield
 
 
@@ -30,6 +31,10 @@ def make_config(model_dir, **overrides):
     defaults = dict(model_dir=str(model_dir), dataset="mnist", model="mlp", hidden_units="16", batch_size=8,
                     train_steps=12, steps_per_loop=4, eval_every=8, checkpoint_every=4, optimizer="adam")
     return config_lib.make_config(**{**defaults, **overrides})
+
+
+FASHION_MNIST_FILES = os.environ.get(
+    "FASHION_MNIST_FILES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "fashion_mnist"))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import UserError, augment, checkpoint, cli, config as config_lib, export, models, runs, train
+from research import UserError, checkpoint, cli, config as config_lib, export, models, runs, train
 from research.models import __main__ as summary, vit
 from test_configs import REPO, _flagfile_values
 
@@ -104,15 +104,12 @@ NEW_RECIPES = ["imagenet_resnet50", "imagenet_vit_s16", "smoke_resnet18", "smoke
 
 @pytest.mark.parametrize("name", NEW_RECIPES)
 def test_new_recipes_train_on_small_mock_images(mock_tfds, tmp_path, monkeypatch, name):
-    """Each recipe as written, on 32 px mock CIFAR-10 in place of ImageNet or a folder: the data flags (and data
-    augmentations) of the research-scale data rewrite are left out where this branch does not define them."""
+    """Each recipe as written (its crop, normalization, RandAugment, mixup), on 32 px mock CIFAR-10 in place of
+    ImageNet or a folder."""
     monkeypatch.chdir(REPO)
     values = _flagfile_values(os.path.join(REPO, "configs", f"{name}.cfg"))
-    run_flags = {flag.name for flag in config_lib.run_flags()}
-    values = {flag: value for flag, value in values.items() if flag in run_flags}
-    values["augment"] = ",".join(op for op in values.get("augment", "").split(",") if op in augment.OPS)
     values.update(model_dir=str(tmp_path), dataset="cifar10", train_split="train", eval_split="test",
-                  train_steps=2, steps_per_loop=1, eval_every=2, batch_size=8, warmup_steps=1)
+                  image_size=32, train_steps=2, steps_per_loop=1, eval_every=2, batch_size=8, warmup_steps=1)
     results = train.train_and_evaluate(config_lib.make_config(**values))
     assert results["step"] == 2 and np.isfinite(results["train"]["loss"])
 

@@ -25,6 +25,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from conftest import make_config
 from research import UserError, checkpoint as checkpoint_lib, data, evaluate, export, models, optim, plots, predict, \
     run_dir, runs, train
+from research.data import tfds_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,7 @@ def run(tmp_path_factory):
     config = make_config(tmp_path_factory.mktemp("observe") / "run", model="cnn", augment="translate",
                          histogram_every=4, ema_decay=0.9)
     with pytest.MonkeyPatch.context() as patch, tfds.testing.mock_data(num_examples=64):
-        patch.setattr(data, "ensure_downloadable", lambda builder, manual_dir: None)
+        patch.setattr(tfds_source, "ensure_downloadable", lambda builder, manual_dir: None)
         results = train.train_and_evaluate(config)
         dataset = data.load(config)
     return types.SimpleNamespace(dir=config.model_dir, config=config, results=results, dataset=dataset)
@@ -187,7 +188,7 @@ def test_real_mnist_evaluation_matches_the_runs_results(mnist_data_dir, tmp_path
 def _write_images(run, folder):
     """The first eval image as the dataset has it, the same as a larger RGB JPEG, as RGBA and as 16-bit
     grayscale, plus bad files."""
-    digit = run.dataset.eval_images[0][..., 0]
+    digit = run.dataset.eval.images[0][..., 0]
     paths = {name: str(folder / name) for name in ("digit.png", "large.jpg", "alpha.png", "deep.png", "truncated.png",
                                                     "notes.txt", "empty.png", "missing.png")}
     Image.fromarray(digit).save(paths["digit.png"])
@@ -209,7 +210,7 @@ def test_predict_reads_any_image_and_names_each_bad_file(run, tmp_path):
     assert errors == [f"{paths['truncated.png']}: unreadable image (image file is truncated)",
                       f"{paths['notes.txt']}: not an image file Pillow can read",
                       f"{paths['empty.png']}: empty file", f"{paths['missing.png']}: no such file"]
-    expected = tf.nn.softmax(restored.model(data.to_float(run.dataset.eval_images[:1]))).numpy()[0]
+    expected = tf.nn.softmax(restored.model(data.to_float(run.dataset.eval.images[:1]))).numpy()[0]
     top = np.argsort(-expected)[:3]
     classes = dict(results)[paths["digit.png"]]
     assert [name for name, _ in classes] == [run.dataset.class_names[i] for i in top]
@@ -232,7 +233,7 @@ def test_export_reloads_to_the_checkpoints_predictions(run, tmp_path):
     output = str(tmp_path / "serving" / "1")
     assert export.export(run.dir, output).endswith("ckpt-12")
     assert sorted(os.listdir(tmp_path / "serving")) == ["1"]  # No staging directory left behind.
-    images = run.dataset.eval_images[:16]
+    images = run.dataset.eval.images[:16]
     expected = tf.nn.softmax(runs.load_model(run.dir).model(data.to_float(images))).numpy()
 
     loaded = tf.saved_model.load(output)

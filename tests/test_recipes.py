@@ -22,9 +22,9 @@ def _digit():
 
 def _dataset(n=64):
     rng = np.random.RandomState(0)
-    return data.Dataset("mnist", SHAPE, [str(i) for i in range(10)],
-                        rng.randint(0, 256, (n, *SHAPE)).astype(np.uint8), rng.randint(0, 10, n).astype(np.int64),
-                        rng.randint(0, 256, (16, *SHAPE)).astype(np.uint8), rng.randint(0, 10, 16).astype(np.int64))
+    return data.in_memory("mnist", [str(i) for i in range(10)],
+                          (rng.randint(0, 256, (n, *SHAPE)).astype(np.uint8), rng.randint(0, 10, n).astype(np.int64)),
+                          (rng.randint(0, 256, (16, *SHAPE)).astype(np.uint8), rng.randint(0, 10, 16).astype(np.int64)))
 
 
 @pytest.mark.parametrize("op", augment.OPS)
@@ -63,7 +63,7 @@ def test_the_batch_stream_is_a_function_of_seed_and_step(augmentation):
             np.testing.assert_array_equal(x, rx)
             np.testing.assert_array_equal(y, ry)
     epoch_labels = [np.sort(np.concatenate([y for _, y in unbroken[e * 8:(e + 1) * 8]])) for e in (0, 1)]
-    np.testing.assert_array_equal(epoch_labels[0], np.sort(dataset.train_labels))  # Each example once an epoch...
+    np.testing.assert_array_equal(epoch_labels[0], np.sort(dataset.train.labels))  # Each example once an epoch...
     assert not np.array_equal(unbroken[0][1], unbroken[8][1])  # ...in a new order each epoch.
     other_seed = _batches(dataset, make_config("x", batch_size=8, augment=augmentation, seed=1), 0, 1)
     assert not np.array_equal(other_seed[0][0], unbroken[0][0])

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,11 +28,21 @@ def _train_process(model_dir, *flags):
 
 
 def _wait_for_checkpoint(model_dir, step, proc, timeout=180):
+    """Until the run's latest checkpoint is `step` or later (by the `checkpoint` index: a fast run may already
+    have deleted ckpt-`step` itself, keeping only the last few)."""
     deadline = time.time() + timeout
-    while not os.path.exists(os.path.join(model_dir, f"ckpt-{step}.index")):
+    while _latest_step(model_dir) < step:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, f"no checkpoint {step} in {timeout}s"
-        time.sleep(0.05)
+        time.sleep(0.01)
+
+
+def _latest_step(model_dir):
+    try:
+        index = open(os.path.join(model_dir, "checkpoint")).read()
+        return int(re.search(r'model_checkpoint_path: ".*ckpt-(\d+)"', index).group(1))
+    except (OSError, AttributeError):
+        return -1
 
 
 def _weights(model_dir):
