@@ -59,23 +59,29 @@ def _assert_same_weights(a, b):
         np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
 
 
-@pytest.mark.parametrize("extra", [[], ["--dropout=0.3", "--augment=translate,rotate,cutout"]],
-                         ids=["plain", "dropout+augment"])
-def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, extra):
+def kill_resume_and_compare(tmp_path, *flags):
+    """Trains a run straight through and the same run killed with SIGKILL after a random checkpoint and rerun;
+    asserts both end with the same weights (bit for bit) and results. Returns the rerun's stdout."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    reference = _train_process(straight, *extra)
-    victim = _train_process(killed, *extra)
+    reference, victim = _train_process(straight, *flags), _train_process(killed, *flags)
     kill_after = random.Random().randrange(2, 38, 2)  # Any checkpointed step; the kill lands wherever it lands.
     _wait_for_checkpoint(killed, kill_after, victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
-    out, err = _train_process(killed, *extra).communicate(timeout=300)
+    out, err = _train_process(killed, *flags).communicate(timeout=300)
     assert "Resuming from" in out, err
     _assert_same_weights(straight, killed)
     results = [json.load(open(d / "results.json")) for d in (straight, killed)]
     assert results[0]["eval"] == results[1]["eval"], f"killed after checkpoint {kill_after}"
+    return out
+
+
+@pytest.mark.parametrize("extra", [[], ["--dropout=0.3", "--augment=translate,rotate,cutout"]],
+                         ids=["plain", "dropout+augment"])
+def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, extra):
+    kill_resume_and_compare(tmp_path, *extra)
 
 
 def test_interrupted_mirrored_run_equals_uninterrupted(mock_tfds, tmp_path):
