@@ -139,8 +139,7 @@ def _check(read, source, index, channels):
         image = source.fetch(read(tf.constant([index], tf.int64))[0][0])
         if source.encoded:
             preprocess.decode(image, channels).numpy()
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.NotFoundError,
-            tf.errors.UnknownError) as e:
+    except READ_ERRORS as e:
         message = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:.*$", "", (e.message or str(e)).strip().splitlines()[0])
         return message[:200] or type(e).__name__
     return None
