@@ -12,7 +12,10 @@ import math
 
 import tensorflow as tf
 
-from research import UserError, randaugment
+from absl import flags
+
+from research import UserError, config as config_lib, randaugment
+from research.config import CHECKPOINT, declare
 
 TRANSLATE = 0.1  # Shift up to 10% of height / width each way.
 ROTATE_DEGREES = 10.0
@@ -25,6 +28,30 @@ OPS = ("translate", "rotate", "zoom", "flip", "crop", "cutout", "randaugment")
 
 RandAugment = collections.namedtuple("RandAugment", "num_ops magnitude")  # How parse() passes on its settings.
 PREPROCESS_OPS = ("random_resized_crop",)  # Also accepted by --augment; applied while decoding (research/data/preprocess.py).
+
+declare(CHECKPOINT, flags.DEFINE_list(
+    "augment", [],
+    "Comma-separated training augmentations applied per example in tf.data, e.g. 'translate,rotate'. "
+    "See research/augment.py for the list; random_resized_crop (research/data/preprocess.py) is the "
+    "Inception crop made while decoding (--crop_scale, --crop_ratio), and makes evaluation resize the shorter "
+    "side and centre-crop (--eval_crop_fraction)."))
+declare(CHECKPOINT, flags.DEFINE_integer(
+    "randaugment_num_ops", 2, "--augment=randaugment: operations applied to each image."),
+        only_if=lambda c: "randaugment" in c.augment, when="with --augment=randaugment")
+declare(CHECKPOINT, flags.DEFINE_float(
+    "randaugment_magnitude", 10.0,
+    "--augment=randaugment: strength of every operation, on RandAugment's scale of 0 to 10 (10 is "
+    "the strongest: 30 degree rotations, shear 0.3, translations of 45% of the image)."),
+        only_if=lambda c: "randaugment" in c.augment, when="with --augment=randaugment")
+
+
+@config_lib.checks
+def _check_flags(config):
+    known = OPS + PREPROCESS_OPS
+    unknown = sorted(set(config.augment) - set(known))
+    config_lib.need(not unknown, f"--augment: unknown op {', '.join(unknown)}; choose from {', '.join(known)}")
+    config_lib.need(config.randaugment_num_ops > 0, "--randaugment_num_ops must be positive")
+    config_lib.need(0 <= config.randaugment_magnitude <= 10, "--randaugment_magnitude must be in [0, 10]")
 
 
 def parse(names, image_shape, randaugment_num_ops=2, randaugment_magnitude=10.0):

@@ -40,29 +40,36 @@ if __name__ == "__main__":
 import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, distribute, models, optim, train  # noqa: E402
+from research import UserError, data, distribute, models, optim, train_lib  # noqa: E402
+from research.config import TOOL, declare  # noqa: E402
 from research.data import input_benchmark  # noqa: E402
 
-flags.DEFINE_integer("benchmark_steps", 600, "Timed training steps per method and round.")
-flags.DEFINE_integer("benchmark_warmup_steps", 100,
-                     "Untimed steps before each method's timed ones (tracing, tf.data autotuning). Not --warmup_steps: "
-                     "that one is the learning-rate warm-up.")
-flags.DEFINE_integer("benchmark_rounds", 3, "Rounds in which the methods take turns; each method reports its best.")
-flags.DEFINE_integer("fit_steps_per_execution", None,
-                     "Keras fit's large steps_per_execution (default: --steps_per_loop).")
-flags.DEFINE_integer("input_steps", 5000, "Batches read when timing the input pipeline alone.")
-flags.DEFINE_boolean("json", False, "Print one JSON object instead of the table.")
-flags.DEFINE_boolean("synthetic_data", False,
-                     "Train on one random batch of --image_size (default 224) RGB images and --synthetic_classes classes, repeated: "
-                     "the speed of the model and loop alone.")
+declare(TOOL, flags.DEFINE_integer("benchmark_steps", 600, "Timed training steps per method and round."))
+declare(TOOL, flags.DEFINE_integer(
+    "benchmark_warmup_steps", 100,
+    "Untimed steps before each method's timed ones (tracing, tf.data autotuning). Not --warmup_steps: "
+    "that one is the learning-rate warm-up."))
+declare(TOOL, flags.DEFINE_integer(
+    "benchmark_rounds", 3, "Rounds in which the methods take turns; each method reports its best."))
+declare(TOOL, flags.DEFINE_integer(
+    "fit_steps_per_execution", None,
+    "Keras fit's large steps_per_execution (default: --steps_per_loop)."))
+declare(TOOL, flags.DEFINE_integer("input_steps", 5000, "Batches read when timing the input pipeline alone."))
+declare(TOOL, flags.DEFINE_boolean("json", False, "Print one JSON object instead of the table."))
+declare(TOOL, flags.DEFINE_boolean(
+    "synthetic_data", False,
+    "Train on one random batch of --image_size (default 224) RGB images and --synthetic_classes classes, repeated: "
+    "the speed of the model and loop alone."))
 SYNTHETIC_IMAGE_SIZE = 224  # --synthetic_data without --image_size: ImageNet's.
-flags.DEFINE_integer("synthetic_classes", 1000, "--synthetic_data: number of classes.")
-flags.DEFINE_boolean("compare_precisions", False,
-                     "Run the benchmark for float32, mixed_bfloat16 and mixed_float16, each without and with "
-                     "--jit_compile (ignoring those two flags), and print one table.")
-flags.DEFINE_boolean("input_only", False,
-                     "Measure only the training input pipeline (--input_steps batches, with 1 thread and every "
-                     "core), beside a bare decode-crop-resize loop over the same image files; no model.")
+declare(TOOL, flags.DEFINE_integer("synthetic_classes", 1000, "--synthetic_data: number of classes."))
+declare(TOOL, flags.DEFINE_boolean(
+    "compare_precisions", False,
+    "Run the benchmark for float32, mixed_bfloat16 and mixed_float16, each without and with "
+    "--jit_compile (ignoring those two flags), and print one table."))
+declare(TOOL, flags.DEFINE_boolean(
+    "input_only", False,
+    "Measure only the training input pipeline (--input_steps batches, with 1 thread and every "
+    "core), beside a bare decode-crop-resize loop over the same image files; no model."))
 
 FLAGS = flags.FLAGS
 
@@ -190,12 +197,12 @@ def build_train_loop(config, dataset):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = distribute.create_strategy(config)
-    _, total_steps = train.run_length(config, dataset, strategy)
-    model, optimizer, step, ema = train.build(config, dataset, strategy, total_steps)
+    _, total_steps = train_lib.run_length(config, dataset, strategy)
+    model, optimizer, step, ema = train_lib.build(config, dataset, strategy, total_steps)
     input_fn = getattr(dataset, "input_fn", None) or data.train_input_fn(dataset, config, 0)
     return types.SimpleNamespace(
         strategy=strategy, model=model, optimizer=optimizer, step=step, total_steps=total_steps, input_fn=input_fn,
-        train_loop=train.make_train_loop(strategy, model, optimizer, step, config, ema),
+        train_loop=train_lib.make_train_loop(strategy, model, optimizer, step, config, ema),
         iterator=iter(strategy.distribute_datasets_from_function(input_fn)))
 
 

@@ -1,7 +1,7 @@
 """Checkpoints of a run directory: save, restore with fallback, best-by-accuracy, and the guards around them.
 
 What a checkpoint holds is everything the rest of the run depends on: the step (from which the data position and
-epoch follow, see research/data.py), every variable of the model (weights, batch-norm statistics, the Keras
+epoch follow, see research/data/pipeline.py), every variable of the model (weights, batch-norm statistics, the Keras
 SeedGenerator states of dropout layers), optimizer slots and step count, and the weight average if any.
 TensorFlow writes a checkpoint's files first and then atomically rewrites the `checkpoint` index, so a kill during
 a save leaves the previous checkpoint as latest; a checkpoint that is nevertheless unreadable (truncated, corrupt)
@@ -13,14 +13,7 @@ import re
 import tensorflow as tf
 from absl import logging
 
-from research import UserError, config as config_lib, models, run_dir
-
-# Flags whose change makes a checkpoint mean something else: different variables, slots, data order or data position,
-# or a different training computation; each model module adds its own (CHECKPOINT_FLAGS, see research/models).
-MEANING_FLAGS = ("dataset", "train_split", "model", "dropout", "optimizer", "mixed_precision", "ema_decay",
-                 "batch_size", "seed", "augment", "randaugment_num_ops", "randaugment_magnitude", "mixup_alpha",
-                 "cutmix_alpha", "image_size", "crop_scale", "crop_ratio", "normalize", *models.checkpoint_flags())
-
+from research import UserError, config as config_lib, run_dir
 
 def model_state(model):
     """Every variable of the model, by position: what checkpoints hold of it (as `model_variables`).
@@ -181,13 +174,18 @@ def restore_newest_readable(model, paths, average):
 
 
 def check_resume_config(model_dir, config):
-    """Refuses to resume with flags that change what the checkpoint means; lists every differing flag in one line."""
+    """Compares the flags of a resume with those the run recorded (flags.txt): a change of a flag declared
+    CHECKPOINT (research/config.py) is refused, every differing flag listed in one line; returns the changes of the
+    others, {name: (old, new)} as flags.txt spells them, for the run's flags history."""
     if not run_dir.is_run(model_dir):
-        return
+        return {}
     old = run_dir.read_flags(model_dir)
     new = run_dir.parse_flagfile(config_lib.to_flagfile(config), "the flags")
-    changed = [f"--{name}: {old.get(name)} -> {new.get(name)}" for name in MEANING_FLAGS
-               if name in old and old.get(name) != new.get(name)]
-    if changed:
-        raise UserError(f"{model_dir} holds a run with other settings ({'; '.join(changed)}); "
+    changes = {name: (old.get(name), new.get(name)) for name in config_lib.names_with(*config_lib.RUN_ROLES)
+               if name in old and old.get(name) != new.get(name)}  # (A flag newer than the run has no old value.)
+    refused = [f"--{name}: {a} -> {b}" for name, (a, b) in changes.items()
+               if config_lib.declared(name).role == config_lib.CHECKPOINT]
+    if refused:
+        raise UserError(f"{model_dir} holds a run with other settings ({'; '.join(refused)}); "
                         "use a new --model_dir, or --init_checkpoint to start from its weights")
+    return {name: change for name, change in changes.items() if name != "model_dir"}  # (A moved run is the same.)

@@ -30,7 +30,7 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, plots, run_dir, runs, train  # noqa: E402
+from research import UserError, data, plots, run_dir, runs, train_lib  # noqa: E402
 
 PREDICTIONS_SHOWN = 25
 PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not printed.
@@ -53,10 +53,10 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
                         f"(image shape {dataset.image_shape}, {dataset.num_classes} classes)")
 
     strategy = tf.distribute.get_strategy()
-    evaluation = train.make_evaluate(strategy, model, dataset.num_classes)
+    evaluation = train_lib.make_evaluate(strategy, model, dataset.num_classes)
     loss, confusion, top_k = (t.numpy() for t in evaluation(
         strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))))
-    metrics = train.summarize_eval(loss, confusion, top_k)
+    metrics = train_lib.summarize_eval(loss, confusion, top_k)
     confusion = confusion.astype(np.int64)
     correct = np.diag(confusion)
     per_class = confusion.sum(axis=1)

@@ -10,8 +10,28 @@ resume (the step is checkpointed). On another number of replicas the pairs diffe
 """
 
 import tensorflow as tf
+from absl import flags
+
+from research import config as config_lib
+from research.config import CHECKPOINT, declare
 
 STREAM = 0x6D6978  # "mix": keeps these seeds apart from research.augment's per-example (seed, epoch) pairs.
+
+declare(CHECKPOINT, flags.DEFINE_float(
+    "mixup_alpha", 0.0,
+    "Mixup (0 = off): each replica's batch is blended with itself rolled by one, by a weight drawn "
+    "from Beta(alpha, alpha) per batch; the targets are blended the same way (research/mix.py)."))
+declare(CHECKPOINT, flags.DEFINE_float(
+    "cutmix_alpha", 0.0,
+    "CutMix (0 = off): a box of each replica's batch is pasted from the batch rolled by one, of "
+    "area 1 - Beta(alpha, alpha); targets weighted by area. With --mixup_alpha too, each batch uses "
+    "one of the two, with even odds."))
+
+
+@config_lib.checks
+def _check_flags(config):
+    config_lib.need(config.mixup_alpha >= 0 and config.cutmix_alpha >= 0,
+                    "--mixup_alpha and --cutmix_alpha must be >= 0")
 
 
 def batch_seed(seed, step, replica):

@@ -14,12 +14,11 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from research import data, plots, run_dir
+from research import config as config_lib, data, plots, run_dir
 
 INPUTS_SHOWN = 36  # Training inputs in the grid.
 MISTAKES_SCANNED = 1000  # Eval examples searched for mistakes at each evaluation...
 MISTAKES_SHOWN = 25  # ...and how many of those found are shown.
-NOT_HPARAMS = ("model_dir", "data_dir", "tfds_manual_dir")  # Where the run's files are, not how it trains.
 # The HParams dashboard's metric columns: the last value of these scalars, i.e. of the final evaluation.
 HPARAMS_METRICS = [hp.Metric(tag, group=group, display_name=f"{group} {tag}")
                    for group in ("eval", "train") for tag in ("accuracy", "loss")]
@@ -120,11 +119,12 @@ class Reporter:
     def _write_hparams(self):
         """The flags as HParams: the experiment (which hparams and metrics exist) and this run's values. Every run
         writes the same experiment, with no domains, so whichever run's copy TensorBoard picks fits them all."""
+        names = config_lib.names_with(config_lib.CHECKPOINT, config_lib.TUNABLE)  # Not PATH: where, not how.
         values = {name: ",".join(map(str, value)) if isinstance(value, list) else value
-                  for name, value in vars(self.config).items() if name not in NOT_HPARAMS and value is not None}
+                  for name in names if (value := getattr(self.config, name)) is not None}
         writer = tf.summary.create_file_writer(self.model_dir)
         with writer.as_default():
-            hp.hparams_config(hparams=[hp.HParam(name) for name in vars(self.config) if name not in NOT_HPARAMS],
+            hp.hparams_config(hparams=[hp.HParam(name) for name in names],
                               metrics=HPARAMS_METRICS)
             hp.hparams(values)
         writer.close()

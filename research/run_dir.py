@@ -12,6 +12,7 @@ Layout (research/train.py writes it, the tools read it):
   flags.txt      the resolved flags, itself a valid --flagfile      dataset.json   image shape, classes, preprocessing
   data_files.json  the file lists of a --dataset=folder:PATH run
   metrics.jsonl  one JSON line per evaluation                       results.json   the final evaluation and totals
+  flags_history.jsonl  the flags a resume changed (learning rate, length, ...), one line per such resume
   ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
   train/, eval/  TensorBoard events           LOCK   the one writer    curves.png, report.json, ...   figures, reports
 """
@@ -35,6 +36,7 @@ FLAGS_FILE = "flags.txt"
 DATASET_FILE = "dataset.json"
 DATA_FILES_FILE = "data_files.json"  # A folder dataset's file lists, so that a resume reads the same files.
 METRICS_FILE = "metrics.jsonl"
+FLAGS_HISTORY_FILE = "flags_history.jsonl"  # One line per resume that changed flags, at the step it resumed from.
 RESULTS_FILE = "results.json"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
@@ -193,6 +195,13 @@ def parse_flagfile(text, source):
                 (name, "true")
         values[name] = value
     return values
+
+
+def record_flag_changes(model_dir, step, changes):
+    """Adds to flags_history.jsonl that the run went on from `step` with `changes` ({name: (old, new)})."""
+    append_line(join(model_dir, FLAGS_HISTORY_FILE), json.dumps(
+        {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "changes": {name: list(change) for name, change in sorted(changes.items())}}))
 
 
 def write_dataset_info(model_dir, info):

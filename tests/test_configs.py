@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from research import config as config_lib, run_dir, train
+from research import config as config_lib, run_dir, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.cfg")) if not p.endswith("base.cfg"))
@@ -30,5 +30,5 @@ def test_recipe_parses_documents_itself_and_trains(mock_tfds, tmp_path, monkeypa
     if name.startswith(("imagenet_", "smoke_")):
         return  # ImageNet-size networks: trained at 32 px in tests/test_models.py.
     values.update(model_dir=str(tmp_path), train_steps=2, steps_per_loop=1, eval_every=2, batch_size=8)
-    results = train.train_and_evaluate(config_lib.make_config(**values))
+    results = trainer.train_and_evaluate(config_lib.make_config(**values))
     assert results["step"] == 2 and results["eval"]["examples"] == 64 and results["model"] == values["model"]

@@ -15,7 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import MNIST_FILES, make_config
-from research import UserError, data, runs, train
+from research import UserError, data, runs, trainer
 from research.data import verify
 from test_resume import kill_resume_and_compare, _weights
 
@@ -65,7 +65,7 @@ def folder_config(model_dir, root, **overrides):
 
 
 def test_folder_trains_with_sorted_class_names_and_keeps_its_file_list(digits, tmp_path):
-    results = train.train_and_evaluate(folder_config(tmp_path, digits))
+    results = trainer.train_and_evaluate(folder_config(tmp_path, digits))
     assert results["eval"]["examples"] == 100 and np.sum(results["confusion_matrix"]) == 100
     assert "top5_accuracy" in results["eval"]  # 10 classes.
     info = runs.read_dataset_info(str(tmp_path))
@@ -83,7 +83,7 @@ def test_a_resume_reads_the_files_it_trained_on_even_if_the_folder_changed(digit
     root = tmp_path / "copy"
     write_digit_folder(root, counts=(("train", "train", 40), ("test", "t10k", 20)))
     first = folder_config(tmp_path / "run", root, train_steps=4)
-    train.train_and_evaluate(first)
+    trainer.train_and_evaluate(first)
     Image.new("RGB", (30, 30)).save(root / "train" / "one" / "new.png")
     dataset = data.load(first)
     assert "1 files added, 0 removed" in capsys.readouterr().out and dataset.num_train == 40
@@ -109,8 +109,8 @@ def test_sigkill_on_a_streamed_tfds_dataset_then_rerun_equals_uninterrupted(tmp_
 
 
 def test_two_replicas_equal_one_on_the_streaming_path_and_count_each_eval_example_once(digits, tmp_path):
-    one = train.train_and_evaluate(folder_config(tmp_path / "one", digits, strategy="default"))
-    two = train.train_and_evaluate(folder_config(tmp_path / "two", digits, strategy="mirrored"))
+    one = trainer.train_and_evaluate(folder_config(tmp_path / "one", digits, strategy="default"))
+    two = trainer.train_and_evaluate(folder_config(tmp_path / "two", digits, strategy="mirrored"))
     assert one["eval"]["examples"] == two["eval"]["examples"] == 100
     assert one["confusion_matrix"] == two["confusion_matrix"]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
@@ -124,7 +124,7 @@ def test_two_replicas_equal_one_on_the_streaming_path_and_count_each_eval_exampl
     ("mnist", dict(tfds_read="array_record")),
 ], ids=["variable-size", "fixed-size"])
 def test_streamed_tfds_datasets_train(mock_tfds, tmp_path, dataset, overrides):
-    results = train.train_and_evaluate(make_config(tmp_path, dataset=dataset, **overrides))
+    results = trainer.train_and_evaluate(make_config(tmp_path, dataset=dataset, **overrides))
     assert results["step"] == 12 and results["eval"]["examples"] == 64
     info = runs.read_dataset_info(str(tmp_path))
     if dataset == "tf_flowers":
@@ -199,13 +199,13 @@ def test_damaged_prepared_files_name_the_file_and_the_way_out(mnist_data_dir, tm
 def test_a_corrupt_image_met_in_training_names_the_file_and_keeps_the_checkpoint(tmp_path):
     root = tmp_path / "digits"
     write_digit_folder(root, counts=(("train", "train", 40), ("test", "t10k", 10)))
-    train.train_and_evaluate(folder_config(tmp_path / "run", root, train_steps=4))
+    trainer.train_and_evaluate(folder_config(tmp_path / "run", root, train_steps=4))
     bad = sorted((root / "train").glob("*/*.jpg"))[3]
     original = bad.read_bytes()
     bad.write_bytes(original[:40])  # Truncated, as by a failed copy.
     with pytest.raises(UserError, match=rf"cannot read training example {bad}: .*last checkpoint .*ckpt-\d+ left "
                                         r"intact; `python -m research.data.verify`"):
-        train.train_and_evaluate(folder_config(tmp_path / "run", root, train_steps=40, checkpoint_every=1000))
+        trainer.train_and_evaluate(folder_config(tmp_path / "run", root, train_steps=40, checkpoint_every=1000))
     assert tf.train.latest_checkpoint(tmp_path / "run").endswith("ckpt-4") and _weights(tmp_path / "run")
 
     assert verify.main([f"--dataset=folder:{root}"]) == 1  # Every bad file, in one pass.
@@ -218,7 +218,7 @@ def test_a_corrupt_image_met_in_training_names_the_file_and_keeps_the_checkpoint
     bad_eval.write_bytes(b"not a png")
     with pytest.raises(UserError, match=rf"cannot read eval example {bad_eval}: Unknown image file format.* "
                                         r"\(evaluating step 4\); training saved as .*ckpt-4;"):
-        train.train_and_evaluate(folder_config(tmp_path / "second", root, train_steps=4))
+        trainer.train_and_evaluate(folder_config(tmp_path / "second", root, train_steps=4))
 
 
 def test_input_only_benchmark_measures_pipeline_and_bare_loop(digits, tmp_path):

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import UserError, config as config_lib, distribute, train
+from research import UserError, config as config_lib, distribute, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_TRAIN = [sys.executable, os.path.join(REPO, "tests", "mock_train.py")]
@@ -41,9 +41,9 @@ def test_mirrored_matches_one_device_and_evaluates_every_example_once(mock_tfds,
     # 64 eval examples in batches of 10 (5 per replica): 12 full batches, a remainder of 4, and a last step on
     # which one replica has no data at all.
     flags = dict(batch_size=10, train_steps=12, eval_every=12, checkpoint_every=12)
-    single = train.train_and_evaluate(make_config(tmp_path / "default", strategy="default", **flags))
+    single = trainer.train_and_evaluate(make_config(tmp_path / "default", strategy="default", **flags))
     mirrored_config = make_config(tmp_path / "mirrored", strategy="mirrored", **flags)
-    mirrored = train.train_and_evaluate(mirrored_config)
+    mirrored = trainer.train_and_evaluate(mirrored_config)
     assert distribute.create_strategy(mirrored_config).num_replicas_in_sync == 2
 
     for run, results in (("default", single), ("mirrored", mirrored)):
@@ -178,7 +178,7 @@ def test_two_workers_train_only_the_chief_writes_and_the_run_resumes(mock_tfds, 
     assert os.path.exists(model_dir / "ckpt-12.index") and not os.path.exists(model_dir / "LOCK")
     assert not [d for d, _, _ in os.walk(model_dir) if ".worker" in d]
 
-    resumed = train.train_and_evaluate(make_config(model_dir, strategy="default", train_steps=16))
+    resumed = trainer.train_and_evaluate(make_config(model_dir, strategy="default", train_steps=16))
     assert "Resuming from" in capsys.readouterr().out and resumed["step"] == 16
 
 

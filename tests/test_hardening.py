@@ -19,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import MNIST_FILES, make_config
-from research import UserError, checkpoint as checkpoint_lib, cli, evaluate, export, predict, runs, train
+from research import UserError, checkpoint as checkpoint_lib, cli, evaluate, export, predict, runs, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What TensorFlow 2.21 writes at start-up on an Intel Xeon with AVX-512 (and on this project's AMD machines too).
@@ -108,18 +108,18 @@ def test_ctrl_c_in_a_tool_is_one_line(capsys):
 # ---------------------------------------------------------------------------------------------- Run directories
 def test_a_run_that_fails_before_training_leaves_no_directory(mock_tfds, tmp_path):
     with pytest.raises(UserError, match="does not fit"):
-        train.train_and_evaluate(make_config(tmp_path / "run", model="convnet", conv_layers="32c30v"))
+        trainer.train_and_evaluate(make_config(tmp_path / "run", model="convnet", conv_layers="32c30v"))
     assert not os.path.exists(tmp_path / "run")
     (tmp_path / "kept").mkdir()  # Not made by the run: it stays.
     with pytest.raises(UserError, match="does not fit"):
-        train.train_and_evaluate(make_config(tmp_path / "kept", model="convnet", conv_layers="32c30v"))
+        trainer.train_and_evaluate(make_config(tmp_path / "kept", model="convnet", conv_layers="32c30v"))
     assert os.listdir(tmp_path / "kept") == []
 
 
 def test_an_unwritable_run_directory_is_one_line(mock_tfds, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # Root ignores mode bits: pretend we are not root.
     with pytest.raises(UserError, match="is not writable"):
-        train.train_and_evaluate(make_config(tmp_path))
+        trainer.train_and_evaluate(make_config(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- Checkpoints
@@ -127,7 +127,7 @@ def test_an_unwritable_run_directory_is_one_line(mock_tfds, tmp_path, monkeypatc
 def finished(mock_tfds, tmp_path):
     """A finished mock run with a moving average of the weights, checkpoints at steps 4, 8, 12."""
     config = make_config(tmp_path / "run", ema_decay=0.9)
-    train.train_and_evaluate(config)
+    trainer.train_and_evaluate(config)
     return config
 
 
@@ -148,7 +148,7 @@ def test_tools_fall_back_from_a_truncated_latest_checkpoint(finished, tmp_path, 
 
 def test_evaluate_names_its_own_split_flag(mnist_data_dir, tmp_path, capsys):
     config = make_config(tmp_path / "run", data_dir=mnist_data_dir, train_steps=2)
-    train.train_and_evaluate(config)
+    trainer.train_and_evaluate(config)
     capsys.readouterr()
     assert evaluate.main([f"--model_dir={config.model_dir}", "--split=nosuch"]) == 2
     assert "--split=nosuch is not a split of mnist" in capsys.readouterr().err
@@ -162,7 +162,7 @@ def test_evaluate_names_its_own_split_flag(mnist_data_dir, tmp_path, capsys):
 def test_init_checkpoint_mistakes_say_what_is_wrong(finished, tmp_path, caplog, init, message):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=message):
-        train.train_and_evaluate(make_config(tmp_path / "new", model="cnn",
+        trainer.train_and_evaluate(make_config(tmp_path / "new", model="cnn",
                                              init_checkpoint=init.format(tmp=tmp_path, run=finished.model_dir)))
     gc.collect()  # TensorFlow warns of unrestored values when a failed restore's status is collected: none here.
     assert not [r for r in caplog.records if "unrestored" in r.getMessage() or "could not be found" in r.getMessage()]
@@ -174,33 +174,33 @@ def test_init_checkpoint_takes_the_raw_weights_or_their_average(finished, tmp_pa
     for average, name in ((False, "model_variables/0"), (True, "ema/0")):
         config = make_config(tmp_path / f"init{average}", train_steps=1, init_checkpoint=finished.model_dir,
                              init_from_average=average, learning_rate=1e-9)
-        train.train_and_evaluate(config)
+        trainer.train_and_evaluate(config)
         started = tf.train.load_checkpoint(os.path.join(config.model_dir, "ckpt-1"))
         np.testing.assert_allclose(started.get_tensor("model_variables/0/.ATTRIBUTES/VARIABLE_VALUE"),
                                    reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"), atol=1e-6)
     with pytest.raises(UserError, match="holds no moving average"):
-        train.train_and_evaluate(make_config(tmp_path / "noavg", init_checkpoint=str(tmp_path / "initFalse"),
+        trainer.train_and_evaluate(make_config(tmp_path / "noavg", init_checkpoint=str(tmp_path / "initFalse"),
                                              init_from_average=True))
 
 
 def test_resuming_another_model_without_flags_txt_names_the_misfit(finished):
     os.remove(os.path.join(finished.model_dir, "flags.txt"))
     with pytest.raises(UserError, match=r"ckpt-12 does not fit --model=mlp: .* first misfit"):
-        train.train_and_evaluate(make_config(finished.model_dir, hidden_units="32", train_steps=20))
+        trainer.train_and_evaluate(make_config(finished.model_dir, hidden_units="32", train_steps=20))
     assert checkpoint_lib.candidates(finished.model_dir)[0].endswith("ckpt-12")  # Untouched.
 
 
 def test_after_a_nonfinite_restore_the_learning_rate_is_the_steps(mock_tfds, tmp_path, monkeypatch):
     """--on_nonfinite=restore rolls the optimizer back to the checkpoint, step count included: the schedule (a
     function of the optimizer's iterations) must still give each later step its own rate."""
-    train.train_and_evaluate(make_config(tmp_path, train_steps=8, optimizer="sgd"))
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=8, optimizer="sgd"))
     rates = {}
-    real_train = train.reporting.Reporter.train
-    monkeypatch.setattr(train.reporting.Reporter, "train",
+    real_train = trainer.reporting.Reporter.train
+    monkeypatch.setattr(trainer.reporting.Reporter, "train",
                         lambda self, step, metrics: (rates.setdefault(step, metrics["learning_rate"]),
                                                      real_train(self, step, metrics)))
     with pytest.raises(UserError, match="non-finite"):
-        train.train_and_evaluate(make_config(tmp_path, train_steps=40, optimizer="sgd", learning_rate=1e30,
+        trainer.train_and_evaluate(make_config(tmp_path, train_steps=40, optimizer="sgd", learning_rate=1e30,
                                              steps_per_loop=1, checkpoint_every=100, on_nonfinite="restore",
                                              lr_schedule="exponential", decay_steps=1, decay_rate=0.5))
     assert rates and all(rate == pytest.approx(1e30 * 0.5 ** step, rel=1e-5) for step, rate in rates.items())
@@ -229,7 +229,7 @@ def test_the_first_run_on_a_fresh_data_dir_equals_every_later_run(tmp_path):
     for name in ("first", "second"):
         config = make_config(tmp_path / name, data_dir=data_dir, tfds_manual_dir=MNIST_FILES, model="convnet",
                              conv_layers="8c3s2,d,16c3s2", dropout="0.2", train_steps=20, batch_size=32, deterministic=True)
-        train.train_and_evaluate(config)
+        trainer.train_and_evaluate(config)
         reader = tf.train.load_checkpoint(os.path.join(config.model_dir, "ckpt-20"))
         weights.append({n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
                         if n.startswith("model_variables")})

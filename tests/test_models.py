@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import UserError, checkpoint, cli, config as config_lib, export, models, runs, train
+from research import UserError, checkpoint, cli, config as config_lib, export, models, runs, train_lib, trainer
 from research.models import __main__ as summary, vit
 from test_configs import REPO, _flagfile_values
 
@@ -23,7 +23,7 @@ STANDARD = [name for name in models.names() if name.startswith(("resnet1", "resn
 
 @pytest.fixture(autouse=True)
 def float32_policy():
-    """train.build sets the global precision policy; models built directly afterwards must not inherit it."""
+    """train_lib.build sets the global precision policy; models built directly afterwards must not inherit it."""
     yield
     tf.keras.mixed_precision.set_global_policy("float32")
 
@@ -86,7 +86,7 @@ def test_vit_position_embeddings_are_resized_for_another_image_size():
 @pytest.mark.parametrize("name", ["resnet18", "vit_ti16"])
 def test_bfloat16_training_then_export_and_reload(mock_tfds, tmp_path, name):
     run_dir, output = str(tmp_path / "run"), str(tmp_path / "serving" / "1")
-    results = train.train_and_evaluate(make_config(run_dir, dataset="cifar10", model=name, train_steps=2,
+    results = trainer.train_and_evaluate(make_config(run_dir, dataset="cifar10", model=name, train_steps=2,
                                                    steps_per_loop=1, eval_every=2, mixed_precision="mixed_bfloat16"))
     assert results["step"] == 2 and np.isfinite(results["train"]["loss"]) and np.isfinite(results["eval"]["loss"])
     # In the same process, where training left the global policy at mixed_bfloat16: Keras rebuilds the layers of a
@@ -110,7 +110,7 @@ def test_new_recipes_train_on_small_mock_images(mock_tfds, tmp_path, monkeypatch
     values = _flagfile_values(os.path.join(REPO, "configs", f"{name}.cfg"))
     values.update(model_dir=str(tmp_path), dataset="cifar10", train_split="train", eval_split="test",
                   image_size=32, train_steps=2, steps_per_loop=1, eval_every=2, batch_size=8, warmup_steps=1)
-    results = train.train_and_evaluate(config_lib.make_config(**values))
+    results = trainer.train_and_evaluate(config_lib.make_config(**values))
     assert results["step"] == 2 and np.isfinite(results["train"]["loss"])
 
 
@@ -135,7 +135,7 @@ def test_summary_prints_parameters_and_multiply_adds(capsys, unparse_flags):
 @pytest.mark.parametrize("args, message", [
     (["--model=resnet9000"], "--model=resnet9000 is unknown"),
     (["--model=resnet18", "--image_size=0"], "--image_size must be positive, got 0"),
-    (["--model=vit_ti16", "--image_size=8"], "does not fit (8, 8, 3) images"),
+    (["--model=vit_ti16", "--image_size=8"], "multiples of its 16-pixel patches, not 8x8"),
     (["--model=vit_ti16", "--vit_pooling=max"], "vit_pooling"),
     (["--image_size=32"], "--model is required"),
     (["--model=resnet18", "resnet50"], "unexpected arguments: resnet50"),
@@ -149,7 +149,7 @@ def test_summary_mistakes_are_one_error_line(capsys, unparse_flags, args, messag
 def test_model_flags_are_run_flags_and_guard_resume(tmp_path):
     """Defined in their model modules, they reach make_config, flags.txt and the checkpoint guard like any flag."""
     assert {"hidden_units", "widths", "conv_layers", "zero_init_residual", "vit_pooling",
-            "stochastic_depth"} <= set(checkpoint.MEANING_FLAGS)
+            "stochastic_depth"} <= set(config_lib.names_with(config_lib.CHECKPOINT))
     config = make_config(tmp_path, model="vit_ti16", vit_pooling="gap", stochastic_depth="0.2")
     assert "--vit_pooling=gap\n" in config_lib.to_flagfile(config)
     (tmp_path / "flags.txt").write_text(config_lib.to_flagfile(config))

@@ -24,7 +24,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from conftest import make_config
 from research import UserError, checkpoint as checkpoint_lib, data, evaluate, export, models, optim, plots, predict, \
-    run_dir, runs, train
+    run_dir, runs
 from research.data import tfds_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
                          histogram_every=4, ema_decay=0.9)
     with pytest.MonkeyPatch.context() as patch, tfds.testing.mock_data(num_examples=64):
         patch.setattr(tfds_source, "ensure_downloadable", lambda builder, manual_dir: None)
-        results = train.train_and_evaluate(config)
+        results = trainer.train_and_evaluate(config)
         dataset = data.load(config)
     return types.SimpleNamespace(dir=config.model_dir, config=config, results=results, dataset=dataset)
 
@@ -175,7 +175,7 @@ def test_evaluate_reproduces_the_final_training_evaluation(run, mock_tfds, capsy
 def test_real_mnist_evaluation_matches_the_runs_results(mnist_data_dir, tmp_path):
     config = make_config(tmp_path / "mnist", data_dir=mnist_data_dir, train_split="train[:10%]", hidden_units="64",
                          batch_size=32, train_steps=300, steps_per_loop=100, eval_every=300, checkpoint_every=300)
-    results = train.train_and_evaluate(config)
+    results = trainer.train_and_evaluate(config)
     report = evaluate.evaluate(config.model_dir)
     assert report["confusion_matrix"] == results["confusion_matrix"]  # Exactly the same predictions.
     assert report["examples"] == results["eval"]["examples"] == 10000

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import augment, data, mix, models, optim, randaugment, train
+from research import augment, data, mix, models, optim, randaugment, train_lib, trainer
 
 SHAPE = (28, 28, 1)
 
@@ -71,7 +71,7 @@ def test_the_batch_stream_is_a_function_of_seed_and_step(augmentation):
 
 def test_weight_average_ramps_up_and_swaps_back():
     v = tf.Variable([1.0, 2.0])
-    ema = train.WeightAverage([v], decay=0.99)
+    ema = train_lib.WeightAverage([v], decay=0.99)
     v.assign([3.0, 4.0])
     ema.update(tf.constant(1, tf.int64))  # decay = min(0.99, 2/11)
     expected = 2 / 11 * np.array([1.0, 2.0]) + 9 / 11 * np.array([3.0, 4.0])
@@ -82,14 +82,14 @@ def test_weight_average_ramps_up_and_swaps_back():
 
 
 def test_ema_weights_are_checkpointed_and_evaluated(mock_tfds, tmp_path):
-    results = train.train_and_evaluate(make_config(tmp_path, ema_decay=0.5, optimizer="sgd", learning_rate=0.5))
+    results = trainer.train_and_evaluate(make_config(tmp_path, ema_decay=0.5, optimizer="sgd", learning_rate=0.5))
     reader = tf.train.load_checkpoint(str(tmp_path / "ckpt-12"))
     names = reader.get_variable_to_shape_map()
     assert sorted(n for n in names if n.startswith("ema/"))[-1] == "ema/3/.ATTRIBUTES/VARIABLE_VALUE"  # 4 weights.
     average, kernel = (reader.get_tensor(f"{n}/2/.ATTRIBUTES/VARIABLE_VALUE") for n in ("ema", "model_variables"))
     assert average.shape == kernel.shape and not np.allclose(average, kernel)
     # Evaluation used the averaged weights: the raw weights give another loss on the same data.
-    raw = train.train_and_evaluate(make_config(tmp_path / "raw", optimizer="sgd", learning_rate=0.5))
+    raw = trainer.train_and_evaluate(make_config(tmp_path / "raw", optimizer="sgd", learning_rate=0.5))
     assert results["eval"]["loss"] != raw["eval"]["loss"]
 
 
@@ -98,7 +98,7 @@ def test_gradient_is_clipped_on_the_norm_summed_over_replicas():
     gradient separately (Keras' clipnorm under tf.distribute) would move them by up to twice that."""
     config = make_config("x", model="mlp", hidden_units="16", batch_size=16, optimizer="sgd", learning_rate=1.0,
                          clip_grad_norm=1e-3, strategy="mirrored")
-    strategy = train.distribute.create_strategy(config)
+    strategy = train_lib.distribute.create_strategy(config)
     dataset = _dataset()
     with strategy.scope():
         model = models.create(config, dataset)
@@ -108,7 +108,7 @@ def test_gradient_is_clipped_on_the_norm_summed_over_replicas():
         step = tf.Variable(0, dtype=tf.int64)
     assert strategy.num_replicas_in_sync == 2
     before = [v.numpy() for v in model.trainable_variables]
-    loop = train.make_train_loop(strategy, model, optimizer, step, config)
+    loop = train_lib.make_train_loop(strategy, model, optimizer, step, config)
     iterator = iter(strategy.distribute_datasets_from_function(data.train_input_fn(dataset, config, 0)))
     totals, steps_run, finite = loop(iterator, tf.constant(1))
     moved = np.sqrt(sum(np.sum((v.numpy() - b) ** 2) for v, b in zip(model.trainable_variables, before)))
@@ -171,10 +171,10 @@ def test_mixed_targets_sum_to_one_match_the_images_and_are_seeded(mixup_alpha, c
 def test_mixed_training_resumes_exactly(mock_tfds, tmp_path):
     """8 steps with mixup and cutmix in one go, and 4 + 4 with a resume between: the same weights, bit for bit."""
     run = dict(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1, deterministic=True, eval_every=4)
-    train.train_and_evaluate(make_config(tmp_path / "whole", train_steps=8, **run))
-    train.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=4, **run))
-    train.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=8, **run))
-    train.train_and_evaluate(make_config(tmp_path / "unmixed", train_steps=8, deterministic=True, eval_every=4))
+    trainer.train_and_evaluate(make_config(tmp_path / "whole", train_steps=8, **run))
+    trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=4, **run))
+    trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=8, **run))
+    trainer.train_and_evaluate(make_config(tmp_path / "unmixed", train_steps=8, deterministic=True, eval_every=4))
     whole, resumed, unmixed = (tf.train.load_checkpoint(str(tmp_path / d / "ckpt-8"))
                                for d in ("whole", "resumed", "unmixed"))
     names = [n for n in whole.get_variable_to_shape_map() if n.startswith("model_variables/")]

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import UserError, train
+from research import UserError, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 64 mock examples / batch 8 = 8 steps an epoch: 40 steps cross four epoch boundaries.
@@ -88,9 +88,9 @@ def test_interrupted_mirrored_run_equals_uninterrupted(mock_tfds, tmp_path):
     """Two replicas, dropout, augmentation and EMA: stop at step 10 (mid-epoch), resume to 24."""
     # (No --deterministic: it switches TF op determinism on for the whole test process, for good.)
     flags = dict(strategy="mirrored", dropout=0.3, augment="translate,crop", ema_decay=0.9, steps_per_loop=3)
-    straight = train.train_and_evaluate(make_config(tmp_path / "straight", train_steps=24, **flags))
-    train.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=10, **flags))
-    resumed = train.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=24, **flags))
+    straight = trainer.train_and_evaluate(make_config(tmp_path / "straight", train_steps=24, **flags))
+    trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=10, **flags))
+    resumed = trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=24, **flags))
     _assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
     assert straight["eval"] == resumed["eval"]
 
@@ -110,21 +110,21 @@ def test_sigterm_saves_and_exits_nonzero_then_resumes(tmp_path):
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(mock_tfds, tmp_path, capsys):
-    train.train_and_evaluate(make_config(tmp_path, train_steps=12))
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=12))
     data_file = tmp_path / "ckpt-12.data-00000-of-00001"
     data_file.write_bytes(data_file.read_bytes()[:100])  # Truncated, as by a full disk.
     (tmp_path / "checkpoint").write_text("garbage that is not a CheckpointState")
-    results = train.train_and_evaluate(make_config(tmp_path, train_steps=16))
+    results = trainer.train_and_evaluate(make_config(tmp_path, train_steps=16))
     assert "Resuming from" in capsys.readouterr().out
     assert results["step"] == 16
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")][-1] == 16
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(mock_tfds, tmp_path):
-    train.train_and_evaluate(make_config(tmp_path, train_steps=8, optimizer="sgd"))
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=8, optimizer="sgd"))
     with pytest.raises(UserError, match=r"non-finite loss or gradient at step (9|1\d); last good checkpoint: "
                                         r".*ckpt-8 \(left intact\)"):
-        train.train_and_evaluate(make_config(tmp_path, train_steps=40, optimizer="sgd", learning_rate=1e30,
+        trainer.train_and_evaluate(make_config(tmp_path, train_steps=40, optimizer="sgd", learning_rate=1e30,
                                              steps_per_loop=1, checkpoint_every=100))
     weights = _weights(tmp_path)
     assert all(np.isfinite(w).all() for w in weights.values() if w.dtype.kind == "f")
@@ -132,36 +132,36 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(mock
 
 
 def test_nonfinite_restore_mode_rolls_back_then_gives_up(mock_tfds, tmp_path, caplog):
-    train.train_and_evaluate(make_config(tmp_path, train_steps=8, optimizer="sgd"))
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=8, optimizer="sgd"))
     with pytest.raises(UserError, match="non-finite loss or gradient at step"):
-        train.train_and_evaluate(make_config(tmp_path, train_steps=40, optimizer="sgd", learning_rate=1e30,
+        trainer.train_and_evaluate(make_config(tmp_path, train_steps=40, optimizer="sgd", learning_rate=1e30,
                                              steps_per_loop=1, checkpoint_every=100, on_nonfinite="restore",
                                              max_nonfinite_restores=2))
     assert sum("restoring" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_resume_with_a_conflicting_flag_is_refused_listing_the_flags(mock_tfds, tmp_path):
-    train.train_and_evaluate(make_config(tmp_path, train_steps=8))
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=8))
     with pytest.raises(UserError, match=r"--model: mlp -> cnn; --batch_size: 8 -> 16"):
-        train.train_and_evaluate(make_config(tmp_path, train_steps=16, model="cnn", batch_size=16))
+        trainer.train_and_evaluate(make_config(tmp_path, train_steps=16, model="cnn", batch_size=16))
     # Length and cadence may change.
-    assert train.train_and_evaluate(make_config(tmp_path, train_steps=16, eval_every=16))["step"] == 16
+    assert trainer.train_and_evaluate(make_config(tmp_path, train_steps=16, eval_every=16))["step"] == 16
 
 
 def test_a_live_writer_locks_the_run_dir_and_a_dead_one_does_not(mock_tfds, tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     (tmp_path / "LOCK").write_text(f"{os.uname().nodename} {holder.pid}")
     with pytest.raises(UserError, match=f"is in use by process {holder.pid}"):
-        train.train_and_evaluate(make_config(tmp_path))
+        trainer.train_and_evaluate(make_config(tmp_path))
     assert not list(tmp_path.glob("ckpt-*"))  # Nothing written by the refused run.
     holder.kill()
     holder.wait()
-    assert train.train_and_evaluate(make_config(tmp_path))["step"] == 12
+    assert trainer.train_and_evaluate(make_config(tmp_path))["step"] == 12
     assert not (tmp_path / "LOCK").exists()
 
 
 def test_best_checkpoint_tracks_the_highest_eval_accuracy(mock_tfds, tmp_path):
-    train.train_and_evaluate(make_config(tmp_path, train_steps=24, eval_every=4))
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=24, eval_every=4))
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     best = json.load(open(tmp_path / "best" / "best.json"))
     assert best["accuracy"] == max(e["accuracy"] for e in evals)
@@ -170,8 +170,8 @@ def test_best_checkpoint_tracks_the_highest_eval_accuracy(mock_tfds, tmp_path):
 
 
 def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(mock_tfds, tmp_path):
-    train.train_and_evaluate(make_config(tmp_path / "first", train_steps=8))
-    train.train_and_evaluate(make_config(tmp_path / "second", train_steps=1, optimizer="sgd", learning_rate=1e-30,
+    trainer.train_and_evaluate(make_config(tmp_path / "first", train_steps=8))
+    trainer.train_and_evaluate(make_config(tmp_path / "second", train_steps=1, optimizer="sgd", learning_rate=1e-30,
                                          init_checkpoint=str(tmp_path / "first")))
     first, second = _weights(tmp_path / "first"), _weights(tmp_path / "second")
     kernels = [n for n in first if n.startswith("model_variables/")]

@@ -12,14 +12,14 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import make_config
-from research import UserError, compare, evaluate, export, predict, run_dir, train
+from research import UserError, compare, evaluate, export, predict, run_dir, trainer
 
 
 def test_a_whole_run_on_ram_filesystem(mock_tfds, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # A URL is never a local path: nothing may appear here.
     model_dir = "ram://runs/whole"
-    train.train_and_evaluate(make_config(model_dir, train_steps=8, ema_decay=0.9))
-    results = train.train_and_evaluate(make_config(model_dir, train_steps=12, ema_decay=0.9))
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=8, ema_decay=0.9))
+    results = trainer.train_and_evaluate(make_config(model_dir, train_steps=12, ema_decay=0.9))
     assert "Resuming from ram://runs/whole/ckpt-8" in capsys.readouterr().out and results["step"] == 12
     assert run_dir.read_results(model_dir)["step"] == 12
     assert [r["step"] for r in run_dir.read_metrics(model_dir)] == [8, 12]
@@ -46,7 +46,7 @@ def test_a_filesystem_tensorflow_cannot_open_is_one_line_before_any_work(mock_tf
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"--model_dir=nosuch://bucket/run: TensorFlow cannot open it \(File system "
                                         r"scheme 'nosuch' not implemented"):
-        train.train_and_evaluate(make_config("nosuch://bucket/run"))
+        trainer.train_and_evaluate(make_config("nosuch://bucket/run"))
     assert os.listdir(tmp_path) == []
 
 

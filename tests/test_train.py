@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import FASHION_MNIST_FILES, MNIST_FILES, make_config
-from research import UserError, data, models, optim, runs, train
+from research import UserError, data, models, optim, runs, trainer
 from research.data import tfds_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def test_flag_values_are_checked_before_any_work():
 
 def test_a_model_that_does_not_fit_the_images_is_one_error_line(mock_tfds, tmp_path):
     with pytest.raises(UserError, match=r"--model=convnet does not fit mnist's \(28, 28, 1\) images: Computed output"):
-        train.train_and_evaluate(make_config(tmp_path, model="convnet", conv_layers="32c30v"))
+        trainer.train_and_evaluate(make_config(tmp_path, model="convnet", conv_layers="32c30v"))
 
 
 def test_convnet_layer_string():
@@ -65,7 +65,7 @@ def test_convnet_layer_string():
 
 @pytest.mark.parametrize("dataset, model", [("mnist", "mlp"), ("fashion_mnist", "cnn"), ("cifar10", "cnn_rgb")])
 def test_trains_and_writes_the_run_directory(mock_tfds, tmp_path, dataset, model):
-    results = train.train_and_evaluate(make_config(tmp_path, dataset=dataset, model=model))
+    results = trainer.train_and_evaluate(make_config(tmp_path, dataset=dataset, model=model))
     assert results["step"] == 12
     assert results["eval"]["examples"] == 64  # Every mock eval example once, none dropped.
     assert np.sum(results["confusion_matrix"]) == 64
@@ -80,13 +80,13 @@ def test_trains_and_writes_the_run_directory(mock_tfds, tmp_path, dataset, model
 
 
 def test_rerun_resumes_and_a_finished_run_exits(mock_tfds, tmp_path, capsys):
-    train.train_and_evaluate(make_config(tmp_path, train_steps=8))
-    longer = train.train_and_evaluate(make_config(tmp_path, train_steps=16))
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=8))
+    longer = trainer.train_and_evaluate(make_config(tmp_path, train_steps=16))
     out = capsys.readouterr().out
     assert "Resuming from" in out and "at step 8" in out
     assert longer["step"] == 16
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [8, 16]  # Step continued.
-    again = train.train_and_evaluate(make_config(tmp_path, train_steps=16))
+    again = trainer.train_and_evaluate(make_config(tmp_path, train_steps=16))
     assert "already finished at step 16" in capsys.readouterr().out
     assert again == longer
 
@@ -171,7 +171,7 @@ def test_mocked_data_is_never_cached(mock_tfds):
 
 def test_real_mnist_cnn_learns(tmp_path, mnist_data_dir):
     """A few hundred real steps: a broken loop (wrong labels, no updates, bad scaling) cannot reach 93%."""
-    results = train.train_and_evaluate(make_config(
+    results = trainer.train_and_evaluate(make_config(
         tmp_path, data_dir=mnist_data_dir, tfds_manual_dir=MNIST_FILES, model="cnn", optimizer="rmsprop",
         batch_size=32, train_steps=400, steps_per_loop=100, eval_every=400, checkpoint_every=400))
     assert results["eval"]["examples"] == 10_000
@@ -187,7 +187,7 @@ def test_real_fashion_mnist_mlp_learns(tmp_path, mnist_data_dir):
     config = make_config(tmp_path / "run", dataset="fashion_mnist", data_dir=mnist_data_dir,
                          tfds_manual_dir=FASHION_MNIST_FILES, hidden_units="128", batch_size=32, train_steps=300,
                          steps_per_loop=100, eval_every=300, checkpoint_every=300)
-    results = train.train_and_evaluate(config)
+    results = trainer.train_and_evaluate(config)
     assert results["eval"]["examples"] == 10_000
     assert 0.75 <= results["eval"]["accuracy"] < 0.9  # MNIST's digits would give more.
     assert runs.read_dataset_info(str(tmp_path / "run")).class_names[0] == "T-shirt/top"

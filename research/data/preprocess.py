@@ -16,12 +16,52 @@ import functools
 
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
-from research import UserError, augment
+from research import UserError, augment, config as config_lib
+from research.config import CHECKPOINT, TUNABLE, declare
 
 RANDOM_RESIZED_CROP = "random_resized_crop"
 NORMALIZATIONS = {"none": None, "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}  # mean, std (RGB)
 CROP_SEED_SALT = 0x5EED  # Folded into the example's seed: the crop's randomness apart from research/augment.py's.
+
+declare(CHECKPOINT, flags.DEFINE_integer(
+    "image_size", 0,
+    "Height and width of the model's input (0: the dataset's own, when all its images have one "
+    "size; required when sizes vary). Images are resized to it, the same way for training and "
+    "evaluation unless --augment=random_resized_crop."))
+declare(CHECKPOINT, flags.DEFINE_list(
+    "crop_scale", ["0.08", "1.0"],
+    "random_resized_crop: the range of the crop's share of the image area."),
+        only_if=lambda c: RANDOM_RESIZED_CROP in c.augment, when="with --augment=random_resized_crop")
+declare(CHECKPOINT, flags.DEFINE_list(
+    "crop_ratio", ["0.75", "1.3333333"],
+    "random_resized_crop: the range of the crop's aspect ratio (width / height)."),
+        only_if=lambda c: RANDOM_RESIZED_CROP in c.augment, when="with --augment=random_resized_crop")
+declare(TUNABLE, flags.DEFINE_float(
+    "eval_crop_fraction", 0.875,
+    "With --augment=random_resized_crop: evaluation resizes the shorter side to "
+    "image_size / this and takes the central image_size square."),
+        only_if=lambda c: RANDOM_RESIZED_CROP in c.augment, when="with --augment=random_resized_crop")
+declare(CHECKPOINT, flags.DEFINE_enum(
+    "normalize", "none", ["none", "imagenet"],
+    "none: model inputs in [0, 1]; imagenet: then minus ImageNet's per-channel mean, divided by its "
+    "standard deviation (colour images)."))
+
+
+@config_lib.checks
+def _check_flags(config):
+    config_lib.need(config.image_size >= 0, "--image_size must be >= 0")
+    config_lib.need(0 < config.eval_crop_fraction <= 1, "--eval_crop_fraction must be in (0, 1]")
+    for name, low, high in (("crop_scale", 0, 1), ("crop_ratio", 0, float("inf"))):
+        try:
+            values = [float(v) for v in getattr(config, name)]
+        except ValueError:
+            values = []
+        config_lib.need(len(values) == 2 and low < values[0] <= values[1] <= high,
+                        f"--{name} must be two increasing numbers in ({low}, {high}], "
+                        f"got {','.join(map(str, getattr(config, name)))}")
+        setattr(config, name, values)
 
 
 @dataclasses.dataclass(frozen=True)

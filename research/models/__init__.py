@@ -6,11 +6,11 @@ only its own file:
     shape, number of classes) and returns a subclassed `tf.keras.Model` whose call returns logits and which keeps
     its class count as `num_classes` (its get_config needs it anyway; the train step's mixup reads it); the first
     line of its docstring is what `python -m research.models --list` shows;
-  - its own absl flags, defined at module level: research.config treats them as its own (make_config, flags.txt);
-  - `CHECKPOINT_FLAGS`: the names of those flags that change what a checkpoint means (different variables or a
-    different training computation), which research.checkpoint refuses to change on resume;
-  - optionally `validate(config)`: checks of its flags (and conversions such as strings to integers), one
-    UserError line each.
+  - its own absl flags, defined at module level, each declared with its role and when it has an effect
+    (`research.config.declare(CHECKPOINT, flags.DEFINE_...(...), only_if=..., when=...)`): research.config then
+    treats them as its own (make_config, flags.txt, the resume guard, HParams);
+  - optionally a `@research.config.checks` function: checks of its flags (and conversions such as strings to
+    integers), one UserError line each.
 A model may also have a `no_weight_decay()` method listing variables of rank > 1 that weight decay should skip
 when --exclude_bias_and_norm_from_weight_decay is set (research/optim.py; ViT's position embeddings).
 Every module here is imported with the package, so that their flags exist before flags are parsed and their Keras
@@ -21,7 +21,7 @@ import importlib
 import pkgutil
 import sys
 
-from research import UserError, cli
+from research import UserError, cli, config as config_lib
 
 if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.models` (__main__.py, the summary command):
     cli.start()  # that program starts as every program does (research/cli.py), before TensorFlow loads below.
@@ -55,22 +55,9 @@ def create(config, dataset):
     return _BUILDERS[config.model](config, dataset)
 
 
-def flag_modules():
-    """The names of the model modules, whose flags research.config reads as its own."""
-    return [module.__name__ for module in _MODULES]
-
-
-def checkpoint_flags():
-    """Every model module's CHECKPOINT_FLAGS, for research.checkpoint's resume guard."""
-    return tuple(name for module in _MODULES for name in getattr(module, "CHECKPOINT_FLAGS", ()))
-
-
-def validate(config):
-    """Runs every model module's `validate(config)`: flags are checked whichever model is chosen, as the command
-    line accepts or rejects a value regardless of --model."""
-    for module in _MODULES:
-        if hasattr(module, "validate"):
-            module.validate(config)
+@config_lib.checks
+def _check_model(config):
+    config_lib.need(config.model in _BUILDERS, f"--model={config.model} is unknown; choose from {', '.join(names())}")
 
 
 def forward_flops(model, image_shape):

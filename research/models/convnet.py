@@ -14,12 +14,14 @@ import re
 import tensorflow as tf
 from absl import flags
 
-from research import UserError
+from research import UserError, config as config_lib
+from research.config import CHECKPOINT, declare
 from research.models import register
 
-flags.DEFINE_list("conv_layers", ["32c5s2v", "64c3s2v", "128c3v"],
-                  "convnet: its layers, e.g. '32c3v,32c5s2,d,64c3' (see research/models/convnet.py).")
-CHECKPOINT_FLAGS = ("conv_layers",)
+declare(CHECKPOINT, flags.DEFINE_list(
+    "conv_layers", ["32c5s2v", "64c3s2v", "128c3v"],
+    "convnet: its layers, e.g. '32c3v,32c5s2,d,64c3' (see research/models/convnet.py)."),
+        only_if=lambda c: c.model == "convnet", when="with --model=convnet")
 
 layers = tf.keras.layers
 
@@ -42,7 +44,8 @@ def parse(spec):
     return parsed
 
 
-def validate(config):
+@config_lib.checks
+def _check_flags(config):
     parse(config.conv_layers)
 
 

@@ -3,14 +3,17 @@
 import tensorflow as tf
 from absl import flags
 
-from research import UserError
+from research import UserError, config as config_lib
+from research.config import CHECKPOINT, declare
 from research.models import register
 
-flags.DEFINE_list("hidden_units", ["128"], "mlp: width of each hidden Dense layer, e.g. '128,128'.")
-CHECKPOINT_FLAGS = ("hidden_units",)
+declare(CHECKPOINT, flags.DEFINE_list(
+    "hidden_units", ["128"], "mlp: width of each hidden Dense layer, e.g. '128,128'."),
+        only_if=lambda c: c.model == "mlp", when="with --model=mlp")
 
 
-def validate(config):
+@config_lib.checks
+def _check_flags(config):
     try:
         config.hidden_units = [int(u) for u in config.hidden_units]
     except ValueError:

@@ -13,18 +13,22 @@ so `.keras` saving can rebuild them.
 import tensorflow as tf
 from absl import flags
 
-from research import UserError
+from research import UserError, config as config_lib
+from research.config import CHECKPOINT, declare
 from research.models import register
 
 layers = tf.keras.layers
 
-flags.DEFINE_list("widths", ["32", "64", "128"],
-                  "resnet_small: channels of the stem/first stage and of each later stage (each halves resolution).")
-flags.DEFINE_boolean("zero_init_residual", True,
-                     "resnet18-152: start the last batch-norm scale of every residual block at 0, so that each block "
-                     "starts as the identity (Goyal et al. 2017, used by most ImageNet recipes); "
-                     "--nozero_init_residual starts it at 1, as torchvision does by default.")
-CHECKPOINT_FLAGS = ("widths", "zero_init_residual")
+declare(CHECKPOINT, flags.DEFINE_list(
+    "widths", ["32", "64", "128"],
+    "resnet_small: channels of the stem/first stage and of each later stage (each halves resolution)."),
+        only_if=lambda c: c.model == "resnet_small", when="with --model=resnet_small")
+declare(CHECKPOINT, flags.DEFINE_boolean(
+    "zero_init_residual", True,
+    "resnet18-152: start the last batch-norm scale of every residual block at 0, so that each block "
+    "starts as the identity (Goyal et al. 2017, used by most ImageNet recipes); "
+    "--nozero_init_residual starts it at 1, as torchvision does by default."),
+        only_if=lambda c: c.model in {f"resnet{depth}" for depth in DEPTHS}, when="with --model=resnet18-152")
 
 # Blocks per stage, and whether a block is the two-3x3 "basic" one or the 1x1-3x3-1x1 bottleneck (4x wider out).
 DEPTHS = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)), 50: (True, (3, 4, 6, 3)),
@@ -35,7 +39,8 @@ HE_NORMAL = tf.keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_n
 BATCH_NORM = dict(momentum=0.9, epsilon=1e-5)
 
 
-def validate(config):
+@config_lib.checks
+def _check_flags(config):
     try:
         config.widths = [int(w) for w in config.widths]
     except ValueError:

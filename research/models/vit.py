@@ -10,28 +10,34 @@ a zero head (the first logits are all 0), position embeddings drawn with std 0.0
 
 The position embeddings are made for the image size the model is built for (the dataset's); called on images of
 another size (fine-tuning at a higher resolution, a test), they are resized to the new grid of patches by bicubic
-interpolation, the class token's own embedding left as it is. A side that is not a multiple of 16 loses its last
-pixels, as a valid convolution does.
+interpolation, the class token's own embedding left as it is. A side that is not a multiple of 16 would lose its
+last pixels, as a valid convolution does: building for such images (--image_size=24 would see 56% of each) is an
+error.
 """
 
 import tensorflow as tf
 from absl import flags
 
-from research import UserError
+from research import UserError, config as config_lib
+from research.config import CHECKPOINT, declare
 from research.models import register
 
 layers = tf.keras.layers
 
-flags.DEFINE_enum("vit_pooling", "token", ["token", "gap"],
-                  "vit_*: classify from a learned class token put before the patches (the ViT paper, timm), or from "
-                  "the average of the patch tokens with no class token (gap: big_vision's plain ViT baseline).")
-flags.DEFINE_float("stochastic_depth", 0.0,
-                   "vit_*: stochastic depth (0 = off): each block's attention and MLP branches are dropped for "
-                   "whole examples, at a rate rising linearly from 0 at the first block to this at the last.")
-CHECKPOINT_FLAGS = ("vit_pooling", "stochastic_depth")
+declare(CHECKPOINT, flags.DEFINE_enum(
+    "vit_pooling", "token", ["token", "gap"],
+    "vit_*: classify from a learned class token put before the patches (the ViT paper, timm), or from "
+    "the average of the patch tokens with no class token (gap: big_vision's plain ViT baseline)."),
+        only_if=lambda c: c.model.startswith("vit_"), when="with --model=vit_*")
+declare(CHECKPOINT, flags.DEFINE_float(
+    "stochastic_depth", 0.0,
+    "vit_*: stochastic depth (0 = off): each block's attention and MLP branches are dropped for "
+    "whole examples, at a rate rising linearly from 0 at the first block to this at the last."),
+        only_if=lambda c: c.model.startswith("vit_"), when="with --model=vit_*")
 
 
-def validate(config):
+@config_lib.checks
+def _check_flags(config):
     if not 0 <= config.stochastic_depth < 1:
         raise UserError(f"--stochastic_depth must be in [0, 1), got {config.stochastic_depth}")
 
@@ -158,6 +164,12 @@ def _register_vit(size):
     width, depth, heads = SIZES[size]
 
     def build(config, dataset):
+        height, width_px = dataset.image_shape[:2]
+        if height % PATCH or width_px % PATCH:
+            read = (height // PATCH * PATCH) * (width_px // PATCH * PATCH) / (height * width_px)
+            raise UserError(f"--model=vit_{size}16 needs images whose sides are multiples of its {PATCH}-pixel "
+                            f"patches, not {height}x{width_px} (it would see {read:.0%} of each image): "
+                            f"set --image_size to one, e.g. {max(PATCH, round(height / PATCH) * PATCH)}")
         return ViT(dataset.num_classes, width, depth, heads, dataset.image_shape[:2], pooling=config.vit_pooling,
                    stochastic_depth=config.stochastic_depth, name=f"vit_{size}16")
     build.__doc__ = (f"ViT-{size.capitalize()}/16: {depth} blocks of width {width}, {heads} heads; --vit_pooling, "

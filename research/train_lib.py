@@ -1,0 +1,187 @@
+"""The train step library: what a training run and the tools that share its computation (research.evaluate,
+research.benchmark) build and call. `build` creates the model, optimizer, step and weight average; `make_train_loop`
+is the train step, run `steps_per_loop` times inside one tf.function call; `make_evaluate` the evaluation pass.
+research/trainer.py strings them into a run.
+"""
+
+import contextlib
+import re
+
+import tensorflow as tf
+
+from research import UserError, data, mix, models, optim
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def run_length(config, dataset, strategy):
+    """(steps per epoch, total steps): every step is one global batch, the remainder of an epoch is dropped."""
+    steps_per_epoch = data.pipeline.steps_per_epoch(dataset, config)
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch_size={config.batch_size} exceeds the {dataset.num_train} examples of "
+                        f"--train_split={config.train_split}")
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise UserError(f"--batch_size={config.batch_size} does not split over "
+                        f"{strategy.num_replicas_in_sync} replicas")
+    return steps_per_epoch, config.train_steps or config.train_epochs * steps_per_epoch
+
+
+def build(config, dataset, strategy, total_steps):
+    """(model, optimizer, step, weight average or None), created in the strategy's scope and built, so that every
+    variable exists before any restore or tf.function (a deferred restore would create duplicates)."""
+    tf.keras.mixed_precision.set_global_policy(config.mixed_precision)  # Global: set for every run.
+    # Seeded here, where the initial weights and dropout seeds are drawn, not at the start: whatever ran before
+    # (TFDS preparing a dataset in-process draws random numbers) must not shift them, or the first run on a fresh
+    # data_dir would differ from every later run, and its resumption from itself.
+    tf.keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = models.create(config, dataset)
+        try:
+            model(tf.zeros([1, *dataset.image_shape]))  # model.build() creates no variables on a subclassed model.
+        except ValueError as e:  # E.g. valid convolutions that shrink the image below the next kernel.
+            reason = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()  # (Keras colours it.)
+                      if line.strip() and not line.startswith("Exception encountered")]
+            raise UserError(f"--model={config.model} does not fit {dataset.name}'s {dataset.image_shape} images: "
+                            f"{(reason or [str(e)])[0]}") from None
+        optimizer = optim.create_optimizer(config, total_steps, model)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        ema = WeightAverage(model.trainable_variables, config.ema_decay) if config.ema_decay else None
+    return model, optimizer, step, ema
+
+
+def make_train_loop(strategy, model, optimizer, step, config, ema=None):
+    """`train_loop(iterator, num_steps)` runs `num_steps` train steps inside one tf.function call.
+
+    Returns the sums over the steps run of [mean loss, correct, examples, gradient norm], the number of steps run,
+    and whether all were finite: at the first non-finite loss or gradient it stops (that step's update is applied,
+    and the caller never saves such a state: it stops or restores the last checkpoint). Under mixed_float16 a
+    non-finite gradient is instead the loss scaler's business (it skips the update and lowers the scale).
+    With --mixup_alpha or --cutmix_alpha each replica mixes its batch, seeded by (seed, step, replica), and trains
+    on the soft targets; accuracy is still counted against the unmixed labels.
+    """
+    variables = model.trainable_variables
+    num_replicas = strategy.num_replicas_in_sync
+    loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    mixing = config.mixup_alpha or config.cutmix_alpha
+
+    def forward_backward(images, targets):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            losses = optim.per_example_loss(targets, logits, config.label_smoothing)
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
+            scaled_loss = optimizer.scale_loss(loss) if loss_scaling else loss
+        return loss, logits, tape.gradient(scaled_loss, variables)
+
+    if config.jit_compile:
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(images, labels):
+        targets = labels
+        if mixing:
+            seed = mix.batch_seed(config.seed, step, tf.distribute.get_replica_context().replica_id_in_sync_group)
+            images, targets = mix.mix(images, labels, model.num_classes, config.mixup_alpha, config.cutmix_alpha, seed)
+        loss, logits, grads = forward_backward(images, targets)
+        # Sum the gradient over replicas here, so that its norm (for clipping and the NaN check) is the global
+        # batch's, identical on every replica; for the same reason the loss scaler's finiteness check, which looks
+        # at one replica only, sees every replica's overflow. Keras' apply_gradients sums over replicas again and
+        # has no switch to skip that, so it gets 1/n of the sum: n identical copies add up to the sum (exactly,
+        # for n = 2^k).
+        grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
+        scale = optimizer.dynamic_scale if loss_scaling else 1.0
+        norm = tf.linalg.global_norm(grads) / scale
+        if config.clip_grad_norm:
+            grads, _ = tf.clip_by_global_norm(grads, config.clip_grad_norm * scale, use_norm=norm * scale)
+        optimizer.apply_gradients(zip([g / num_replicas for g in grads], variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
+        examples = tf.cast(tf.shape(labels)[0], tf.float32)
+        if loss_scaling:
+            norm = tf.where(tf.math.is_finite(norm), norm, 0.0)  # An overflow step is skipped, not an error.
+        return tf.stack([loss, correct, examples, norm / num_replicas])  # Summed over replicas by the caller.
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        totals = tf.zeros([4])
+        steps_run = tf.constant(0)
+        finite = tf.constant(True)
+        for _ in tf.range(num_steps):
+            stats = strategy.reduce(SUM, strategy.run(replica_step, args=next(iterator)), axis=None)
+            step.assign_add(1)
+            if ema is not None:
+                ema.update(step)
+            totals += stats
+            steps_run += 1
+            finite = tf.reduce_all(tf.math.is_finite(stats))
+            if not finite:
+                break
+        return totals, steps_run, finite
+
+    return train_loop
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights (`--ema_decay`), updated after every step.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) so that early averages are not dominated by the random
+    initialisation. Its variables go into the checkpoint as `ema`, parallel to `model.trainable_variables`.
+    """
+
+    def __init__(self, variables, decay):
+        self.variables = variables
+        self.decay = decay
+        self.average = [tf.Variable(v, trainable=False, name="ema") for v in variables]
+
+    def update(self, step):
+        t = tf.cast(step, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))
+        for average, v in zip(self.average, self.variables):
+            average.assign(decay * average + (1.0 - decay) * v)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Within the block the model holds the averaged weights (for evaluation)."""
+        current = [v.numpy() for v in self.variables]
+        for average, v in zip(self.average, self.variables):
+            v.assign(average)
+        try:
+            yield
+        finally:
+            for value, v in zip(current, self.variables):
+                v.assign(value)
+
+
+TOP_K = 5  # Top-5 accuracy is reported for datasets of more classes than this.
+
+
+def make_evaluate(strategy, model, num_classes):
+    """`evaluate(distributed_dataset)` -> (summed cross-entropy, confusion matrix, examples whose label is among
+    the TOP_K highest logits) over every example once."""
+
+    def replica_eval(images, labels):
+        logits = tf.cast(model(images, training=False), tf.float32)
+        loss = tf.reduce_sum(optim.per_example_loss(labels, logits))
+        confusion = tf.math.confusion_matrix(labels, tf.argmax(logits, -1), num_classes, dtype=tf.float32)
+        in_top_k = tf.math.in_top_k(labels, logits, k=min(TOP_K, num_classes))
+        return loss, confusion, tf.reduce_sum(tf.cast(in_top_k, tf.float32))
+
+    @tf.function
+    def evaluate(dist_dataset):
+        loss, confusion, top_k = tf.constant(0.0), tf.zeros([num_classes, num_classes]), tf.constant(0.0)
+        for images, labels in dist_dataset:
+            replica_loss, replica_confusion, replica_top_k = strategy.run(replica_eval, args=(images, labels))
+            loss += strategy.reduce(SUM, replica_loss, axis=None)
+            confusion += strategy.reduce(SUM, replica_confusion, axis=None)
+            top_k += strategy.reduce(SUM, replica_top_k, axis=None)
+        return loss, confusion, top_k
+
+    return evaluate
+
+
+def summarize_eval(loss, confusion, top_k):
+    """The numbers of one evaluation: mean loss, accuracy, examples, and top-5 accuracy if there are > 5 classes."""
+    examples = int(confusion.sum())
+    metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
+               "examples": examples}
+    if len(confusion) > TOP_K:
+        metrics["top5_accuracy"] = float(top_k / examples)
+    return metrics

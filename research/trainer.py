@@ -1,0 +1,191 @@
+"""A training run from start to end: `train_and_evaluate(config)`, resuming from the run directory's latest
+checkpoint.
+
+Read `train_and_evaluate` top to bottom for the whole run; research/train_lib.py has the train step, the evaluation
+and the model building it calls; research/train.py is the program (`python -m research.train`).
+"""
+
+import contextlib
+import signal
+import threading
+import time
+
+import tensorflow as tf
+from absl import logging
+
+from research import (UserError, checkpoint, config as config_lib, data, distribute, plots, reporting, run_dir,
+                      train_lib)
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint was saved; exit non-zero so schedulers requeue the job."""
+
+    def __init__(self, signum, step):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, checkpoint saved; "
+                         "rerun the same command to resume")
+        self.exit_code = 128 + signum
+
+
+def train_and_evaluate(config):
+    """Trains `config.model` on `config.dataset` in `config.model_dir`, resuming if it holds a checkpoint.
+
+    Returns the results dict also written to `model_dir/results.json`.
+    """
+    # ------------------------------------------------------------------ Setup: seeds, strategy, run directory
+    started = time.time()  # Wall times (metrics.jsonl elapsed_s, results.json) count data loading and tracing.
+    config_lib.warn_ignored(config)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = distribute.create_strategy(config)
+    chief = distribute.is_chief(strategy)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(run_dir.created(config.model_dir, remove_on_failure=chief))
+        if chief:
+            stack.enter_context(run_dir.Lock(config.model_dir))
+
+        # -------------------------------------------------------------- Data, model, optimizer, checkpoint
+        dataset = data.load(config)
+        print(f"Data: {dataset.name}, {dataset.num_train} training and {len(dataset.eval)} eval examples, "
+              f"{dataset.reading}; model input {dataset.image_shape}")
+        steps_per_epoch, total_steps = train_lib.run_length(config, dataset, strategy)
+        eval_every = config.eval_every or steps_per_epoch
+        model, optimizer, step, ema = train_lib.build(config, dataset, strategy, total_steps)
+        ckpt = tf.train.Checkpoint(step=step, model_variables=checkpoint.model_state(model), optimizer=optimizer,
+                                   ema=ema.average if ema else [])
+        checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
+                                             distribute.worker_id(strategy))
+        flag_changes = {}
+        if checkpoints.candidates():
+            flag_changes = checkpoint.check_resume_config(config.model_dir, config)
+            restored = checkpoints.restore_latest(config.model)
+            if restored is None:
+                raise UserError(f"{config.model_dir} has checkpoints but none is readable; nothing was changed")
+            print(f"Resuming from {restored} at step {int(step.numpy())}" + "".join(
+                f"; --{name}: {old} -> {new}" for name, (old, new) in sorted(flag_changes.items())))
+        elif config.init_checkpoint:
+            path = checkpoint.restore_init_weights(model, config.init_checkpoint, config.init_from_average)
+            print(f"Initialised weights from {path}{' (its moving average)' if config.init_from_average else ''}")
+        finished = run_dir.read_results(config.model_dir)
+        if int(step.numpy()) >= total_steps and finished:
+            print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in "
+                  f"{run_dir.join(config.model_dir, run_dir.RESULTS_FILE)}")
+            return finished
+        if chief:
+            if flag_changes:
+                run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
+            run_dir.write_flags(config.model_dir, config)
+            run_dir.write_dataset_info(config.model_dir, dataset.metadata())
+            model.summary(expand_nested=True)
+
+        # -------------------------------------------------------------- Train: loops of steps, evals, saves
+        train_loop = train_lib.make_train_loop(strategy, model, optimizer, step, config, ema)
+        evaluate = train_lib.make_evaluate(strategy, model, dataset.num_classes)
+        iterator = iter(strategy.distribute_datasets_from_function(
+            data.train_input_fn(dataset, config, int(step.numpy()))))
+        eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
+        reporter = reporting.Reporter(config, dataset, model, total_steps, steps_per_epoch, int(step.numpy()), chief)
+        stop_signal = stack.enter_context(_catch_stop_signals())  # Before this, a signal just ends the process.
+        restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
+
+        def run_eval(current):
+            with ema.swapped_in() if ema else contextlib.nullcontext():  # The reporter's pictures see them too.
+                try:
+                    loss, confusion, top_k = (t.numpy() for t in evaluate(eval_data))
+                except data.READ_ERRORS:
+                    bad = data.unreadable_eval_example(dataset)
+                    if bad is None:
+                        raise
+                    saved_at = checkpoints.save(current)  # The training done so far is not lost with the eval.
+                    raise UserError(f"cannot read eval example {bad} (evaluating step {current}); training saved "
+                                    f"as {saved_at}; {dataset.eval.advice}") from None
+                metrics = train_lib.summarize_eval(loss, confusion, top_k)
+                reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - started, 1),
+                                        **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
+            return metrics, confusion
+
+        current = int(step.numpy())
+        while current < total_steps:
+            # A loop of steps ends at every event boundary: epoch (progress), evaluation, checkpoint, the end.
+            num_steps = min([config.steps_per_loop, total_steps - current] + [
+                every - current % every for every in (steps_per_epoch, eval_every, config.checkpoint_every)])
+            loop_start = time.time()
+            with _profiling(config, current, num_steps, total_steps, loops_run):
+                try:
+                    totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
+                except data.READ_ERRORS:
+                    bad = data.unreadable_example(dataset, config, current, num_steps)
+                    if bad is None:
+                        raise
+                    raise UserError(f"cannot read training example {bad} (a step in {current + 1}-"
+                                    f"{current + num_steps}); last checkpoint {checkpoints.latest() or 'none'} "
+                                    f"left intact; {dataset.train.advice}") from None
+            loops_run += 1
+            (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step.numpy())
+            if not finite:
+                last_good = checkpoints.latest()
+                if config.on_nonfinite != "restore" or restores >= config.max_nonfinite_restores or not last_good:
+                    raise UserError(f"non-finite loss or gradient at step {current}; last good checkpoint: "
+                                    f"{last_good or 'none'} (left intact)")
+                restores += 1
+                logging.warning("non-finite loss or gradient at step %d: restoring %s (%d/%d) and going on "
+                                "with the next batch", current, last_good, restores, config.max_nonfinite_restores)
+                checkpoints.restore(last_good)
+                step.assign(current)
+                optimizer.iterations.assign(current)  # The learning-rate schedule counts these: it is step `current`'s.
+                continue
+            train_metrics = {"loss": loss / steps_run, "accuracy": correct / examples, "grad_norm": norm / steps_run,
+                             "learning_rate": tf.convert_to_tensor(optimizer.learning_rate),
+                             "images_per_sec": examples / (time.time() - loop_start)}
+            train_metrics = {k: float(v) for k, v in train_metrics.items()}
+            reporter.train(current, train_metrics)
+            if current % eval_every == 0 or current == total_steps:
+                last_eval = run_eval(current)
+                checkpoints.save_best(current, last_eval[0]["accuracy"])
+            saved = current % config.checkpoint_every == 0 or current == total_steps
+            if saved:
+                checkpoints.save(current)
+            # A signal may reach only some workers, or reach them in different loops: all stop when any got one,
+            # so that they save the same step (a collective on every process; cheap on one).
+            if distribute.any_worker(strategy, stop_signal):
+                if not saved:
+                    checkpoints.save(current)
+                raise Preempted(stop_signal[0] if stop_signal else signal.SIGTERM, current)
+
+        # -------------------------------------------------------------- Results
+        eval_metrics, confusion = last_eval or run_eval(current)
+        results = {"step": current, "eval": eval_metrics, "train": train_metrics,
+                   "wall_time_s": round(time.time() - started, 1), "params": int(model.count_params()),
+                   "dataset": config.dataset, "model": config.model, "confusion_matrix": confusion.astype(int).tolist()}
+        if chief:
+            run_dir.write_results(config.model_dir, results)
+            plots.write_curves(config.model_dir)
+        reporter.finish(results)
+        print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
+              f"({results['wall_time_s']} s)")
+        return results
+
+
+def _profiling(config, current, num_steps, total_steps, loops_run):
+    """A TensorBoard profile (model_dir/train, Profile tab) of this loop if --profile_steps asks for it: a step
+    number inside it, 'first' for the first loop after the one that traced, 'last' for the final loop."""
+    wanted = any(s.isdigit() and current < int(s) <= current + num_steps for s in config.profile_steps) or (
+        "first" in config.profile_steps and loops_run == 1) or (
+        "last" in config.profile_steps and current + num_steps == total_steps)
+    if not wanted:
+        return contextlib.nullcontext()
+    return tf.profiler.experimental.Profile(run_dir.join(config.model_dir, "train"))
+
+
+@contextlib.contextmanager
+def _catch_stop_signals():
+    """Turns SIGTERM/SIGINT into a request, honoured after the current loop of steps (a list holding the signal)."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
