@@ -17,6 +17,7 @@ Exit status: 0 when no run failed, 1 when some failed (each named with its log),
 
 import concurrent.futures
 import contextlib
+import importlib
 import itertools
 import os
 import re
@@ -30,13 +31,21 @@ import time
 from research import cli
 
 if __name__ == "__main__":
-    cli.start()  # Before TensorFlow loads (below, with the models' flags): its start-up lines are held back.
+    cli.start()  # Before TensorFlow may load (train_flag): its start-up lines are held back.
 
 from research import UserError, config as config_lib, run_dir  # noqa: E402
 
 FLAGS = config_lib.FLAGS
-# Every research.train flag: research.config's and the model modules' (importing those loads TensorFlow).
-TRAIN_FLAGS = {flag.name: flag for flag in config_lib.run_flags()}
+
+
+def train_flag(name):
+    """research.train's flag `name`, or None. research.config's own flags are known without TensorFlow, so a sweep
+    over them (learning rate, batch size, seeds, ...) plans and dry-runs in a fraction of a second; any other name
+    (a model family's, a data source's or an augmentation's flag, or a misspelling) imports the modules
+    research.train imports, and TensorFlow with them, to find it."""
+    if name not in config_lib.names_with(*config_lib.RUN_ROLES):
+        importlib.import_module("research.trainer")
+    return FLAGS[name] if name in config_lib.names_with(*config_lib.RUN_ROLES) else None
 
 
 def parse_args(argv):
@@ -74,7 +83,7 @@ def parse_grid(specs):
         name, sep, text = spec.partition("=")
         if not sep or not name:
             raise UserError(f"--grid={spec}: expected NAME=VALUE1,VALUE2,...")
-        if name not in TRAIN_FLAGS:
+        if train_flag(name) is None:
             raise UserError(f"--grid={spec}: --{name} is not a research.train flag (see research/config.py)")
         if name == "model_dir":
             raise UserError("--grid=model_dir=...: the sweep names each run's --model_dir under --root")
@@ -94,7 +103,7 @@ def parse_grid(specs):
 def _label(name, text):
     """The value as research.train reads it, spelled for a directory name (1e-3 -> 0.001; 128,128 -> 128-128)."""
     try:
-        value = TRAIN_FLAGS[name].parser.parse(text)
+        value = train_flag(name).parser.parse(text)
     except ValueError as e:
         raise UserError(f"--grid: --{name}={text}: {e}") from None
     spelled = "-".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -109,16 +118,18 @@ def check_extras(extras):
             raise UserError(f"unexpected argument {arg!r}: give research.train flags as --name=value")
         if name in ("model_dir", "seed"):
             raise UserError(f"{arg}: the sweep sets --{name} of each run (use --root, --seeds or --grid=seed=...)")
-        boolean_off = name.startswith("no") and name[2:] in FLAGS and FLAGS[name[2:]].boolean
-        if name not in FLAGS and not boolean_off:
+        negated = train_flag(name[2:]) if name.startswith("no") else None  # --noflag for a boolean --flag.
+        boolean_off = negated is not None and negated.boolean
+        flag = None if boolean_off else train_flag(name)
+        if flag is None and not boolean_off:
             raise UserError(f"{arg}: unknown flag --{name} (see research/config.py)")
         if boolean_off and has_value:
             raise UserError(f"{arg}: --no{name[2:]} takes no value")
-        if not boolean_off and not has_value and not FLAGS[name].boolean:
+        if not boolean_off and not has_value and not flag.boolean:
             raise UserError(f"{arg} needs a value: --{name}=VALUE")
         if has_value:
             try:
-                FLAGS[name].parser.parse(text)
+                flag.parser.parse(text)
             except ValueError as e:
                 raise UserError(f"{arg}: {e}") from None
 

@@ -1,6 +1,6 @@
 """Our train loop's speed against Keras fit, same model and data: `python -m research.benchmark --flagfile=...`.
 
-Why it exists: the hand-written loop in research/train.py is only worth its code if it is faster than `model.fit`.
+Why it exists: the hand-written loop in research/train_lib.py is only worth its code if it is faster than `model.fit`.
 This measures, in one process and on the same tf.data input, after warm-up:
   - ours: `make_train_loop` built exactly as `train_and_evaluate` builds it, timed over calls of --steps_per_loop
     steps on the real distributed iterator;

@@ -53,19 +53,13 @@ class Checkpoints:
     def restore_latest(self, model_name):
         """Restores the newest readable checkpoint; returns its path, or None if there is none. One that is readable
         but holds another model (a run resumed with other flags after its flags.txt was lost) is an error."""
-        for path in self.candidates():
+        def restore(path):
+            check_fits(self.checkpoint.model_variables, path, model_name)
             try:
-                check_fits(self.checkpoint.model_variables, path, model_name)
                 self.checkpoint.restore(path).assert_existing_objects_matched()
-                return path
-            except UserError as e:
-                if not isinstance(e, Unreadable):
-                    raise
-                reason = str(e)
             except Exception as e:  # noqa: BLE001 - truncation surfaces as OpError, IndexError, ValueError, ...
-                reason = f"checkpoint {path} is unreadable ({str(e).splitlines()[0][:200]})"
-            logging.warning("%s; falling back to the previous one", reason)
-        return None
+                raise Unreadable(f"checkpoint {path} is unreadable ({str(e).splitlines()[0][:200]})") from None
+        return first_readable(self.candidates(), restore)
 
     def restore(self, path):
         self.checkpoint.restore(path).assert_existing_objects_matched()
@@ -148,29 +142,42 @@ def restore_weights(model, path, average=False):
 def restore_init_weights(model, path, average):
     """`--init_checkpoint=path`: a run directory (its newest readable checkpoint) or a checkpoint prefix. Returns
     the checkpoint it restored."""
+    return restore_newest_readable(model, named_by(path, "--init_checkpoint"), average)
+
+
+def named_by(path, flag, kind="a run directory"):
+    """The checkpoints that `flag`=`path` names, newest first: a checkpoint prefix (RUN/ckpt-300) alone, or those
+    in a directory (`kind`: what the flag expects such a directory to be)."""
     if run_dir.exists(path + ".index"):
-        restore_weights(model, path, average)
-        return path
+        return [path]
     if not run_dir.isdir(path):
-        raise UserError(f"--init_checkpoint={path} is neither a run directory nor a checkpoint prefix "
-                        "such as RUN/ckpt-300")
+        raise UserError(f"{flag}={path} is neither {kind} nor a checkpoint prefix such as RUN/ckpt-300")
     found = candidates(path)
     if not found:
-        raise UserError(f"--init_checkpoint={path}: that directory holds no checkpoint")
-    return restore_newest_readable(model, found, average)
+        raise UserError(f"{flag}={path}: that directory holds no checkpoint")
+    return found
 
 
 def restore_newest_readable(model, paths, average):
-    """Restores the weights of the first readable checkpoint of `paths`, warning of each unreadable one before it
-    (as training skips a truncated or corrupt checkpoint); returns its path. A checkpoint of another model is an
-    error at once, and so is finding none readable."""
+    """Restores the weights of the first readable checkpoint of `paths` (e.g. named_by's), as training resumes
+    (first_readable); returns its path. A checkpoint of another model is an error at once, and so is finding none
+    readable."""
+    path = first_readable(paths, lambda p: restore_weights(model, p, average))
+    if path is None:
+        raise UserError(f"no readable checkpoint among {', '.join(paths)}")
+    return path
+
+
+def first_readable(paths, restore):
+    """Calls `restore(path)` on `paths` in turn until one does not raise Unreadable, warning of each that does (a
+    truncated or corrupt checkpoint is skipped in favour of the previous one); returns that path, or None."""
     for path in paths:
         try:
-            restore_weights(model, path, average)
+            restore(path)
             return path
         except Unreadable as e:
-            logging.warning("%s; trying the previous one", e)
-    raise UserError(f"no readable checkpoint among {', '.join(paths)}")
+            logging.warning("%s; falling back to the previous one", e)
+    return None
 
 
 def check_resume_config(model_dir, config):

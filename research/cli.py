@@ -122,6 +122,16 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def run_tool_parser(prog, doc):
+    """The command line of a tool that reads one run (evaluate, predict, export): --model_dir and --checkpoint, the
+    same for all of them, before the tool's own arguments."""
+    parser = Parser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True, help="The run directory.")
+    parser.add_argument("--checkpoint", default="latest",
+                        help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+    return parser
+
+
 def parse_args(parser, argv=None):
     """`parser.parse_args(argv)`, a mistake being one error line and exit status 2 (for use before `run`)."""
     try:

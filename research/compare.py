@@ -1,6 +1,6 @@
 """Compare finished and running runs: `python -m research.compare RUN_DIR_OR_SWEEP_ROOT... [--sort=eval_loss]`.
 
-A run is a directory with flags.txt (see research/train.py); a sweep root (launch/sweep.py) is a directory with
+A run is a directory with flags.txt (see research/trainer.py); a sweep root (launch/sweep.py) is a directory with
 runs beneath it. The table shows only the flags that differ between the runs, since the rest says nothing about
 why their results differ. Runs whose flags differ only in --seed are one row with the mean ± sample standard
 deviation over seeds, because one seed's accuracy is too noisy to rank settings by (--per_run shows every run).
@@ -24,14 +24,13 @@ if __name__ == "__main__":
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from research import UserError, run_dir  # noqa: E402
+from research import UserError, config as config_lib, run_dir  # noqa: E402
 
 ASCENDING = ("eval_loss", "train_loss", "steps", "wall_time_s", "params")
 METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps", "wall_time_s", "params",
            "eval_top5_accuracy")
 WITH_STD = ("eval_accuracy", "eval_top5_accuracy", "eval_loss", "train_accuracy", "train_loss")
 TABLE_METRICS = ("steps", "eval_accuracy", "eval_top5_accuracy", "eval_loss", "wall_time_s", "params")
-IGNORED_FLAGS = ("model_dir",)  # Differs between any two runs and says nothing about them.
 
 
 def find_runs(paths):
@@ -109,9 +108,10 @@ def read_run(path, name, sweep_status):
 
 
 def differing_flags(runs):
-    """Names of the flags whose values are not the same in every run, in flags.txt order."""
+    """Names of the flags whose values are not the same in every run, in flags.txt order, but for where their files
+    are (PATH flags: the run directory differs between any two runs, and says nothing about them)."""
     names = list(dict.fromkeys(name for run in runs for name in run["flags"]))
-    return [name for name in names if name not in IGNORED_FLAGS
+    return [name for name in names if name not in config_lib.names_with(config_lib.PATH)
             and len({run["flags"].get(name) for run in runs}) > 1]
 
 

@@ -5,7 +5,8 @@ command line and flagfiles; tests and other programs build it with `make_config(
 override through the same flag parser, so both paths accept and reject exactly the same values. The resolved
 configuration is written to `model_dir/flags.txt` and is itself a valid `--flagfile`.
 
-This module defines the flags every run has (splits, model name, optimization, length, devices). A module that
+This module defines the flags every run has (dataset, splits and where data is, model name, optimization, length,
+devices). A module that
 owns a setting defines its flag itself, with `declare`, and checks it in a `@checks` function: each model family
 (research/models), the augmentations (research/augment.py, research/mix.py), preprocessing and TFDS reading
 (research/data). This module imports none of them (absl only): it sits at the bottom of the import graph, and a
@@ -17,8 +18,8 @@ Roles: every flag says what it is to the rest of the code, and every consumer re
   TUNABLE     what a researcher changes on purpose between a run and its resume: learning rate, run length,
               evaluation and checkpoint cadence, devices, logging. A resume allows it and records the change in
               flags_history.jsonl.
-  PATH        where files are (the run directory, the data, a checkpoint to start from): may change on resume
-              (data moved); not an HParam.
+  PATH        where files are kept that do not change the run's numbers (the run directory, the data): may change
+              on resume (data moved); not an HParam, not compared between runs.
   TOOL        a setting of one program (research.benchmark's timing), not of a run: not in flags.txt.
 Every run flag but the PATH ones is an HParam. A flag may also say when it has an effect (`only_if`): a run that
 gives it another value than its default where it has none is warned, in one line, that the value is ignored.
@@ -85,6 +86,14 @@ declare(CHECKPOINT, flags.DEFINE_string(
     "both, e.g. 'train[:90%]'."))
 declare(TUNABLE, flags.DEFINE_string(
     "eval_split", "test", "Split to evaluate on, every example exactly once (e.g. test, val)."))
+declare(PATH, flags.DEFINE_string(
+    "data_dir", None, "Where TFDS keeps prepared datasets (TFDS default: ~/tensorflow_datasets)."),
+        only_if=lambda c: not c.dataset.startswith("folder:"), when="for TFDS datasets, not folder:PATH")
+declare(PATH, flags.DEFINE_string(
+    "tfds_manual_dir", None,
+    "Folder holding the dataset's source files fetched by hand (TFDS DownloadConfig(manual_dir=...)), "
+    "e.g. ../shared/datasets/mnist. Used only when the dataset is not yet prepared in --data_dir."),
+        only_if=lambda c: not c.dataset.startswith("folder:"), when="for TFDS datasets, not folder:PATH")
 
 # --- model ------------------------------------------------------------------------------------------------------------
 declare(CHECKPOINT, flags.DEFINE_string(
@@ -183,7 +192,7 @@ declare(TUNABLE, flags.DEFINE_list(
     "profile_steps", [],
     "Capture a TensorBoard profile of the loop of steps containing these steps; 'first' and 'last' "
     "name the first loop after warm-up and the final loop."))
-declare(PATH, flags.DEFINE_string(
+declare(TUNABLE, flags.DEFINE_string(  # A path, but one that changes the run's numbers: an HParam, compared.
     "init_checkpoint", None,
     "Start a new run from the model weights of this checkpoint or run directory (its latest "
     "checkpoint): the raw trained weights, or their moving average with --init_from_average "

@@ -15,10 +15,7 @@ import sys
 
 from research import cli
 
-PARSER = cli.Parser(prog="python -m research.evaluate", description=__doc__.split("\n\n")[0])
-PARSER.add_argument("--model_dir", required=True, help="The run directory.")
-PARSER.add_argument("--checkpoint", default="latest",
-                    help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+PARSER = cli.run_tool_parser("python -m research.evaluate", __doc__)
 PARSER.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
 PARSER.add_argument("--data_dir", help="TFDS data_dir (default: the run's).")
 PARSER.add_argument("--tfds_manual_dir", help="Source files to prepare the dataset from (default: the run's).")

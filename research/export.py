@@ -23,11 +23,8 @@ import tempfile
 
 from research import cli
 
-PARSER = cli.Parser(prog="python -m research.export", description=__doc__.split("\n\n")[0])
-PARSER.add_argument("--model_dir", required=True, help="The run directory.")
+PARSER = cli.run_tool_parser("python -m research.export", __doc__)
 PARSER.add_argument("--output", required=True, help="New directory for the SavedModel and model.keras.")
-PARSER.add_argument("--checkpoint", default="latest",
-                    help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
 
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
     cli.start()

@@ -5,8 +5,8 @@ only known there. Each replica's batch is paired with itself rolled by one (exam
 pairs them), with one weight per batch, drawn from Beta(alpha, alpha); the targets are the same blend of the two
 one-hot labels and go to the cross-entropy as class probabilities (research/optim.py per_example_loss, where label
 smoothing applies to them as to plain labels). Every random choice comes from `batch_seed(run seed, step,
-replica)`: stateless, so the same batch at the same step is mixed the same eagerly, in `Dataset.map`, and after a
-resume (the step is checkpointed). On another number of replicas the pairs differ, as batch-norm statistics do.
+replica)`: stateless, so the same batch at the same step is mixed the same eagerly, inside the traced step, and
+after a resume (the step is checkpointed). On another number of replicas the pairs differ, as batch-norm statistics do.
 """
 
 import tensorflow as tf

@@ -16,10 +16,7 @@ import warnings
 
 from research import cli
 
-PARSER = cli.Parser(prog="python -m research.predict", description=__doc__.split("\n\n")[0])
-PARSER.add_argument("--model_dir", required=True, help="The run directory.")
-PARSER.add_argument("--checkpoint", default="latest",
-                    help="latest, best, a directory of checkpoints, or a checkpoint prefix (RUN/ckpt-300).")
+PARSER = cli.run_tool_parser("python -m research.predict", __doc__)
 PARSER.add_argument("--top_k", type=int, default=3, help="How many of the most probable classes to show.")
 PARSER.add_argument("images", nargs="+", metavar="IMAGE", help="Image files.")
 

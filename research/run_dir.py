@@ -1,5 +1,6 @@
 """The run directory, on any filesystem TensorFlow can write: the names of its files and every read and write of
-them. Nothing else in the codebase opens a run file.
+them. Nothing else in the codebase opens a run file, but for the console log of a sweep's run (launch/sweep.py
+hands it to the run's process as its stdout).
 
 Every path goes through `tf.io.gfile`, so `--model_dir` (and a sweep root, an export) can be a local path or a URL:
 gs://, s3://, hdfs://, or ram:// (TensorFlow's in-memory filesystem, which the tests use as a stand-in for object
@@ -8,7 +9,7 @@ the filesystem renames (local disks, NFS, HDFS), so that a reader or a kill neve
 piece where it cannot (an object store's upload is atomic by itself). Object stores cannot append, so appending a
 line rewrites the file (metrics.jsonl: one line per evaluation, a few kB).
 
-Layout (research/train.py writes it, the tools read it):
+Layout (research/trainer.py writes it, the tools read it):
   flags.txt      the resolved flags, itself a valid --flagfile      dataset.json   image shape, classes, preprocessing
   data_files.json  the file lists of a --dataset=folder:PATH run
   metrics.jsonl  one JSON line per evaluation                       results.json   the final evaluation and totals
@@ -21,16 +22,26 @@ import contextlib
 import io
 import json
 import os
+import posixpath
 import socket
 import threading
 import time
 
-import tensorflow as tf
 from absl import logging
 
 from research import UserError, config as config_lib
 
-gfile = tf.io.gfile
+
+
+def _tf():
+    """TensorFlow, imported at the first file operation rather than with this module: a sweep's --dry_run names its
+    runs' paths and finds the finished local ones without loading it (it takes seconds)."""
+    import tensorflow  # noqa: PLC0415 - see above.
+    return tensorflow
+
+
+def _gfile():
+    return _tf().io.gfile
 
 FLAGS_FILE = "flags.txt"
 DATASET_FILE = "dataset.json"
@@ -51,7 +62,7 @@ LOG_FILE = "train.log"  # In each run of a sweep: its console output.
 
 
 def join(*parts):
-    return gfile.join(*parts)
+    return posixpath.join(*parts)  # What tf.io.gfile.join does on POSIX systems, for local paths and URLs alike.
 
 
 def is_url(path):
@@ -59,45 +70,45 @@ def is_url(path):
 
 
 def exists(path):
-    return gfile.exists(path)
+    return _gfile().exists(path) if is_url(path) else os.path.exists(path)  # (See _tf.)
 
 
 def isdir(path):
-    return gfile.isdir(path)
+    return _gfile().isdir(path)
 
 
 def listdir(path):
-    return sorted(gfile.listdir(path))
+    return sorted(_gfile().listdir(path))
 
 
 def glob(pattern):
-    return gfile.glob(pattern)
+    return _gfile().glob(pattern)
 
 
 def makedirs(path):
-    gfile.makedirs(path)
+    _gfile().makedirs(path)
 
 
 def remove_tree(path):
-    with contextlib.suppress(tf.errors.OpError):
-        gfile.rmtree(path)
+    with contextlib.suppress(_tf().errors.OpError):
+        _gfile().rmtree(path)
 
 
 def check_filesystem(path, flag="--model_dir"):
     """One error line, before any work, for a path TensorFlow cannot open: an unknown scheme, missing credentials
     or an unreachable object store."""
     try:
-        gfile.exists(path)
-    except tf.errors.OpError as e:
+        _gfile().exists(path)
+    except _tf().errors.OpError as e:
         raise UserError(f"{flag}={path}: TensorFlow cannot open it ({e.message.splitlines()[0][:200]})") from None
 
 
 # ------------------------------------------------------------------------------------------------ Whole files
 def read_text(path):
     try:
-        with gfile.GFile(path, "rb") as f:
+        with _gfile().GFile(path, "rb") as f:
             return f.read().decode()
-    except (tf.errors.OpError, UnicodeDecodeError) as e:
+    except (_tf().errors.OpError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {getattr(e, 'message', e)}") from None
 
 
@@ -113,17 +124,17 @@ def write(path, data):
     data = data.encode() if isinstance(data, str) else data
     temporary = f"{path}.tmp{os.getpid()}"
     try:
-        with gfile.GFile(temporary, "wb") as f:
+        with _gfile().GFile(temporary, "wb") as f:
             f.write(data)
         try:
-            gfile.rename(temporary, path, overwrite=True)
-        except tf.errors.UnimplementedError:  # No rename here: one upload is atomic by itself.
-            gfile.remove(temporary)
-            with gfile.GFile(path, "wb") as f:
+            _gfile().rename(temporary, path, overwrite=True)
+        except _tf().errors.UnimplementedError:  # No rename here: one upload is atomic by itself.
+            _gfile().remove(temporary)
+            with _gfile().GFile(path, "wb") as f:
                 f.write(data)
-    except tf.errors.OpError as e:
-        with contextlib.suppress(tf.errors.OpError):
-            gfile.remove(temporary)
+    except _tf().errors.OpError as e:
+        with contextlib.suppress(_tf().errors.OpError):
+            _gfile().remove(temporary)
         raise UserError(f"cannot write {path}: {e.message.splitlines()[0]}") from None
     return path
 
@@ -134,7 +145,7 @@ def write_json(path, value, indent=1):
 
 def append_line(path, line):
     """Adds one line at the end: the file is rewritten whole (object stores cannot append)."""
-    write(path, (read_text(path) if gfile.exists(path) else "") + line.rstrip("\n") + "\n")
+    write(path, (read_text(path) if _gfile().exists(path) else "") + line.rstrip("\n") + "\n")
 
 
 def save_figure(figure, path, dpi=100, **options):
@@ -146,24 +157,24 @@ def save_figure(figure, path, dpi=100, **options):
 
 def copy_tree(source, target):
     """Copies the directory `source` to `target` (which must not exist) file by file."""
-    for directory, _, files in gfile.walk(source):
+    for directory, _, files in _gfile().walk(source):
         relative = os.path.relpath(directory, source)
         destination = target if relative == "." else join(target, relative)
-        gfile.makedirs(destination)
+        _gfile().makedirs(destination)
         for name in files:
-            gfile.copy(join(directory, name), join(destination, name))
+            _gfile().copy(join(directory, name), join(destination, name))
 
 
 # ------------------------------------------------------------------------------------------------ The run's files
 def is_run(path):
-    """Whether `path` holds a run (train.py writes flags.txt before the first step)."""
-    return gfile.exists(join(path, FLAGS_FILE))
+    """Whether `path` holds a run (research/trainer.py writes flags.txt before the first step)."""
+    return _gfile().exists(join(path, FLAGS_FILE))
 
 
 def check_run(model_dir):
     """Fails with one line unless `model_dir` holds a run."""
     check_filesystem(model_dir)
-    if not gfile.isdir(model_dir):
+    if not _gfile().isdir(model_dir):
         raise UserError(f"--model_dir={model_dir} does not exist")
     if not is_run(model_dir):
         raise UserError(f"--model_dir={model_dir} is not a run directory: it has no {FLAGS_FILE}")
@@ -211,7 +222,7 @@ def write_dataset_info(model_dir, info):
 def read_dataset_info(model_dir):
     """dataset.json as a dict."""
     path = join(model_dir, DATASET_FILE)
-    if not gfile.exists(path):
+    if not _gfile().exists(path):
         raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
     return read_json(path)
 
@@ -227,7 +238,7 @@ def read_metrics(model_dir):
     line; a last line still being written by a running run (on a filesystem without rename) is left out.
     """
     path = join(model_dir, METRICS_FILE)
-    if not gfile.exists(path):
+    if not _gfile().exists(path):
         return []
     by_step = {}
     lines = read_text(path).split("\n")
@@ -251,13 +262,13 @@ def write_results(model_dir, results):
 def read_results(model_dir):
     """results.json, or None for a run that has not finished."""
     path = join(model_dir, RESULTS_FILE)
-    return read_json(path) if gfile.exists(path) else None
+    return read_json(path) if _gfile().exists(path) else None
 
 
 def read_best(model_dir):
     """best/best.json: the best evaluation's accuracy and step so far ({'accuracy': -1} before the first)."""
     path = join(model_dir, BEST_DIR, BEST_FILE)
-    return read_json(path) if gfile.exists(path) else {"accuracy": -1.0}
+    return read_json(path) if _gfile().exists(path) else {"accuracy": -1.0}
 
 
 def write_best(model_dir, accuracy, step):
@@ -269,12 +280,12 @@ def created(model_dir, remove_on_failure=True):
     """Creates `model_dir` if it does not exist, as one error line if it cannot be; if it was created here and
     the block fails before flags.txt is written (bad data, a model that does not fit), it is removed again."""
     check_filesystem(model_dir)
-    is_new = not gfile.exists(model_dir)
-    if not is_new and not gfile.isdir(model_dir):
+    is_new = not _gfile().exists(model_dir)
+    if not is_new and not _gfile().isdir(model_dir):
         raise UserError(f"--model_dir={model_dir} is a file, not a directory")
     try:
-        gfile.makedirs(model_dir)
-    except tf.errors.OpError as e:
+        _gfile().makedirs(model_dir)
+    except _tf().errors.OpError as e:
         reason = e.message.split(";")[-1].strip() if ";" in e.message else e.message.splitlines()[0]
         raise UserError(f"--model_dir={model_dir} cannot be created: {reason}") from None
     if not is_url(model_dir) and not os.access(model_dir, os.W_OK | os.X_OK):
@@ -306,7 +317,7 @@ class Lock:
         self._beating = None
 
     def __enter__(self):
-        if gfile.exists(self.path):
+        if _gfile().exists(self.path):
             holder = self._read()
             if not self._ours(holder) and not self._stale(holder):
                 raise UserError(f"{os.path.dirname(self.path)} is in use by process {holder['pid'] or '?'} on "
@@ -321,13 +332,13 @@ class Lock:
     def __exit__(self, *exc):
         self._stopped.set()
         self._beating.join()
-        with contextlib.suppress(tf.errors.OpError, UserError):
+        with contextlib.suppress(_tf().errors.OpError, UserError):
             if self._ours(self._read()):
-                gfile.remove(self.path)
+                _gfile().remove(self.path)
 
     def _beat(self):
         while not self._stopped.wait(self.HEARTBEAT_S):
-            with contextlib.suppress(tf.errors.OpError, UserError):  # A missed beat is not worth a crash.
+            with contextlib.suppress(_tf().errors.OpError, UserError):  # A missed beat is not worth a crash.
                 self._write()
 
     def _write(self):
@@ -343,7 +354,7 @@ class Lock:
         except (ValueError, KeyError, TypeError):
             host, _, pid = text.partition(" ")
             return {"host": host, "pid": int(pid) if pid.isdigit() else None,
-                    "heartbeat": gfile.stat(self.path).mtime_nsec / 1e9}
+                    "heartbeat": _gfile().stat(self.path).mtime_nsec / 1e9}
 
     def _ours(self, holder):
         return (holder["host"], holder["pid"]) == (self.owner["host"], self.owner["pid"])

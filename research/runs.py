@@ -9,29 +9,13 @@ command line), and the model is rebuilt by the same registry from those flags. N
 
 import collections
 import contextlib
-import dataclasses
 import re
 
 import tensorflow as tf
 
-from research import UserError, checkpoint as checkpoint_lib, config as config_lib, models, run_dir
-from research.data import preprocess
+from research import UserError, checkpoint as checkpoint_lib, config as config_lib, data, models, run_dir
 
 Restored = collections.namedtuple("Restored", "model config dataset checkpoint step")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a model builder, predict and export need to know of the dataset (research.data.Dataset without its
-    sources): the model's input shape, the class names, and how a stored image becomes a model input."""
-    name: str
-    image_shape: tuple
-    class_names: list
-    preprocessing: preprocess.Preprocessing = None
-
-    @property
-    def num_classes(self):
-        return len(self.class_names)
 
 
 def read_config(model_dir, **overrides):
@@ -49,14 +33,9 @@ def read_config(model_dir, **overrides):
 
 
 def read_dataset_info(model_dir):
-    """The dataset metadata train.py records in `model_dir/dataset.json` (name, image_shape, class_names,
-    preprocessing; runs written before preprocessing was recorded resized whole images, unnormalized)."""
-    info = run_dir.read_dataset_info(model_dir)
+    """The dataset metadata (research.data.Metadata) that the run recorded in `model_dir/dataset.json`."""
     try:
-        shape = tuple(info["image_shape"])
-        prep = preprocess.Preprocessing.from_json(info["preprocessing"]) if "preprocessing" in info else \
-            preprocess.Preprocessing(shape[:2], shape[2])
-        return DatasetInfo(info["name"], shape, list(info["class_names"]), prep)
+        return data.Metadata.from_json(run_dir.read_dataset_info(model_dir))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{run_dir.join(model_dir, run_dir.DATASET_FILE)} is unreadable: {e}") from None
 
@@ -72,15 +51,7 @@ def checkpoint_paths(model_dir, checkpoint="latest"):
                 "it is saved at the run's first evaluation"
             raise UserError(f"{model_dir} has no {checkpoint} checkpoint yet ({when})")
         return found
-    if run_dir.exists(checkpoint + ".index"):
-        return [checkpoint]
-    if not run_dir.isdir(checkpoint):
-        raise UserError(f"--checkpoint={checkpoint} is not 'latest', 'best', a directory of checkpoints or a "
-                        "checkpoint prefix such as RUN/ckpt-300")
-    found = checkpoint_lib.candidates(checkpoint)
-    if not found:
-        raise UserError(f"--checkpoint={checkpoint}: no checkpoint in that directory")
-    return found
+    return checkpoint_lib.named_by(checkpoint, "--checkpoint", "'latest', 'best', a directory of checkpoints")
 
 
 def checkpoint_step(path):

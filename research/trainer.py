@@ -74,7 +74,7 @@ def train_and_evaluate(config):
             if flag_changes:
                 run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
             run_dir.write_flags(config.model_dir, config)
-            run_dir.write_dataset_info(config.model_dir, dataset.metadata())
+            run_dir.write_dataset_info(config.model_dir, dataset.metadata().to_json())
             model.summary(expand_nested=True)
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves

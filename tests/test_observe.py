@@ -135,7 +135,7 @@ LARGER_SIBLINGS = {"resnet34", "resnet50", "resnet101", "resnet152", "vit_s16", 
 @pytest.mark.parametrize("name", [name for name in models.names() if name not in LARGER_SIBLINGS])
 def test_every_model_comes_back_whole_from_a_training_style_checkpoint(name, tmp_path):
     config = make_config(tmp_path, model=name)
-    info = runs.DatasetInfo("mnist", (28, 28, 1), [str(i) for i in range(10)])
+    info = data.Metadata("mnist", (28, 28, 1), [str(i) for i in range(10)])
     trained = runs.build_model(config, info)
     optimizer = optim.create_optimizer(config, 10, trained)
     optimizer.build(trained.trainable_variables)
@@ -255,7 +255,7 @@ def test_export_reloads_to_the_checkpoints_predictions(run, tmp_path):
     (predict, ["--model_dir={empty}", "x.png"], "is not a run directory: it has no flags.txt"),
     (export, ["--model_dir={untrained}", "--output={tmp}/out"], "has no latest checkpoint yet"),
     (evaluate, ["--model_dir={untrained}", "--checkpoint=best"], "has no best checkpoint yet"),
-    (evaluate, ["--model_dir={run}", "--checkpoint={run}/ckpt-5"], "is not 'latest', 'best', a directory"),
+    (evaluate, ["--model_dir={run}", "--checkpoint={run}/ckpt-5"], "is neither 'latest', 'best', a directory"),
     (predict, ["--model_dir={run}", "--top_k=0", "x.png"], "--top_k must be at least 1"),
     (export, ["--model_dir={run}"], "the following arguments are required: --output"),
     (evaluate, ["--model_dir={run}", "--bogus"], "unrecognized arguments: --bogus"),

@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _shape_only(shape, classes):
     """What model builders read from a research.data.Dataset."""
-    return runs.DatasetInfo("x", shape, [str(i) for i in range(classes)])
+    return data.Metadata("x", shape, [str(i) for i in range(classes)])
 
 
 @pytest.mark.parametrize("model, shape, params", [

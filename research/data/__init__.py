@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 
 from research.data import pipeline, preprocess, sources
-from research.data.dataset import Dataset
+from research.data.dataset import Dataset, Metadata
 from research.data.pipeline import (READ_ERRORS, eval_input_fn, first_eval_examples, train_input_fn,
                                     unreadable_eval_example, unreadable_example)
 from research.data.preprocess import to_float
@@ -36,5 +36,5 @@ def in_memory(name, class_names, train, eval):
                    sources.ArraySource(*eval, f"{name} eval"), prep, shape)
 
 
-__all__ = ["READ_ERRORS", "Dataset", "eval_input_fn", "first_eval_examples", "in_memory", "load", "pipeline",
+__all__ = ["READ_ERRORS", "Dataset", "Metadata", "eval_input_fn", "first_eval_examples", "in_memory", "load", "pipeline",
            "preprocess", "to_float", "train_input_fn", "unreadable_eval_example", "unreadable_example"]

@@ -28,18 +28,10 @@ from absl import flags
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from research import UserError, run_dir
-from research.config import PATH, TUNABLE, declare
+from research.config import TUNABLE, declare
 from research.data import preprocess, sources
 from research.data.dataset import Dataset
 
-declare(PATH, flags.DEFINE_string(
-    "data_dir", None, "Where TFDS keeps prepared datasets (TFDS default: ~/tensorflow_datasets)."),
-        only_if=lambda c: not c.dataset.startswith("folder:"), when="for TFDS datasets, not folder:PATH")
-declare(PATH, flags.DEFINE_string(
-    "tfds_manual_dir", None,
-    "Folder holding the dataset's source files fetched by hand (TFDS DownloadConfig(manual_dir=...)), "
-    "e.g. ../shared/datasets/mnist. Used only when the dataset is not yet prepared in --data_dir."),
-        only_if=lambda c: not c.dataset.startswith("folder:"), when="for TFDS datasets, not folder:PATH")
 declare(TUNABLE, flags.DEFINE_enum(
     "tfds_read", "auto", ["auto", "memory", "array_record"],
     "How a TFDS dataset is read: memory decodes fixed-size splits into RAM (fastest for small datasets; cached "

@@ -1,4 +1,4 @@
-"""Models, looked up by name: `create(config, dataset)` builds `--model`.
+"""Models, looked up by name: `create(config, dataset)` builds `--model` (the registry: research/models/registry.py).
 
 Each module in this package is one family and everything about it lives in that file, so adding a model touches
 only its own file:
@@ -13,51 +13,22 @@ only its own file:
     integers), one UserError line each.
 A model may also have a `no_weight_decay()` method listing variables of rank > 1 that weight decay should skip
 when --exclude_bias_and_norm_from_weight_decay is set (research/optim.py; ViT's position embeddings).
-Every module here is imported with the package, so that their flags exist before flags are parsed and their Keras
-classes are known to `keras.saving.load_model` as soon as research.models is imported.
+Every family module here is imported with the package, so that their flags exist before flags are parsed and
+their Keras classes are known to `keras.saving.load_model` as soon as research.models is imported.
 """
 
 import importlib
 import pkgutil
 import sys
 
-from research import UserError, cli, config as config_lib
+from research import cli
 
 if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.models` (__main__.py, the summary command):
     cli.start()  # that program starts as every program does (research/cli.py), before TensorFlow loads below.
 
 import tensorflow as tf  # noqa: E402
 
-_BUILDERS = {}
-_MODULES = []
-
-
-def register(name):
-    def decorate(builder):
-        _BUILDERS[name] = builder
-        return builder
-    return decorate
-
-
-def names():
-    return sorted(_BUILDERS)
-
-
-def describe(name):
-    """The builder's one-line description (the first line of its docstring)."""
-    doc = (_BUILDERS[name].__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
-
-
-def create(config, dataset):
-    if config.model not in _BUILDERS:
-        raise UserError(f"--model={config.model} is unknown; choose from {', '.join(names())}")
-    return _BUILDERS[config.model](config, dataset)
-
-
-@config_lib.checks
-def _check_model(config):
-    config_lib.need(config.model in _BUILDERS, f"--model={config.model} is unknown; choose from {', '.join(names())}")
+from research.models.registry import create, describe, names, register  # noqa: E402, F401 - the package's API.
 
 
 def forward_flops(model, image_shape):
@@ -77,5 +48,5 @@ def forward_flops(model, image_shape):
 
 
 for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_"):  # __main__ is the summary command, not a family.
-        _MODULES.append(importlib.import_module(f"{__name__}.{_module.name}"))
+    if not _module.name.startswith("_") and _module.name != "registry":  # __main__ is the summary command.
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -9,12 +9,11 @@ operations to the convolutions and matrix products.
 """
 
 import sys
-import types
 
 import tensorflow as tf
 from absl import flags
 
-from research import UserError, cli, config as config_lib, models
+from research import UserError, cli, config as config_lib, data, models
 
 
 def main(argv=None):
@@ -45,7 +44,7 @@ def main(argv=None):
         **{f.name: f.value for f in config_lib.run_flags() if f.present}, model=args.model, model_dir="unused",
         train_steps=1)
     shape = (args.image_size, args.image_size, args.channels)
-    model = models.create(config, types.SimpleNamespace(image_shape=shape, num_classes=args.num_classes))
+    model = models.create(config, data.Metadata("--image_size", shape, [str(i) for i in range(args.num_classes)]))
     try:
         model(tf.zeros([1, *shape]))
     except ValueError as e:

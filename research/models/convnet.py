@@ -16,7 +16,7 @@ from absl import flags
 
 from research import UserError, config as config_lib
 from research.config import CHECKPOINT, declare
-from research.models import register
+from research.models.registry import register
 
 declare(CHECKPOINT, flags.DEFINE_list(
     "conv_layers", ["32c5s2v", "64c3s2v", "128c3v"],

@@ -20,7 +20,7 @@ from absl import flags
 
 from research import UserError, config as config_lib
 from research.config import CHECKPOINT, declare
-from research.models import register
+from research.models.registry import register
 
 layers = tf.keras.layers
 
