@@ -106,10 +106,7 @@ def candidates(directory):
 def check_fits(variables, path, model_name):
     """Checks, from the checkpoint's index alone, that checkpoint `path` holds exactly `variables` (a model_state)
     by shape; returns {name: shape} of everything it holds. Raises Unreadable, or a UserError naming a misfit."""
-    try:  # The reader itself: tf.train.list_variables takes a prefix for a directory on filesystems such as ram://.
-        shapes = tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
-    except Exception as e:  # noqa: BLE001 - a damaged index surfaces as OpError, IndexError, ValueError, ...
-        raise Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    shapes = read_shapes(path)
     wanted = [(f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE", v) for i, v in enumerate(variables)]
     misfits = [f"#{i} {v.path} {list(v.shape)} vs {shapes.get(key)}" for i, (key, v) in enumerate(wanted)
                if shapes.get(key) != list(v.shape)]
@@ -118,6 +115,14 @@ def check_fits(variables, path, model_name):
         raise UserError(f"checkpoint {path} does not fit --model={model_name}: it holds {held} model variables, "
                         f"the model has {len(wanted)}" + (f"; first misfit {misfits[0]}" if misfits else ""))
     return shapes
+
+
+def read_shapes(path):
+    """{name: shape} of every value checkpoint `path` holds, from its index alone; raises Unreadable."""
+    try:  # The reader itself: tf.train.list_variables takes a prefix for a directory on filesystems such as ram://.
+        return tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
+    except Exception as e:  # noqa: BLE001 - a damaged index surfaces as OpError, IndexError, ValueError, ...
+        raise Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
 
 
 class Unreadable(UserError):
@@ -145,11 +150,12 @@ def restore_weights(model, path, average=False):
         variable.assign(moving_average)
 
 
-def restore_init_weights(model, path, average):
-    """`--init_checkpoint=path`: a run directory (its newest readable checkpoint) or a checkpoint prefix. Returns
-    the checkpoint it restored."""
+def restore_init_weights(model, path, average, restore=restore_weights):
+    """`--init_checkpoint=path`: a run directory (its newest readable checkpoint) or a checkpoint prefix, read by
+    `restore(model, path, average)` (research/transfer.py's reads one of another task). Returns the checkpoint it
+    restored."""
     if run_dir.exists(path + ".index"):
-        restore_weights(model, path, average)
+        restore(model, path, average)
         return path
     if not run_dir.isdir(path):
         raise UserError(f"--init_checkpoint={path} is neither a run directory nor a checkpoint prefix "
@@ -157,16 +163,16 @@ def restore_init_weights(model, path, average):
     found = candidates(path)
     if not found:
         raise UserError(f"--init_checkpoint={path}: that directory holds no checkpoint")
-    return restore_newest_readable(model, found, average)
+    return restore_newest_readable(model, found, average, restore)
 
 
-def restore_newest_readable(model, paths, average):
+def restore_newest_readable(model, paths, average, restore=restore_weights):
     """Restores the weights of the first readable checkpoint of `paths`, warning of each unreadable one before it
     (as training skips a truncated or corrupt checkpoint); returns its path. A checkpoint of another model is an
     error at once, and so is finding none readable."""
     for path in paths:
         try:
-            restore_weights(model, path, average)
+            restore(model, path, average)
             return path
         except Unreadable as e:
             logging.warning("%s; trying the previous one", e)
