@@ -187,7 +187,9 @@ declare(PATH, flags.DEFINE_string(
     "init_checkpoint", None,
     "Start a new run from the model weights of this checkpoint or run directory (its latest "
     "checkpoint): the raw trained weights, or their moving average with --init_from_average "
-    "(optimizer and step start fresh). Ignored when --model_dir already has a checkpoint to resume."))
+    "(optimizer and step start fresh). A head of another shape is made fresh (--init_skip) and an input "
+    "layer of other channels adapted (research/transfer.py). Ignored when --model_dir already has a "
+    "checkpoint to resume."))
 declare(TUNABLE, flags.DEFINE_boolean(
     "init_from_average", False,
     "--init_checkpoint: take the source run's moving average of the weights (a run trained with "

@@ -47,7 +47,8 @@ def pretrained(tmp_path_factory):
     sources = {"resnet": str(root / "resnet")}
     tf.keras.utils.set_random_seed(1)
     for name, image_shape, classes in (("mlp", (28, 28, 1), 10), ("mlp_colour", (28, 28, 3), 3)):
-        model = models.create(make_config("unused"), types.SimpleNamespace(num_classes=classes, image_shape=image_shape))
+        dataset = types.SimpleNamespace(num_classes=classes, image_shape=image_shape)
+        model = models.create(make_config("unused"), dataset)
         model(tf.zeros([1, *image_shape]))
         sources[name] = tf.train.Checkpoint(model_variables=list(model.variables)).write(str(root / name / "ckpt"))
     return sources
@@ -56,7 +57,8 @@ def pretrained(tmp_path_factory):
 def latest_values(source):
     """model.variables of a checkpoint prefix, or of a run's latest checkpoint, by position."""
     source = str(source)
-    reader = tf.train.load_checkpoint(source if os.path.exists(source + ".index") else tf.train.latest_checkpoint(source))
+    prefix = source if os.path.exists(source + ".index") else tf.train.latest_checkpoint(source)
+    reader = tf.train.load_checkpoint(prefix)
     count = sum(n.startswith("model_variables/") for n in reader.get_variable_to_shape_map())
     return [reader.get_tensor(f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE") for i in range(count)]
 
@@ -134,7 +136,8 @@ def test_a_linear_probe_leaves_every_other_variable_bit_identical(mock_tfds, pre
                                           **RESNET))
     average = tf.train.load_checkpoint(tf.train.latest_checkpoint(tmp_path))
     for j, i in enumerate(head):
-        np.testing.assert_array_equal(model.variables[i].numpy(), average.get_tensor(f"ema/{j}/.ATTRIBUTES/VARIABLE_VALUE"))
+        np.testing.assert_array_equal(model.variables[i].numpy(),
+                                      average.get_tensor(f"ema/{j}/.ATTRIBUTES/VARIABLE_VALUE"))
     np.testing.assert_array_equal(model.variables[0].numpy(), held[0])
 
 
@@ -168,7 +171,8 @@ def test_layer_decay_gives_each_layer_its_rate(name, image_shape):
         expected[v.path] = decay ** (depth + 1 - layer)
     scales = {v.path: optimizer.rate_scale(v) for v in model.trainable_variables}
     assert scales == pytest.approx(expected)
-    assert sorted(set(np.round(list(scales.values()), 9))) == sorted(np.round([decay ** k for k in range(depth + 2)], 9))
+    assert sorted(set(np.round(list(scales.values()), 9))) == sorted(np.round([decay ** k for k in range(depth + 2)],
+                                                                              9))  # Every level has its variables.
     before = [v.numpy() for v in model.trainable_variables]
     optimizer.apply_gradients([(tf.ones_like(v), v) for v in model.trainable_variables])
     for value, v in zip(before, model.trainable_variables):
