@@ -40,7 +40,7 @@ if __name__ == "__main__":
 import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, distribute, models, optim, train_lib  # noqa: E402
+from research import UserError, data, distribute, models, optim, train_lib, transfer  # noqa: E402
 from research.config import TOOL, declare  # noqa: E402
 from research.data import input_benchmark  # noqa: E402
 
@@ -214,6 +214,7 @@ class _KerasFit:
         with strategy.scope():
             self.model = models.create(config, dataset)
             self.model(tf.zeros([1, *dataset.image_shape]))  # Built, for the optimizer's weight-decay exclusions.
+            transfer.freeze(self.model, config)
             self.model.compile(optimizer=optim.create_optimizer(config, total_steps, self.model),
                                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                                metrics=["accuracy"], steps_per_execution=steps_per_execution,

@@ -100,10 +100,7 @@ def candidates(directory):
 def check_fits(variables, path, model_name):
     """Checks, from the checkpoint's index alone, that checkpoint `path` holds exactly `variables` (a model_state)
     by shape; returns {name: shape} of everything it holds. Raises Unreadable, or a UserError naming a misfit."""
-    try:  # The reader itself: tf.train.list_variables takes a prefix for a directory on filesystems such as ram://.
-        shapes = tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
-    except Exception as e:  # noqa: BLE001 - a damaged index surfaces as OpError, IndexError, ValueError, ...
-        raise Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    shapes = read_shapes(path)
     wanted = [(f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE", v) for i, v in enumerate(variables)]
     misfits = [f"#{i} {v.path} {list(v.shape)} vs {shapes.get(key)}" for i, (key, v) in enumerate(wanted)
                if shapes.get(key) != list(v.shape)]
@@ -112,6 +109,14 @@ def check_fits(variables, path, model_name):
         raise UserError(f"checkpoint {path} does not fit --model={model_name}: it holds {held} model variables, "
                         f"the model has {len(wanted)}" + (f"; first misfit {misfits[0]}" if misfits else ""))
     return shapes
+
+
+def read_shapes(path):
+    """{name: shape} of every value checkpoint `path` holds, from its index alone; raises Unreadable."""
+    try:  # The reader itself: tf.train.list_variables takes a prefix for a directory on filesystems such as ram://.
+        return tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
+    except Exception as e:  # noqa: BLE001 - a damaged index surfaces as OpError, IndexError, ValueError, ...
+        raise Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
 
 
 class Unreadable(UserError):
@@ -139,10 +144,11 @@ def restore_weights(model, path, average=False):
         variable.assign(moving_average)
 
 
-def restore_init_weights(model, path, average):
-    """`--init_checkpoint=path`: a run directory (its newest readable checkpoint) or a checkpoint prefix. Returns
-    the checkpoint it restored."""
-    return restore_newest_readable(model, named_by(path, "--init_checkpoint"), average)
+def restore_init_weights(model, path, average, restore=restore_weights):
+    """`--init_checkpoint=path`: a run directory (its newest readable checkpoint) or a checkpoint prefix, read by
+    `restore(model, path, average)` (research/transfer.py's reads one of another task). Returns the checkpoint it
+    restored."""
+    return restore_newest_readable(model, named_by(path, "--init_checkpoint"), average, restore)
 
 
 def named_by(path, flag, kind="a run directory"):
@@ -158,11 +164,11 @@ def named_by(path, flag, kind="a run directory"):
     return found
 
 
-def restore_newest_readable(model, paths, average):
-    """Restores the weights of the first readable checkpoint of `paths` (e.g. named_by's), as training resumes
-    (first_readable); returns its path. A checkpoint of another model is an error at once, and so is finding none
-    readable."""
-    path = first_readable(paths, lambda p: restore_weights(model, p, average))
+def restore_newest_readable(model, paths, average, restore=restore_weights):
+    """Restores, by `restore(model, path, average)`, the weights of the first readable checkpoint of `paths` (e.g.
+    named_by's), as training resumes (first_readable); returns its path. A checkpoint of another model is an error
+    at once, and so is finding none readable."""
+    path = first_readable(paths, lambda p: restore(model, p, average))
     if path is None:
         raise UserError(f"no readable checkpoint among {', '.join(paths)}")
     return path

@@ -1,6 +1,10 @@
 """Optimizer, learning-rate schedule and loss, from flags."""
 
+import types
+
 import tensorflow as tf
+
+from research import transfer
 
 keras = tf.keras
 
@@ -35,8 +39,10 @@ def learning_rate(config, total_steps):
 def create_optimizer(config, total_steps, model):
     """Create inside `strategy.scope()`, after building `model`. Gradient clipping is not set here: the train step
     clips on the norm of the gradient summed over replicas, which Keras' own clipnorm (applied per replica) would
-    not. Under mixed_float16 the optimizer is wrapped in Keras' dynamic loss scaler."""
-    optimizer = _optimizer(config, total_steps)
+    not. Under mixed_float16 the optimizer is wrapped in Keras' dynamic loss scaler. With --layer_decay each
+    variable trains at its own share of the rate (RateScales)."""
+    layer_rates = config.layer_decay != 1 and config.trainable == "all"
+    optimizer = _optimizer(config, total_steps, transfer.layer_rate_scales(model, config) if layer_rates else None)
     if config.exclude_bias_and_norm_from_weight_decay:
         optimizer.exclude_from_weight_decay(var_list=weight_decay_exempt(model))
     if config.mixed_precision == "mixed_float16":
@@ -51,18 +57,46 @@ def weight_decay_exempt(model):
     return [v for v in model.trainable_variables if len(v.shape) <= 1 or id(v) in listed]
 
 
-def _optimizer(config, total_steps):
-    lr = learning_rate(config, total_steps)
+def _optimizer(config, total_steps, rate_scales):
     decay = config.weight_decay or None
-    if config.optimizer == "adam":
-        return keras.optimizers.Adam(lr, weight_decay=decay)
-    if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay or 0.004)
-    if config.optimizer == "adamax":
-        return keras.optimizers.Adamax(lr, weight_decay=decay)
-    if config.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(lr, momentum=config.momentum, weight_decay=decay)
-    return keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=decay)
+    optimizer_class, options = {
+        "adam": (keras.optimizers.Adam, dict(weight_decay=decay)),
+        "adamw": (keras.optimizers.AdamW, dict(weight_decay=config.weight_decay or 0.004)),
+        "adamax": (keras.optimizers.Adamax, dict(weight_decay=decay)),
+        "rmsprop": (keras.optimizers.RMSprop, dict(momentum=config.momentum, weight_decay=decay)),
+        "sgd": (keras.optimizers.SGD, dict(momentum=config.momentum, nesterov=config.nesterov, weight_decay=decay)),
+    }[config.optimizer]
+    if rate_scales is None:
+        return optimizer_class(learning_rate(config, total_steps), **options)
+    optimizer_class = type(f"{optimizer_class.__name__}WithRateScales", (RateScales, optimizer_class), {})
+    optimizer = optimizer_class(learning_rate(config, total_steps), **options)
+    optimizer.set_rate_scales(rate_scales)
+    return optimizer
+
+
+class RateScales:
+    """Mixin for a Keras optimizer class: each variable trains at the schedule's rate times a scale of its own
+    (--layer_decay). The scale enters `update_step`, where Keras hands the optimizer its rate: scaling gradients
+    instead would be undone by Adam's, Adamax's and RMSprop's normalisation by their magnitude. Decoupled weight
+    decay follows each variable's scaled rate too, as in timm's and BEiT's parameter groups (Keras itself decays
+    every variable at the unscaled rate, before the updates; per variable, decay then update is the same)."""
+
+    def set_rate_scales(self, scales):
+        """`scales`: [(variable, scale)] for every variable the optimizer trains. Call before building it."""
+        self._rate_scales = types.MappingProxyType({self._var_key(v): float(s) for v, s in scales})
+
+    def rate_scale(self, variable):
+        return self._rate_scales[self._var_key(variable)]
+
+    def update_step(self, gradient, variable, learning_rate):
+        rate = learning_rate * self.rate_scale(variable)
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            self.assign_sub(variable, variable * tf.cast(self.weight_decay, variable.dtype)
+                            * tf.cast(rate, variable.dtype))
+        super().update_step(gradient, variable, rate)
+
+    def _apply_weight_decay(self, variables):
+        """Nothing: update_step decays each variable at its own rate."""
 
 
 def per_example_loss(targets, logits, label_smoothing=0.0):

@@ -13,7 +13,7 @@ import re
 
 import tensorflow as tf
 
-from research import UserError, checkpoint as checkpoint_lib, config as config_lib, data, models, run_dir
+from research import UserError, checkpoint as checkpoint_lib, config as config_lib, data, models, run_dir, transfer
 
 Restored = collections.namedtuple("Restored", "model config dataset checkpoint step")
 
@@ -66,6 +66,7 @@ def build_model(config, dataset):
     with float32_policy():
         model = models.create(config, dataset)
         model(tf.zeros([1, *dataset.image_shape]))
+    transfer.freeze(model, config)  # Its trainable variables are those the run's moving average (if any) follows.
     return model
 
 

@@ -9,7 +9,7 @@ import re
 
 import tensorflow as tf
 
-from research import UserError, data, mix, models, optim
+from research import UserError, data, mix, models, optim, transfer
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -43,6 +43,7 @@ def build(config, dataset, strategy, total_steps):
                       if line.strip() and not line.startswith("Exception encountered")]
             raise UserError(f"--model={config.model} does not fit {dataset.name}'s {dataset.image_shape} images: "
                             f"{(reason or [str(e)])[0]}") from None
+        transfer.freeze(model, config)
         optimizer = optim.create_optimizer(config, total_steps, model)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")

@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from research import (UserError, checkpoint, config as config_lib, data, distribute, plots, reporting, run_dir,
-                      train_lib)
+                      train_lib, transfer)
 
 
 class Preempted(Exception):
@@ -63,8 +63,7 @@ def train_and_evaluate(config):
             print(f"Resuming from {restored} at step {int(step.numpy())}" + "".join(
                 f"; --{name}: {old} -> {new}" for name, (old, new) in sorted(flag_changes.items())))
         elif config.init_checkpoint:
-            path = checkpoint.restore_init_weights(model, config.init_checkpoint, config.init_from_average)
-            print(f"Initialised weights from {path}{' (its moving average)' if config.init_from_average else ''}")
+            print(transfer.init_weights(model, config, dataset.image_shape))
         finished = run_dir.read_results(config.model_dir)
         if int(step.numpy()) >= total_steps and finished:
             print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in "

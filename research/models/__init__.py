@@ -4,8 +4,11 @@ Each module in this package is one family and everything about it lives in that 
 only its own file:
   - its builders, registered with `@register("name")`: a builder takes the run config and the dataset (image
     shape, number of classes) and returns a subclassed `tf.keras.Model` whose call returns logits and which keeps
-    its class count as `num_classes` (its get_config needs it anyway; the train step's mixup reads it); the first
-    line of its docstring is what `python -m research.models --list` shows;
+    its class count as `num_classes` (its get_config needs it anyway; the train step's mixup reads it) and its
+    final classifier layer, the head, as `classifier` (research/transfer.py makes it fresh for a new task and
+    trains it alone for a linear probe); a model built of repeated blocks keeps them, in order, as `blocks`
+    (--layer_decay gives each its rate); the first line of its docstring is what `python -m research.models
+    --list` shows;
   - its own absl flags, defined at module level, each declared with its role and when it has an effect
     (`research.config.declare(CHECKPOINT, flags.DEFINE_...(...), only_if=..., when=...)`): research.config then
     treats them as its own (make_config, flags.txt, the resume guard, HParams);

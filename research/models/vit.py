@@ -130,7 +130,7 @@ class ViT(tf.keras.Model):
         rates = [stochastic_depth * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = [EncoderBlock(width, heads, rate) for rate in rates]
         self.norm = layers.LayerNormalization(epsilon=EPSILON)
-        self.head = layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32")
+        self.classifier = layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32")
 
     def call(self, images, training=False):
         patches = self.patch_embedding(images)
@@ -148,7 +148,7 @@ class ViT(tf.keras.Model):
         for block in self.blocks:
             x = block(x, training=training)
         x = self.norm(x)
-        return self.head(x[:, 0] if self.class_token is not None else tf.reduce_mean(x, axis=1))
+        return self.classifier(x[:, 0] if self.class_token is not None else tf.reduce_mean(x, axis=1))
 
     def no_weight_decay(self):
         """Neither timm nor big_vision decays the position embeddings and class token."""

@@ -1,0 +1,179 @@
+"""Carrying a trained network to a new task: `--init_checkpoint` into a model with another head or another number of
+input channels (`--init_skip`), training the head alone (`--trainable=head`, a linear probe), and a learning rate
+per layer (`--layer_decay`).
+
+Checkpoints hold `model.variables` by position (research/checkpoint.py). Two networks of one family built for other
+data differ in at most two of them: the head (the model's `classifier` layer, research/models/__init__.py), whose
+shape follows the number of classes, and the input layer's kernel (the first variable named `kernel`), whose input
+axis follows the number of image channels. Everything else must fit exactly, as for any --init_checkpoint.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+from absl import flags
+
+from research import UserError, checkpoint, config as config_lib
+from research.config import CHECKPOINT, TUNABLE, declare
+
+declare(TUNABLE, flags.DEFINE_enum(
+    "init_skip", "none", ["none", "head"],
+    "--init_checkpoint: head makes the head (the final classifier) fresh even when its shape fits (the same "
+    "number of classes with other meanings); a head of another shape is always made fresh."),
+        only_if=lambda c: c.init_checkpoint, when="with --init_checkpoint")
+declare(CHECKPOINT, flags.DEFINE_enum(
+    "trainable", "all", ["all", "head"],
+    "What trains: all variables, or the head alone (a linear probe: every other variable, batch-norm statistics "
+    "included, keeps the value it starts with, its batch norm running in inference mode)."))
+declare(CHECKPOINT, flags.DEFINE_float(
+    "layer_decay", 1.0,
+    "Layer-wise learning-rate decay (BEiT/MAE), for models built of blocks (resnet*, vit_*): the head and what "
+    "follows the last block at the full rate, each block below it this factor lower, the stem or embeddings the "
+    "lowest; weight decay follows each variable's rate (1 = off)."),
+        only_if=lambda c: c.trainable == "all", when="with --trainable=all")
+
+
+@config_lib.checks
+def _check_flags(config):
+    config_lib.need(0 < config.layer_decay <= 1, f"--layer_decay must be in (0, 1], got {config.layer_decay}")
+
+
+def init_weights(model, config, image_shape):
+    """--init_checkpoint into `model` (built for images of `image_shape`); returns the line that says what was read,
+    what was made fresh and what was adapted."""
+    notes = []
+
+    def restore(model, path, average):
+        notes[:] = _restore(model, path, average, config.init_skip == "head", image_shape[-1])
+
+    path = checkpoint.restore_init_weights(model, config.init_checkpoint, config.init_from_average, restore)
+    return (f"Initialised weights from {path}{' (its moving average)' if config.init_from_average else ''}"
+            + "".join(f"; {note}" for note in notes))
+
+
+def _restore(model, path, average, skip_head, channels):
+    """Reads checkpoint `path` into `model` by position, the head and input kernel as `init_weights` says; returns
+    the notes on what was not read as it is. Raises checkpoint.Unreadable, or a UserError naming what does not fit."""
+    shapes = checkpoint.read_shapes(path)
+    variables = checkpoint.model_state(model)
+    held = [shapes.get(_key("model_variables", i)) for i in range(len(variables))]
+    head = [i for i, v in enumerate(variables) if any(v is w for w in model.classifier.variables)]
+    fresh = head if skip_head or any(held[i] != list(variables[i].shape) for i in head) else []
+    first_kernel = next((i for i, v in enumerate(variables) if v.name == "kernel"), None)
+    adapted, misfits = {}, []
+    for i, v in enumerate(variables):
+        if i not in fresh and held[i] != list(v.shape):
+            source_channels = _input_channels(held[i], list(v.shape), channels) if i == first_kernel else None
+            if source_channels is None:
+                misfits.append(f"#{i} {v.path} {list(v.shape)} vs {held[i]}")
+            else:
+                adapted[i] = source_channels
+    count = sum(name.startswith("model_variables/") for name in shapes)
+    if misfits or count != len(variables):
+        raise UserError(f"checkpoint {path} does not fit --model={model.name}: it holds {count} model variables, "
+                        f"the model has {len(variables)}" + (f"; first misfit {misfits[0]}" if misfits else "")
+                        + " (only the head and the input layer's channels may differ)")
+    sources = _average_sources(model, shapes, path) if average else {}
+    try:
+        reader = tf.compat.v1.train.NewCheckpointReader(path)
+        values = {i: reader.get_tensor(sources.get(i, _key("model_variables", i))) for i in range(len(variables))
+                  if i not in fresh}
+    except Exception as e:  # noqa: BLE001 - the data files can be damaged while the index is whole.
+        raise checkpoint.Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    for i, value in values.items():
+        variables[i].assign(adapt_input_kernel(value, adapted[i], channels) if i in adapted else value)
+    notes = [f"not loaded, made fresh: the head ({'--init_skip=head' if skip_head else 'another shape'}): "
+             + ", ".join(f"{variables[i].path} {list(variables[i].shape)}"
+                         + ("" if held[i] == list(variables[i].shape) else f" (the checkpoint's {held[i]})")
+                         for i in fresh)] if fresh else []
+    notes += [f"adapted over input channels: {variables[i].path} {held[i]} -> {list(variables[i].shape)}, "
+              + _how(source, channels) for i, source in adapted.items()]
+    return notes
+
+
+def _key(collection, index):
+    return f"{collection}/{index}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _input_channels(held, wanted, channels):
+    """The input channels of a checkpoint's input kernel of shape `held`, where the model's, `wanted`, reads
+    `channels`; None if the two differ in anything else. A convolution's kernel is [height, width, channels, out];
+    a Dense layer's on flattened images [pixels * channels, out]."""
+    if held is None or len(held) != len(wanted) or held[-1] != wanted[-1] or len(wanted) not in (2, 4):
+        return None
+    if len(wanted) == 4:
+        return held[2] if held[:2] == wanted[:2] and wanted[2] == channels else None
+    pixels, remainder = divmod(wanted[0], channels)
+    return held[0] // pixels if not remainder and held[0] % pixels == 0 else None
+
+
+def adapt_input_kernel(kernel, source_channels, channels):
+    """timm's adapt_input_conv over the input-channel axis of an input kernel ([..., channels, out] as a
+    [-1, channels, out] view, which also reads a Dense kernel on flattened height x width x channels images): summed
+    into one channel, or repeated to `channels` and scaled by source_channels / channels, so that an image whose
+    channels are all equal gives the first layer the output the source gave for one of them."""
+    view = kernel.reshape(-1, source_channels, kernel.shape[-1])
+    if channels == 1:
+        adapted = view.sum(axis=1, keepdims=True)
+    else:
+        adapted = np.tile(view, (1, math.ceil(channels / source_channels), 1))[:, :channels] * (
+            source_channels / channels)
+    return adapted.reshape(*kernel.shape[:-2], -1, kernel.shape[-1]).astype(kernel.dtype)
+
+
+def _how(source, channels):
+    if channels == 1:
+        return f"its {source} channels summed"
+    return f"its {source} channel{'s' * (source > 1)} repeated to {channels} and scaled by {source}/{channels}"
+
+
+def _average_sources(model, shapes, path):
+    """{position: checkpoint key} of the moving averages to read instead of raw weights. The `ema` list of a run
+    is parallel to its trainable variables: every variable created trainable, or the head alone if the run was a
+    linear probe (whose other weights never moved from their raw values)."""
+    count = sum(name.startswith("ema/") and name.endswith("/.ATTRIBUTES/VARIABLE_VALUE") for name in shapes)
+    if not count:
+        raise UserError(f"{path} holds no moving average of the weights (its run had no --ema_decay)")
+    # Keras keeps each layer's variables created trainable in `_trainable_variables`, whatever --trainable froze.
+    created = {id(v) for layer in model._flatten_layers() for v in layer._trainable_variables}
+    head = {id(v) for v in model.classifier.variables}
+    for averaged in (created, head):
+        positions = [i for i, v in enumerate(checkpoint.model_state(model)) if id(v) in averaged]
+        if len(positions) == count:
+            return {i: _key("ema", j) for j, i in enumerate(positions)}
+    raise UserError(f"{path} holds moving averages of {count} variables, neither of all {len(created)} trainable "
+                    f"variables of --model={model.name} nor of its head's {len(head)}")
+
+
+def freeze(model, config):
+    """--trainable=head: everything but the head stops training; Keras runs a frozen BatchNormalization layer in
+    inference mode, so its statistics stay too. Call on a built model, before building its optimizer."""
+    if config.trainable == "all":
+        return
+    for layer in model.layers:
+        if layer is not model.classifier:
+            layer.trainable = False
+    head = {id(v) for v in model.classifier.variables}
+    for v in model.trainable_variables:  # The model's own weights (ViT's class token, position embeddings).
+        if id(v) not in head:
+            v.trainable = False
+
+
+def layer_rate_scales(model, config):
+    """[(variable, scale of the learning rate)] for `model.trainable_variables` under --layer_decay=F, the BEiT/MAE
+    convention (timm's param_groups_layer_decay): with N blocks, the head and what follows the last block at 1,
+    block i of 1..N at F ** (N + 1 - i), what precedes the first block (stem, patch and position embeddings, class
+    token) at F ** (N + 1)."""
+    blocks = getattr(model, "blocks", None)
+    if not blocks:
+        raise UserError(f"--layer_decay needs a model built of blocks (resnet*, vit_*); --model={config.model} "
+                        "has none")
+    layer_of = {id(v): i + 1 for i, block in enumerate(blocks) for v in block.variables}
+    trainable = {id(v) for v in model.trainable_variables}
+    scales, layer = [], 0
+    for v in model.variables:  # In the architecture's order: what precedes the blocks, the blocks, what follows.
+        layer = layer_of.get(id(v), len(blocks) + 1 if layer else 0)
+        if id(v) in trainable:
+            scales.append((v, config.layer_decay ** (len(blocks) + 1 - layer)))
+    return scales
