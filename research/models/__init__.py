@@ -11,6 +11,7 @@ only its own file:
     treats them as its own (make_config, flags.txt, the resume guard, HParams);
   - optionally a `@research.config.checks` function: checks of its flags (and conversions such as strings to
     integers), one UserError line each.
+The few flags that several families read (`--sync_batchnorm`, `--stochastic_depth`) are defined here, once.
 A model may also have a `no_weight_decay()` method listing variables of rank > 1 that weight decay should skip
 when --exclude_bias_and_norm_from_weight_decay is set (research/optim.py; ViT's position embeddings).
 Every module here is imported with the package, so that their flags exist before flags are parsed and their Keras
@@ -27,6 +28,22 @@ if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.models`
     cli.start()  # that program starts as every program does (research/cli.py), before TensorFlow loads below.
 
 import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
+
+from research.config import CHECKPOINT, declare  # noqa: E402
+
+declare(CHECKPOINT, flags.DEFINE_boolean(
+    "sync_batchnorm", False,
+    "resnet* and convnet: batch-norm statistics over the global batch, all-reduced over the replicas at every "
+    "batch-norm layer (Keras BatchNormalization(synchronized=True)), instead of over each replica's share; "
+    "for large models at small per-replica batches. One replica: the same statistics either way."),
+        only_if=lambda c: c.model.startswith("resnet") or c.model == "convnet", when="with --model=resnet* or convnet")
+declare(CHECKPOINT, flags.DEFINE_float(
+    "stochastic_depth", 0.0,
+    "vit_* and resnet*: stochastic depth (0 = off): each residual branch (ViT: attention and MLP; ResNet: the "
+    "block's convolutions) is dropped for whole examples, at a rate rising linearly from 0 at the first block "
+    "to this at the last; seeded as dropout is."),
+        only_if=lambda c: c.model.startswith(("vit_", "resnet")), when="with --model=vit_* or resnet*")
 
 _BUILDERS = {}
 _MODULES = []
@@ -58,6 +75,14 @@ def create(config, dataset):
 @config_lib.checks
 def _check_model(config):
     config_lib.need(config.model in _BUILDERS, f"--model={config.model} is unknown; choose from {', '.join(names())}")
+    config_lib.need(0 <= config.stochastic_depth < 1,
+                    f"--stochastic_depth must be in [0, 1), got {config.stochastic_depth}")
+
+
+def drop_rates(rate, blocks):
+    """Stochastic depth's drop rate of each of `blocks` residual blocks: rising linearly from 0 at the first to
+    `rate` at the last (Huang et al. 2016; timm's and big_vision's schedule)."""
+    return [rate * i / max(1, blocks - 1) for i in range(blocks)]
 
 
 def forward_flops(model, image_shape):
