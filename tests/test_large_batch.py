@@ -118,6 +118,12 @@ def test_sync_batchnorm_makes_two_replicas_train_as_one_device(mock_tfds, tmp_pa
         _assert_close(one_device, per_replica, rtol=1e-4, atol=1e-5)
 
 
+def test_sync_batchnorm_under_xla_on_mirrored_cpus_is_one_error_line(mock_tfds, tmp_path):
+    with pytest.raises(UserError, match="--sync_batchnorm with --jit_compile needs GPU replicas"):
+        _train(make_config(tmp_path, model="convnet", conv_layers="4c3s2", strategy="mirrored", sync_batchnorm=True,
+                           jit_compile=True))
+
+
 @pytest.mark.parametrize("model", ["resnet_small", "resnet18", "convnet"])
 def test_sync_batchnorm_reaches_every_batch_norm_layer(model):
     def batch_norms(sync):
