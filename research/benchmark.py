@@ -21,6 +21,8 @@ image) over the device's peak for the precision, from PEAK_TFLOPS; unknown devic
 --input_only measures the input pipeline alone instead (research/data/input_benchmark.py): images/s with 1 thread
 and with every core, next to a bare decode-crop-resize loop over the same image files, peak memory, and the time to
 the first batch.
+--nobenchmark_fit times our loop alone (the peak memory is then its own: --grad_accum_steps=1 against 4, in two
+processes); --cpu_devices=N splits the CPU into N devices, so that --strategy=mirrored has N replicas without GPUs.
 """
 
 import json
@@ -70,6 +72,14 @@ declare(TOOL, flags.DEFINE_boolean(
     "input_only", False,
     "Measure only the training input pipeline (--input_steps batches, with 1 thread and every "
     "core), beside a bare decode-crop-resize loop over the same image files; no model."))
+declare(TOOL, flags.DEFINE_boolean(
+    "benchmark_fit", True,
+    "Also time Keras fit on a copy of the network; --nobenchmark_fit times our loop alone, so that the peak "
+    "memory reported is our step's."))
+declare(TOOL, flags.DEFINE_integer(
+    "cpu_devices", 1,
+    "Split the CPU into this many logical devices, so that --strategy=mirrored has that many replicas without "
+    "GPUs (how the all-reduce's cost shows on a CPU-only machine)."))
 
 FLAGS = flags.FLAGS
 
@@ -85,9 +95,10 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=None, input_steps=5000,
-        synthetic=None):
+        synthetic=None, fit=True):
     """Runs every measurement; returns the results as a JSON-ready dict (what --json prints). `synthetic`:
-    (image size, classes) to train on a repeated random batch (synthetic_dataset) instead of --dataset."""
+    (image size, classes) to train on a repeated random batch (synthetic_dataset) instead of --dataset; `fit`:
+    whether Keras fit is timed too."""
     started = time.time()
     fit_spe = fit_steps_per_execution or config.steps_per_loop
     for name, value, least in (("benchmark_steps", steps, 1), ("benchmark_warmup_steps", warmup_steps, 0),
@@ -116,7 +127,7 @@ def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=N
     if warmup_steps:
         ours_steps_per_sec(warmup_steps)
     fits = {f"fit_spe{spe}": _KerasFit(config, dataset, ours.strategy, ours.input_fn, ours.total_steps, spe)
-            for spe in sorted({1, fit_spe})}
+            for spe in sorted({1, fit_spe})} if fit else {}
     samples = {"ours": [], **{name: [] for name in fits}}  # Per round: (steps/s, steps per CPU-second).
     for _ in range(rounds):  # Turns, so that a burst of load elsewhere hits one round of each, not one method.
         samples["ours"].append(ours_steps_per_sec(steps))
@@ -125,7 +136,7 @@ def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=N
     rates = {name: [wall * config.batch_size for wall, _ in values] for name, values in samples.items()}
     best = {name: max(values) for name, values in rates.items()}
     best_cpu = {name: max(cpu * config.batch_size for _, cpu in values) for name, values in samples.items()}
-    fit_best = max(best[name] for name in fits)
+    fit_best = max(best[name] for name in fits) if fits else None
     input_rates = None if synthetic else {  # A repeated batch in memory: nothing worth timing.
         name: rate * config.batch_size
         for name, rate in _input_steps_per_sec(ours.strategy, ours.input_fn, input_steps).items()}
@@ -144,7 +155,8 @@ def run(config, steps=600, warmup_steps=100, rounds=3, fit_steps_per_execution=N
         "jit_compile": config.jit_compile, "mixed_precision": config.mixed_precision,
         "steps": steps, "warmup_steps": warmup_steps, "rounds": rounds,
         "images_per_sec": best, "images_per_sec_rounds": rates, "images_per_cpu_sec": best_cpu,
-        "ratio_vs_fit_default": best["ours"] / best["fit_spe1"], "ratio_vs_fit_best": best["ours"] / fit_best,
+        "ratio_vs_fit_default": best["ours"] / best["fit_spe1"] if fits else None,
+        "ratio_vs_fit_best": best["ours"] / fit_best if fits else None, "grad_accum_steps": config.grad_accum_steps,
         "input_images_per_sec": input_rates,
         "input_vs_ours": input_rates and input_rates["distributed"] / best["ours"],
         "train_flops_per_image": train_flops,
@@ -285,7 +297,8 @@ def format_table(r):
     names = {"ours": f"ours: make_train_loop ({r['steps_per_loop']} steps/call)"}
     names.update({name: f"keras fit, steps_per_execution={name[len('fit_spe'):]}"
                   for name in r["images_per_sec"] if name != "ours"})
-    lines = [f"{r['model']} on {r['dataset']} {r['image_shape']}, {r['optimizer']}, batch {r['batch_size']}; "
+    micro = f" in {r['grad_accum_steps']} micro-batches (ours)" if r["grad_accum_steps"] > 1 else ""
+    lines = [f"{r['model']} on {r['dataset']} {r['image_shape']}, {r['optimizer']}, batch {r['batch_size']}{micro}; "
              f"{r['strategy']} ({r['replicas']} replica), {r['device']}; threads intra/inter "
              f"{r['threads_intra_inter']} (0 = TF's choice); jit_compile={r['jit_compile']}, {r['mixed_precision']} "
              "(both loops)",
@@ -305,7 +318,8 @@ def format_table(r):
     breakdown = ", ".join(f"{k} {v:.1f}" for k, v in r["first_step_breakdown_s"].items())
     peak = r["peak_flops_per_sec"]
     lines += ["",
-              f"ours / fit default: {r['ratio_vs_fit_default']:.2f}x    ours / fit best: {r['ratio_vs_fit_best']:.2f}x"
+              (f"ours / fit default: {r['ratio_vs_fit_default']:.2f}x    ours / fit best: "
+               f"{r['ratio_vs_fit_best']:.2f}x" if r["ratio_vs_fit_best"] else "(Keras fit not timed)")
               + (f"    input / ours: {r['input_vs_ours']:.1f}x" if inputs else "    (synthetic data: no input)"),
               f"model: {r['params']:,} parameters, {r['train_flops_per_image'] / 1e6:.1f} MFLOP per training image "
               f"({r['flops_method']})",
@@ -331,7 +345,8 @@ def format_comparison(results):
         rates = r["images_per_sec"]
         lines.append(f"{r['mixed_precision']:15} {'yes' if r['jit_compile'] else 'no':4} {rates['ours']:9.1f} "
                      + " ".join(f"{rates[name]:12.1f}" for name in fits)
-                     + f" {r['ratio_vs_fit_best']:13.2f}x {r['achieved_flops_per_sec']['ours'] / 1e12:13.3f} "
+                     + (f" {r['ratio_vs_fit_best']:13.2f}x" if r["ratio_vs_fit_best"] else f" {'n/a':>14}")
+                     + f" {r['achieved_flops_per_sec']['ours'] / 1e12:13.3f} "
                      f"{_percent(r['model_flop_utilization']['ours']):>6}")
     return "\n".join(lines)
 
@@ -357,6 +372,11 @@ def main(argv):
 
 def _benchmark_from_flags(_):
     config = _config_from_flags()
+    if FLAGS.cpu_devices < 1:
+        raise UserError(f"--cpu_devices must be positive, got {FLAGS.cpu_devices}")
+    if FLAGS.cpu_devices > 1:  # Before TensorFlow initialises its devices: nothing above runs an op.
+        tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                                   [tf.config.LogicalDeviceConfiguration()] * FLAGS.cpu_devices)
     if FLAGS.input_only:
         results = input_benchmark.measure(config, data.load(config), FLAGS.input_steps, FLAGS.benchmark_rounds)
         print(json.dumps(results, indent=1) if FLAGS.json else input_benchmark.format_results(results))
@@ -368,7 +388,7 @@ def _benchmark_from_flags(_):
     for variant in variants:
         tf.keras.backend.clear_session()  # The previous variant's models and their memory.
         results.append(run(variant, FLAGS.benchmark_steps, FLAGS.benchmark_warmup_steps, FLAGS.benchmark_rounds,
-                           FLAGS.fit_steps_per_execution, FLAGS.input_steps, synthetic))
+                           FLAGS.fit_steps_per_execution, FLAGS.input_steps, synthetic, FLAGS.benchmark_fit))
     if FLAGS.json:
         print(json.dumps(results if FLAGS.compare_precisions else results[0], indent=1))
     else:

@@ -102,7 +102,7 @@ declare(CHECKPOINT, flags.DEFINE_string(
 declare(CHECKPOINT, flags.DEFINE_float(
     "dropout", 0.0, "Dropout rate (0 = off): mlp, cnn_rgb and resnet_small apply it "
     "before the classifier, convnet at each 'd' of --conv_layers; cnn, resnet18-152 and vit_* have "
-    "none (vit_*: --stochastic_depth)."))
+    "none (resnet* and vit_*: --stochastic_depth)."))
 
 # --- optimization -----------------------------------------------------------------------------------------------------
 declare(CHECKPOINT, flags.DEFINE_enum(

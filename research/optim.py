@@ -50,6 +50,25 @@ def create_optimizer(config, total_steps, model):
     return optimizer
 
 
+def apply_summed_gradients(optimizer):
+    """Makes `optimizer` apply, in a replica context, the gradients it is given as they are, instead of summing them
+    over the replicas first as Keras 3 always does (with no switch to skip it); returns the optimizer.
+
+    For research/train_lib.py's step, which sums the gradient over replicas itself, once, so that the norm it clips
+    and checks is the global batch's: Keras' own sum would be a second all-reduce of every gradient on every step.
+    Keras 3.15 sums in TFOptimizer._all_reduce_sum_gradients (keras/src/backend/tensorflow/optimizer.py), called
+    by every apply (a LossScaleOptimizer's too, through its inner optimizer): that method is replaced on this
+    object. A Keras without it is an error here, not a silent second sum; tests/test_large_batch.py counts the
+    all-reduces of the traced step. Not for an optimizer that Keras fit drives (it passes per-replica gradients).
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not callable(getattr(type(inner), "_all_reduce_sum_gradients", None)):
+        raise RuntimeError(f"this Keras ({keras.__version__}) has no TFOptimizer._all_reduce_sum_gradients to "
+                           "skip: update research/optim.py apply_summed_gradients")
+    inner._all_reduce_sum_gradients = list  # (grads, variables) pairs in, the same pairs out.
+    return optimizer
+
+
 def weight_decay_exempt(model):
     """The variables ImageNet recipes leave undecayed: every one of rank <= 1 (biases, batch/layer-norm scales and
     offsets), and what the model lists in `no_weight_decay()` (research/models: ViT's position embeddings)."""

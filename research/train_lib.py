@@ -8,10 +8,27 @@ import contextlib
 import re
 
 import tensorflow as tf
+from absl import flags
 
-from research import UserError, data, mix, models, optim, transfer
+from research import UserError, config as config_lib, data, mix, models, optim, transfer
+from research.config import CHECKPOINT, declare
 
 SUM = tf.distribute.ReduceOp.SUM
+
+declare(CHECKPOINT, flags.DEFINE_integer(
+    "grad_accum_steps", 1,
+    "Gradient accumulation: each optimizer step sums the gradients of this many micro-batches of "
+    "--batch_size / N examples (global), run one after another inside the step, then clips, checks and "
+    "applies once; --batch_size stays the global batch of one optimizer step (data order, schedule and "
+    "checkpoints as without). Less memory per step; batch-norm statistics are then each micro-batch's."))
+
+
+@config_lib.checks
+def _check_flags(config):
+    config_lib.need(config.grad_accum_steps > 0, f"--grad_accum_steps must be positive, got {config.grad_accum_steps}")
+    config_lib.need(config.batch_size % config.grad_accum_steps == 0,
+                    f"--batch_size={config.batch_size} does not split into --grad_accum_steps="
+                    f"{config.grad_accum_steps} equal micro-batches")
 
 
 def run_length(config, dataset, strategy):
@@ -23,6 +40,9 @@ def run_length(config, dataset, strategy):
     if config.batch_size % strategy.num_replicas_in_sync:
         raise UserError(f"--batch_size={config.batch_size} does not split over "
                         f"{strategy.num_replicas_in_sync} replicas")
+    if config.batch_size % (strategy.num_replicas_in_sync * config.grad_accum_steps):
+        raise UserError(f"--batch_size={config.batch_size} does not split into {strategy.num_replicas_in_sync} "
+                        f"replicas x --grad_accum_steps={config.grad_accum_steps} equal micro-batches")
     return steps_per_epoch, config.train_steps or config.train_epochs * steps_per_epoch
 
 
@@ -59,42 +79,69 @@ def make_train_loop(strategy, model, optimizer, step, config, ema=None):
     and the caller never saves such a state: it stops or restores the last checkpoint). Under mixed_float16 a
     non-finite gradient is instead the loss scaler's business (it skips the update and lowers the scale).
     With --mixup_alpha or --cutmix_alpha each replica mixes its batch, seeded by (seed, step, replica), and trains
-    on the soft targets; accuracy is still counted against the unmixed labels.
+    on the soft targets; accuracy is still counted against the unmixed labels. With --grad_accum_steps=K each
+    replica's batch (mixed first, so the mixing is the same for any K) is cut into K micro-batches whose gradients
+    are summed before the one all-reduce and update.
+    The optimizer is switched to apply the gradients it is given as they are (optim.apply_summed_gradients).
     """
     variables = model.trainable_variables
     num_replicas = strategy.num_replicas_in_sync
     loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
     mixing = config.mixup_alpha or config.cutmix_alpha
+    optim.apply_summed_gradients(optimizer)
+    if (config.jit_compile and config.sync_batchnorm and config_lib.declared("sync_batchnorm").only_if(config)
+            and isinstance(strategy, tf.distribute.MirroredStrategy) and num_replicas > 1
+            and not all("GPU" in device.upper() for device in strategy.extended.worker_devices)):
+        # MirroredStrategy synchronises non-GPU replicas by merge calls, which an XLA-compiled function cannot hold.
+        raise UserError("--sync_batchnorm with --jit_compile needs GPU replicas under --strategy=mirrored; "
+                        "drop one of the two")
 
-    def forward_backward(images, targets):
+    def forward_backward(images, targets, labels):
+        """(loss as a share of the global batch's mean, correct predictions, gradients) of one (micro-)batch."""
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             losses = optim.per_example_loss(targets, logits, config.label_smoothing)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
             scaled_loss = optimizer.scale_loss(loss) if loss_scaling else loss
-        return loss, logits, tape.gradient(scaled_loss, variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
+        return loss, correct, tape.gradient(scaled_loss, variables)
 
     if config.jit_compile:
         forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def accumulated(images, targets, labels):
+        """forward_backward's results summed over --grad_accum_steps equal slices of the batch, run one after
+        another: each slice waits for the previous one's gradients (a control dependency), so that only one
+        slice's activations are alive at a time, which is what saves the memory. Unrolled, not a tf.while_loop:
+        a batch-norm all-reduce (--sync_batchnorm) cannot run inside control flow under MirroredStrategy."""
+        if config.grad_accum_steps == 1:
+            return forward_backward(images, targets, labels)
+        total = None
+        for micro_batch in zip(*(tf.split(t, config.grad_accum_steps) for t in (images, targets, labels))):
+            if total is not None:
+                with tf.control_dependencies(total[2]):
+                    micro_batch = [tf.identity(t) for t in micro_batch]
+            results = forward_backward(*micro_batch)
+            total = results if total is None else (
+                total[0] + results[0], total[1] + results[1], [a + b for a, b in zip(total[2], results[2])])
+        return total
 
     def replica_step(images, labels):
         targets = labels
         if mixing:
             seed = mix.batch_seed(config.seed, step, tf.distribute.get_replica_context().replica_id_in_sync_group)
             images, targets = mix.mix(images, labels, model.num_classes, config.mixup_alpha, config.cutmix_alpha, seed)
-        loss, logits, grads = forward_backward(images, targets)
-        # Sum the gradient over replicas here, so that its norm (for clipping and the NaN check) is the global
-        # batch's, identical on every replica; for the same reason the loss scaler's finiteness check, which looks
-        # at one replica only, sees every replica's overflow. Keras' apply_gradients sums over replicas again and
-        # has no switch to skip that, so it gets 1/n of the sum: n identical copies add up to the sum (exactly,
-        # for n = 2^k).
+        loss, correct, grads = accumulated(images, targets, labels)
+        # The step's one all-reduce: the gradient summed over replicas here, so that its norm (for clipping and the
+        # NaN check) is the global batch's, identical on every replica; for the same reason the loss scaler's
+        # finiteness check, which looks at one replica only, sees every replica's overflow. The optimizer applies
+        # the sum as it is (apply_summed_gradients above), without all-reducing it again.
         grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
         scale = optimizer.dynamic_scale if loss_scaling else 1.0
         norm = tf.linalg.global_norm(grads) / scale
         if config.clip_grad_norm:
             grads, _ = tf.clip_by_global_norm(grads, config.clip_grad_norm * scale, use_norm=norm * scale)
-        optimizer.apply_gradients(zip([g / num_replicas for g in grads], variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
+        optimizer.apply_gradients(zip(grads, variables))
         examples = tf.cast(tf.shape(labels)[0], tf.float32)
         if loss_scaling:
             norm = tf.where(tf.math.is_finite(norm), norm, 0.0)  # An overflow step is skipped, not an error.

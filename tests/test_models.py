@@ -52,7 +52,7 @@ def test_parameter_counts_equal_the_reference_implementations(name, flags, param
 
 @pytest.mark.parametrize("name", STANDARD)
 def test_forward_and_backward_at_a_small_image_size(name):
-    flags = {"stochastic_depth": "0.1"} if name.startswith("vit") else {}
+    flags = {"stochastic_depth": "0.1"}  # Both families drop residual branches.
     model = _build(name, **flags)
     images, labels = tf.random.uniform([2, 32, 32, 3], seed=1), tf.constant([3, 7])
     with tf.GradientTape() as tape:
@@ -149,11 +149,11 @@ def test_summary_mistakes_are_one_error_line(capsys, unparse_flags, args, messag
 def test_model_flags_are_run_flags_and_guard_resume(tmp_path):
     """Defined in their model modules, they reach make_config, flags.txt and the checkpoint guard like any flag."""
     assert {"hidden_units", "widths", "conv_layers", "zero_init_residual", "vit_pooling",
-            "stochastic_depth"} <= set(config_lib.names_with(config_lib.CHECKPOINT))
+            "stochastic_depth", "sync_batchnorm"} <= set(config_lib.names_with(config_lib.CHECKPOINT))
     config = make_config(tmp_path, model="vit_ti16", vit_pooling="gap", stochastic_depth="0.2")
     assert "--vit_pooling=gap\n" in config_lib.to_flagfile(config)
     (tmp_path / "flags.txt").write_text(config_lib.to_flagfile(config))
-    with pytest.raises(UserError, match=r"--vit_pooling: gap -> token; --stochastic_depth: 0.2 -> 0.0"):
+    with pytest.raises(UserError, match=r"--stochastic_depth: 0.2 -> 0.0; --vit_pooling: gap -> token"):
         checkpoint.check_resume_config(str(tmp_path), make_config(tmp_path, model="vit_ti16"))
     with pytest.raises(UserError, match="--widths must be integers"):
         make_config(tmp_path, widths="8,x")

@@ -1,4 +1,4 @@
-"""Models, looked up by name: `create(config, dataset)` builds `--model` (the registry: research/models/registry.py).
+"""Models, looked up by name: `create(config, dataset)` builds `--model` (research/models/_registry.py).
 
 Each module in this package is one family and everything about it lives in that file, so adding a model touches
 only its own file:
@@ -14,6 +14,8 @@ only its own file:
     treats them as its own (make_config, flags.txt, the resume guard, HParams);
   - optionally a `@research.config.checks` function: checks of its flags (and conversions such as strings to
     integers), one UserError line each.
+The few flags that several families read (`--sync_batchnorm`, `--stochastic_depth`) are defined once, in
+research/models/_shared.py.
 A model may also have a `no_weight_decay()` method listing variables of rank > 1 that weight decay should skip
 when --exclude_bias_and_norm_from_weight_decay is set (research/optim.py; ViT's position embeddings).
 Every family module here is imported with the package, so that their flags exist before flags are parsed and
@@ -31,7 +33,7 @@ if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.models`
 
 import tensorflow as tf  # noqa: E402
 
-from research.models.registry import create, describe, names, register  # noqa: E402, F401 - the package's API.
+from research.models._registry import create, describe, names, register  # noqa: E402, F401 - the package's API.
 
 
 def forward_flops(model, image_shape):
@@ -51,5 +53,5 @@ def forward_flops(model, image_shape):
 
 
 for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_") and _module.name != "registry":  # __main__ is the summary command.
+    if not _module.name.startswith("_"):  # Not families: __main__ (the summary command), _registry, _shared.
         importlib.import_module(f"{__name__}.{_module.name}")

@@ -6,7 +6,7 @@ subclassed Model."""
 
 import tensorflow as tf
 
-from research.models.registry import register
+from research.models._registry import register
 
 layers = tf.keras.layers
 

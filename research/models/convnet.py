@@ -5,7 +5,8 @@
   `..s2`   ...with stride 2;  `..v`  ...with 'valid' padding (no border: 28x28 -> 26x26 for 3x3);
   `p`      2x2 max-pooling;   `d`    dropout at --dropout;
 then Flatten and a Dense layer to the classes. Batch norm after every convolution is what lets these networks take
-large learning rates, which is most of what makes configs/mnist_fast.cfg fast. Registered with Keras and with
+large learning rates, which is most of what makes configs/mnist_fast.cfg fast (`--sync_batchnorm`: their statistics
+over the global batch rather than each replica's share). Registered with Keras and with
 `get_config`, so `.keras` saving can rebuild it.
 """
 
@@ -16,7 +17,7 @@ from absl import flags
 
 from research import UserError, config as config_lib
 from research.config import CHECKPOINT, declare
-from research.models.registry import register
+from research.models._registry import register
 
 declare(CHECKPOINT, flags.DEFINE_list(
     "conv_layers", ["32c5s2v", "64c3s2v", "128c3v"],
@@ -51,15 +52,16 @@ def _check_flags(config):
 
 @tf.keras.utils.register_keras_serializable(package="research")
 class ConvNet(tf.keras.Model):
-    def __init__(self, conv_layers, num_classes, dropout=0.0, **kwargs):
+    def __init__(self, conv_layers, num_classes, dropout=0.0, sync_batchnorm=False, **kwargs):
         super().__init__(**kwargs)
         self.conv_layers, self.num_classes, self.dropout_rate = list(conv_layers), num_classes, dropout
+        self.sync_batchnorm = sync_batchnorm
         self.features = []
         for layer in parse(self.conv_layers):
             if layer[0] == "conv":
                 _, filters, kernel, stride, padding = layer
                 self.features += [layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False),
-                                  layers.BatchNormalization(), layers.ReLU()]
+                                  layers.BatchNormalization(synchronized=sync_batchnorm), layers.ReLU()]
             elif layer[0] == "pool":
                 self.features.append(layers.MaxPooling2D())
             elif dropout:
@@ -75,10 +77,10 @@ class ConvNet(tf.keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "conv_layers": self.conv_layers, "num_classes": self.num_classes,
-                "dropout": self.dropout_rate}
+                "dropout": self.dropout_rate, "sync_batchnorm": self.sync_batchnorm}
 
 
 @register("convnet")
 def convnet(config, dataset):
     """A plain conv stack with batch norm after every convolution, written as a layer string (--conv_layers)."""
-    return ConvNet(config.conv_layers, dataset.num_classes, config.dropout, name="convnet")
+    return ConvNet(config.conv_layers, dataset.num_classes, config.dropout, config.sync_batchnorm, name="convnet")

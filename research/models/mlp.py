@@ -5,7 +5,7 @@ from absl import flags
 
 from research import UserError, config as config_lib
 from research.config import CHECKPOINT, declare
-from research.models.registry import register
+from research.models._registry import register
 
 declare(CHECKPOINT, flags.DEFINE_list(
     "hidden_units", ["128"], "mlp: width of each hidden Dense layer, e.g. '128,128'."),

@@ -18,9 +18,10 @@ error.
 import tensorflow as tf
 from absl import flags
 
-from research import UserError, config as config_lib
+from research import UserError
 from research.config import CHECKPOINT, declare
-from research.models.registry import register
+from research.models._registry import register
+from research.models._shared import drop_rates
 
 layers = tf.keras.layers
 
@@ -29,18 +30,6 @@ declare(CHECKPOINT, flags.DEFINE_enum(
     "vit_*: classify from a learned class token put before the patches (the ViT paper, timm), or from "
     "the average of the patch tokens with no class token (gap: big_vision's plain ViT baseline)."),
         only_if=lambda c: c.model.startswith("vit_"), when="with --model=vit_*")
-declare(CHECKPOINT, flags.DEFINE_float(
-    "stochastic_depth", 0.0,
-    "vit_*: stochastic depth (0 = off): each block's attention and MLP branches are dropped for "
-    "whole examples, at a rate rising linearly from 0 at the first block to this at the last."),
-        only_if=lambda c: c.model.startswith("vit_"), when="with --model=vit_*")
-
-
-@config_lib.checks
-def _check_flags(config):
-    if not 0 <= config.stochastic_depth < 1:
-        raise UserError(f"--stochastic_depth must be in [0, 1), got {config.stochastic_depth}")
-
 
 SIZES = {"ti": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}  # Width, depth, heads.
 PATCH = 16
@@ -127,8 +116,7 @@ class ViT(tf.keras.Model):
         self.position_embedding = self.add_weight(
             shape=(1, self.grid[0] * self.grid[1] + (pooling == "token"), width),
             initializer=tf.keras.initializers.RandomNormal(stddev=0.02), name="position_embedding")
-        rates = [stochastic_depth * i / max(1, depth - 1) for i in range(depth)]
-        self.blocks = [EncoderBlock(width, heads, rate) for rate in rates]
+        self.blocks = [EncoderBlock(width, heads, rate) for rate in drop_rates(stochastic_depth, depth)]
         self.norm = layers.LayerNormalization(epsilon=EPSILON)
         self.classifier = layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32")
 
