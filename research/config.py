@@ -19,7 +19,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "dataset", "mnist",
     "TFDS image-classification dataset name (mnist, fashion_mnist, cifar10, tf_flowers, imagenet2012, ...), or "
-    "folder:PATH for your own images in PATH/<split>/<class>/*.jpg|jpeg|png (class names: the sorted folder names).")
+    "folder:PATH for your own images in PATH/<split>/<class>/ (JPEG, PNG, GIF, BMP, WebP; the classes: the training "
+    "split's sorted class folder names).")
 flags.DEFINE_string("train_split", "train",
                     "Split to train on (a TFDS split, or a split folder of folder:PATH); TFDS slicing works for "
                     "both, e.g. 'train[:90%]'.")
@@ -206,7 +207,7 @@ def validate(config):
     known_ops = augment.OPS + augment.PREPROCESS_OPS
     unknown_ops = sorted(set(config.augment) - set(known_ops))
     need(not unknown_ops, f"--augment: unknown op {', '.join(unknown_ops)}; choose from {', '.join(known_ops)}")
-    need(config.image_size >= 0, "--image_size must be >= 0")
+    need(0 <= config.image_size <= 4096, "--image_size must be in [0, 4096] (0: the dataset's own size)")
     need(0 < config.eval_crop_fraction <= 1, "--eval_crop_fraction must be in (0, 1]")
     for name, low, high in (("crop_scale", 0, 1), ("crop_ratio", 0, float("inf"))):
         try:

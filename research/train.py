@@ -16,6 +16,7 @@ from research import cli, config as config_lib  # Standard library and absl only
 if __name__ == "__main__":
     cli.start()
     cli.parse_flags(sys.argv, __doc__, known_only=True)  # The flags known so far: bad values fail at once.
+    cli.check_lasting(config_lib.FLAGS.model_dir, "--model_dir")
 
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
@@ -252,6 +253,8 @@ def train_and_evaluate(config):
         if chief:
             run_dir.write_flags(config.model_dir, config)
             run_dir.write_dataset_info(config.model_dir, dataset.metadata())
+            if dataset.file_lists:  # Written here only: a refused resume or any reader leaves them as they were.
+                run_dir.write_data_files(config.model_dir, dataset.file_lists)
             model.summary(expand_nested=True)
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
