@@ -47,7 +47,7 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
     try:
         dataset = data.load(runs.read_config(model_dir, **overrides, train_split=None, eval_split=split))
     except UserError as e:  # It names the training flag that --split stands in for.
-        raise UserError(str(e).replace(f"--eval_split={split} ", f"--split={split} ")) from None
+        raise UserError(str(e).replace(f"--eval_split={split}", f"--split={split}")) from None
     if tuple(dataset.image_shape) != info.image_shape or list(dataset.class_names) != info.class_names:
         raise UserError(f"{config.dataset} as loaded now differs from what {model_dir} trained on "
                         f"(image shape {dataset.image_shape}, {dataset.num_classes} classes)")

@@ -226,8 +226,9 @@ def read_data_files(model_dir):
     lists = read_json(path)
     try:
         classes = len(lists["class_names"])
-        whole = isinstance(lists["root"], str) and all(
-            isinstance(path, str) and 0 <= label < classes for files in lists["splits"].values() for path, label in files)
+        splits = lists["splits"].values()
+        whole = isinstance(lists["root"], str) and all(files for files in splits) and all(
+            isinstance(path, str) and 0 <= label < classes for files in splits for path, label in files)
     except (KeyError, TypeError, ValueError, AttributeError):
         whole = False
     if not whole:

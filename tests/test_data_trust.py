@@ -60,6 +60,13 @@ def test_percent_slices_hold_every_class_in_proportion_are_disjoint_and_do_not_d
     assert first.train.paths[:3] != sorted(first.train.paths)[:3]
 
 
+def test_an_eval_split_that_overlaps_training_is_said(three_classes, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        data.load(folder_config(tmp_path, three_classes, train_split="train+test", eval_split="test[:50%]"))
+    assert any("--eval_split=test[:50%] shares 35 of its 35 files with --train_split=train+test" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_evaluate_split_slices_the_same_way_and_never_writes_the_file_lists(three_classes, tmp_path):
     train.train_and_evaluate(folder_config(tmp_path, three_classes, train_split="train[:90%]",
                                            eval_split="train[90%:]"))
@@ -147,10 +154,17 @@ def test_a_resume_on_other_classes_is_refused_and_only_a_starting_run_writes_the
     assert results["step"] == 8 and (run / "data_files.json").read_bytes() == recorded
 
 
-def test_a_folder_moved_or_thinned_after_training_is_one_line_for_evaluate_and_resume(tmp_path):
+def test_a_folder_moved_or_thinned_after_training_or_damaged_lists_are_one_line_for_evaluate_and_resume(tmp_path):
     root = write_folder(tmp_path / "d", {"cat": 8, "dog": 8})
     run = tmp_path / "run"
     train.train_and_evaluate(folder_config(run, root))
+    recorded = (run / "data_files.json").read_text()
+    lists = json.loads(recorded)
+    lists["splits"]["test"][0][1] = 7  # A label beyond the two classes.
+    (run / "data_files.json").write_text(json.dumps(lists))
+    with pytest.raises(UserError, match="data_files.json is damaged: it holds no valid file lists"):
+        evaluate.evaluate(str(run))
+    (run / "data_files.json").write_text(recorded)
     os.remove(os.path.join(root, "test", "cat", "003.png"))
     with pytest.raises(UserError, match=r"lacks 1 of the 16 files .* read as test \(e.g. test/cat/003.png\): put "
                                         "them back"):
@@ -160,28 +174,23 @@ def test_a_folder_moved_or_thinned_after_training_is_one_line_for_evaluate_and_r
                     lambda: train.train_and_evaluate(folder_config(run, root, train_steps=8))):
         with pytest.raises(UserError, match=rf"folder:{root} no longer exists, and {run} was trained on it"):
             attempt()
-
-
-def test_damaged_or_inconsistent_file_lists_are_one_line(tmp_path):
-    root = write_folder(tmp_path / "d", {"cat": 4, "dog": 4})
-    run = tmp_path / "run"
-    train.train_and_evaluate(folder_config(run, root))
-    lists = json.loads((run / "data_files.json").read_text())
-    lists["splits"]["test"][0][1] = 7  # A label beyond the two classes.
-    (run / "data_files.json").write_text(json.dumps(lists))
-    with pytest.raises(UserError, match="data_files.json is damaged"):
-        evaluate.evaluate(str(run))
+    assert (run / "data_files.json").read_text() == recorded
 
 
 # ---------------------------------------------------------------------------------------------- Pixel budget
 def test_images_over_the_pixel_budget_are_refused_naming_the_file(tmp_path, monkeypatch, capsys):
     root = write_folder(tmp_path / "d", {"cat": 4, "dog": 4})
-    big = os.path.join(root, "train", "dog", "big.png")
-    Image.new("RGB", (30, 20)).save(big)
+    big, big_eval = (os.path.join(root, split, "dog", "big.png") for split in ("train", "test"))
+    for path in (big, big_eval):
+        Image.new("RGB", (30, 20)).save(path)
+    run = tmp_path / "run"
+    train.train_and_evaluate(folder_config(run, root))
     monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 400)  # 8x8 files pass, 30x20 does not.
-    with pytest.raises(UserError, match=rf"cannot read training example {big}: image of 20 x 30 pixels \(height x "
-                                        r"width\), over the budget of 400 pixels: downscale it"):
-        train.train_and_evaluate(folder_config(tmp_path / "run", root, train_steps=8, augment="flip"))
+    budget = r"image of 20 x 30 pixels \(height x width\), over the budget of 400 pixels: downscale it"
+    with pytest.raises(UserError, match=rf"cannot read eval example {big_eval}: {budget}; `python -m research.data"):
+        evaluate.evaluate(str(run))
+    with pytest.raises(UserError, match=rf"cannot read training example {big}: {budget}"):
+        train.train_and_evaluate(folder_config(run, root, train_steps=8))
     assert verify.main([f"--dataset=folder:{root}", "--split=train"]) == 1
     assert f"bad: {big}: image of 20 x 30 pixels" in capsys.readouterr().out
     encoded = tf.io.encode_jpeg(tf.zeros([20, 30, 3], tf.uint8))  # The fused crop-while-decoding path too.

@@ -42,7 +42,8 @@ def open_folder(config, root):
         if run_classes:
             raise UserError(f"folder:{root} no longer exists, and {config.model_dir} was trained on it: put the "
                             "folder back there (the run reads the files it recorded)")
-        raise UserError(f"--dataset=folder:{root}: no such directory")
+        raise UserError(f"--dataset=folder:{root}: " + ("a file, not a folder of split folders" if os.path.exists(root)
+                                                        else "no such directory"))
     listing = folder_files.Listing(root)
     lists = dict(recorded.get("splits", {}))
     class_names = run_classes
@@ -66,6 +67,12 @@ def open_folder(config, root):
         opened[flag] = sources.FileSource(root, paths, labels, f"folder:{root} {spec}")
     if listing.skipped_line():
         logging.warning("%s", listing.skipped_line())
+    if config.train_split:
+        shared = len(set(opened["train_split"].paths) & set(opened["eval_split"].paths))
+        if shared:
+            logging.warning("--eval_split=%s shares %d of its %d files with --train_split=%s: its accuracy is "
+                            "measured on images the model trains on", config.eval_split, shared,
+                            len(opened["eval_split"]), config.train_split)
     return Dataset(f"folder:{root}", (*prep.image_size, CHANNELS), class_names, opened.get("train_split"),
                    opened["eval_split"], prep, (None, None, CHANNELS), f"streamed from the image files in {root}",
                    file_lists={"root": root, "class_names": class_names, "splits": lists})
