@@ -38,7 +38,8 @@ def load(config):
     for flag in ("train_split", "eval_split"):
         value = getattr(config, flag)
         if value is not None and not value.strip():
-            raise UserError(f"--{flag} is empty: name a split (e.g. --{flag}={'train' if flag == 'train_split' else 'test'})")
+            example = "train" if flag == "train_split" else "test"
+            raise UserError(f"--{flag} is empty: name a split (e.g. --{flag}={example})")
     opener, argument = sources.opener_of(config.dataset)
     dataset = opener(config, argument)
     recorded = run_dir.recorded_class_names(config.model_dir) if run_dir.is_run(config.model_dir) else None
