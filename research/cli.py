@@ -22,17 +22,28 @@ from research import UserError
 # not silence them), at import and when the first device is created: `WARNING: All log messages before
 # absl::InitializeLog() ...`, and INFO records such as `I0000 00:00:1764... 1234 port.cc:153] oneDNN custom
 # operations are on ...` or `cpu_feature_guard.cc:210] This TensorFlow binary is optimized ...`. Their warnings
-# and errors (W/E/F records) still show, but for one that TFDS's prepared graphs cause and that changes nothing.
+# and errors (W/E/F records) still show, but for the two kinds below.
 TENSORFLOW_NOISE = re.compile(
     rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\n"
     rb"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] "
     rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.\n"  # (Its 2nd line.)
-    rb"|E\d{4} [\d:. ]+ [\w.]+:\d+\] NodeDef mentions attribute \w+ which is not in the op definition")  # TFDS: harmless.
+    # TFDS's prepared graphs cause this one, harmlessly.
+    rb"|E\d{4} [\d:. ]+ [\w.]+:\d+\] NodeDef mentions attribute \w+ which is not in the op definition"
+    # An op's failure as its threads log it (a bad image file met by tf.data's parallel calls, one line each): the
+    # program reports it in its own line, or raises it with its message.
+    rb"|W\d{4} [\d:. ]+ (?:op_kernel|local_rendezvous)\.cc:\d+\] |\t \[\[.*\]\]\n")
 INTERRUPTED = 128 + signal.SIGINT
 
 
+_started = []
+
+
 def start():
-    """The first call of every program, before TensorFlow loads: stderr filtered, a Ctrl-C answered with one line."""
+    """The first call of every program, before TensorFlow loads: stderr filtered, a Ctrl-C answered with one line.
+    (Once: a package that starts its programs on import, research.data, may be imported by another program.)"""
+    if _started:
+        return
+    _started.append(True)
     _filter_stderr()
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
@@ -92,6 +103,14 @@ def check_model_dir(model_dir):
     through TensorFlow's filesystems)."""
     if "://" not in model_dir and not os.path.isdir(model_dir):
         fail(f"--model_dir={model_dir} does not exist")
+
+
+def check_lasting(path, flag):
+    """A program's output path on ram:// (TensorFlow's in-memory filesystem) is lost when the process exits: one
+    error line. (In-process callers, such as the tests, use it as a stand-in for object storage.)"""
+    if path and str(path).startswith("ram://"):
+        fail(f"{flag}={path} is in memory (ram://) and would be lost when this program exits: give a path on disk "
+             "or a lasting filesystem (gs://, s3://, hdfs://)")
 
 
 def fail(message):

@@ -79,7 +79,8 @@ def checks(function):
 declare(CHECKPOINT, flags.DEFINE_string(
     "dataset", "mnist",
     "TFDS image-classification dataset name (mnist, fashion_mnist, cifar10, tf_flowers, imagenet2012, ...), or "
-    "folder:PATH for your own images in PATH/<split>/<class>/*.jpg|jpeg|png (class names: the sorted folder names)."))
+    "folder:PATH for your own images in PATH/<split>/<class>/ (JPEG, PNG, GIF, BMP, WebP; the classes: the training "
+    "split's sorted class folder names)."))
 declare(CHECKPOINT, flags.DEFINE_string(
     "train_split", "train",
     "Split to train on (a TFDS split, or a split folder of folder:PATH); TFDS slicing works for "

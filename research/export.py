@@ -28,7 +28,9 @@ PARSER.add_argument("--output", required=True, help="New directory for the Saved
 
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
     cli.start()
-    cli.check_model_dir(cli.parse_args(PARSER).model_dir)
+    _args = cli.parse_args(PARSER)
+    cli.check_model_dir(_args.model_dir)
+    cli.check_lasting(_args.output, "--output")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -29,6 +29,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from research import UserError, runs  # noqa: E402
+from research.data import preprocess  # noqa: E402
 
 MODES = {1: "L", 3: "RGB"}  # Model input channels -> the Pillow mode to convert to.
 BATCH = 256
@@ -51,6 +52,9 @@ def read_image(path, channels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
         with image:
+            if image.width * image.height > preprocess.MAX_IMAGE_PIXELS:  # As training and evaluation refuse it.
+                raise UserError(f"{path}: image of {image.height} x {image.width} pixels (height x width), over the "
+                                f"budget of {preprocess.MAX_IMAGE_PIXELS} pixels: downscale it")
             if image.mode.startswith("I;16"):  # 16-bit grayscale, which convert() would clip rather than scale.
                 image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
             image = image.convert(MODES[channels])

@@ -227,6 +227,40 @@ def read_dataset_info(model_dir):
     return read_json(path)
 
 
+def recorded_class_names(model_dir):
+    """The class names dataset.json records (the truth on resume), or None where the run has none yet."""
+    path = join(model_dir, DATASET_FILE)
+    if not gfile.exists(path):
+        return None
+    names = read_json(path).get("class_names")
+    if not isinstance(names, list):
+        raise UserError(f"{path} is unreadable: it lists no class_names")
+    return names
+
+
+def read_data_files(model_dir):
+    """data_files.json (a folder dataset's file lists: {"root", "class_names", "splits"}), or {} if none."""
+    path = join(model_dir, DATA_FILES_FILE)
+    if not gfile.exists(path):
+        return {}
+    lists = read_json(path)
+    try:
+        classes = len(lists["class_names"])
+        splits = lists["splits"].values()
+        whole = isinstance(lists["root"], str) and all(files for files in splits) and all(
+            isinstance(path, str) and 0 <= label < classes for files in splits for path, label in files)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        whole = False
+    if not whole:
+        raise UserError(f"{path} is damaged: it holds no valid file lists (delete it to list the folder anew)")
+    return lists
+
+
+def write_data_files(model_dir, lists):
+    """Only research.train writes it, when a run starts: no reader of the data changes a run's file lists."""
+    write_json(join(model_dir, DATA_FILES_FILE), lists, indent=None)
+
+
 def append_metrics(model_dir, record):
     append_line(join(model_dir, METRICS_FILE), json.dumps(record))
 

@@ -74,6 +74,8 @@ def train_and_evaluate(config):
                 run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
             run_dir.write_flags(config.model_dir, config)
             run_dir.write_dataset_info(config.model_dir, dataset.metadata().to_json())
+            if dataset.file_lists:  # Written here only: a refused resume or any reader leaves them as they were.
+                run_dir.write_data_files(config.model_dir, dataset.file_lists)
             model.summary(expand_nested=True)
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves

@@ -191,5 +191,5 @@ def test_real_fashion_mnist_mlp_learns(tmp_path, mnist_data_dir):
     assert results["eval"]["examples"] == 10_000
     assert 0.75 <= results["eval"]["accuracy"] < 0.9  # MNIST's digits would give more.
     assert runs.read_dataset_info(str(tmp_path / "run")).class_names[0] == "T-shirt/top"
-    mnist = data.load(make_config(tmp_path, data_dir=mnist_data_dir, train_split=""))
+    mnist = data.load(make_config(tmp_path, data_dir=mnist_data_dir, train_split=None))
     assert not np.array_equal(data.load(config).eval.images[:100], mnist.eval.images[:100])

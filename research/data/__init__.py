@@ -9,12 +9,20 @@ The modules, one concern each: `dataset` (what a loaded dataset is: metadata and
 
 import importlib
 import pkgutil
+import sys
 
-from research.data import pipeline, preprocess, sources
-from research.data.dataset import Dataset, Metadata
-from research.data.pipeline import (READ_ERRORS, eval_input_fn, first_eval_examples, train_input_fn,
+from research import cli
+
+if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.data.verify` (or .input_benchmark): that
+    cli.start()  # program starts as every program does (research/cli.py), before TensorFlow loads below.
+
+from research import UserError, run_dir  # noqa: E402
+from research.data import pipeline, preprocess, sources  # noqa: E402
+from research.data.dataset import Dataset, Metadata  # noqa: E402
+from research.data.pipeline import (READ_ERRORS,  # noqa: E402
+                                    eval_input_fn, first_eval_examples, train_input_fn,
                                     unreadable_eval_example, unreadable_example)
-from research.data.preprocess import to_float
+from research.data.preprocess import to_float  # noqa: E402
 
 # Every dataset kind registers its opener when imported (`*_source` modules), so adding one touches one file.
 for _module in pkgutil.iter_modules(__path__):
@@ -23,9 +31,27 @@ for _module in pkgutil.iter_modules(__path__):
 
 
 def load(config):
-    """Opens --dataset with --train_split (None: evaluation only) and --eval_split; problems are UserError lines."""
+    """Opens --dataset with --train_split (None: evaluation only) and --eval_split; problems are UserError lines.
+
+    Loading never writes to the run directory; where it holds a run, the dataset must have the run's classes
+    (dataset.json), in the run's order: a resume on other classes would shift every label against the checkpoint."""
+    for flag in ("train_split", "eval_split"):
+        value = getattr(config, flag)
+        if value is not None and not value.strip():
+            example = "train" if flag == "train_split" else "test"
+            raise UserError(f"--{flag} is empty: name a split (e.g. --{flag}={example})")
     opener, argument = sources.opener_of(config.dataset)
-    return opener(config, argument)
+    dataset = opener(config, argument)
+    recorded = run_dir.recorded_class_names(config.model_dir) if run_dir.is_run(config.model_dir) else None
+    if recorded is not None and list(recorded) != list(dataset.class_names):
+        raise UserError(f"{config.dataset} has {len(dataset.class_names)} classes ({_few(dataset.class_names)}), not "
+                        f"the {len(recorded)} {config.model_dir} was trained on ({_few(recorded)}): every label would "
+                        "shift against its checkpoint; use a new --model_dir")
+    return dataset
+
+
+def _few(names, shown=5):
+    return ", ".join(map(str, names[:shown])) + (", ..." if len(names) > shown else "")
 
 
 def in_memory(name, class_names, train, eval):
@@ -36,5 +62,5 @@ def in_memory(name, class_names, train, eval):
                    sources.ArraySource(*eval, f"{name} eval"), prep, shape)
 
 
-__all__ = ["READ_ERRORS", "Dataset", "Metadata", "eval_input_fn", "first_eval_examples", "in_memory", "load", "pipeline",
-           "preprocess", "to_float", "train_input_fn", "unreadable_eval_example", "unreadable_example"]
+__all__ = ["READ_ERRORS", "Dataset", "Metadata", "eval_input_fn", "first_eval_examples", "in_memory", "load",
+           "pipeline", "preprocess", "to_float", "train_input_fn", "unreadable_eval_example", "unreadable_example"]

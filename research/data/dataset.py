@@ -47,6 +47,7 @@ class Dataset:
     preprocessing: preprocess.Preprocessing
     stored_shape: tuple  # The images as stored: [H, W, C], None where sizes vary.
     reading: str = "in memory"  # How the examples are read, for the log line that names the source.
+    file_lists: dict = None  # What research.train records in data_files.json when a run starts (folder datasets).
 
     @property
     def num_classes(self):

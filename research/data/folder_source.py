@@ -1,129 +1,136 @@
-"""A researcher's own images: `--dataset=folder:PATH` reads PATH/<split>/<class>/*.{jpg,jpeg,png}.
+"""A researcher's own images: `--dataset=folder:PATH` reads the image files of PATH/<split>/<class>/.
 
-Class names are the sorted names of the class folders found under any split folder (the same labels for every
-split); a split flag names a split folder, with TFDS slicing (`train[:90%]`, `train[90%:]`, `train[:500]+val`),
-applied to the split's files sorted by class and name. Files with other extensions are not read.
+The classes are the sorted class folder names of the training split (--train_split): an evaluation split may lack
+some of them (one warning line names them: their accuracy is not measured) but may hold no other (an error names
+it: a misspelt `sevn/` beside `seven/` would otherwise add a class that is never trained), and a dataset of one
+class is an error. A split flag names a split folder, with TFDS slicing (`train[:90%]`, `train[90%:]`,
+`train[:500]+val`) over the split's files in a fixed hash order, so that every slice holds every class in
+proportion (research/data/folder_files.py, which also says what it skipped).
 
 Why the file lists are kept in the run directory (`data_files.json`): the batches of a step are a function of
 (seed, step) *and of the list of files*; a folder that gained or lost files since the run started would shift
-every later batch. So the first run records the lists it trains on, and a resume (or `research.evaluate`) reads
-exactly those files again, saying so when the folder has changed since.
+every later batch. So a run records the lists it trains on, and a resume (or `research.evaluate`) reads exactly
+those files again, saying so when the folder has gained files since, and refusing when it lost some. The lists
+travel in `Dataset.file_lists`; only research.train writes them, once a run has passed its resume checks: loading
+the data never changes the run directory. On resume the run's class names (dataset.json) are the truth: a folder
+whose training classes differ from them is refused, since every label would shift against the checkpoint.
 """
 
 import os
 
-import tensorflow_datasets as tfds
+from absl import logging
 
 from research import UserError, run_dir
-from research.data import preprocess, sources
+from research.data import folder_files, preprocess, sources
 from research.data.dataset import Dataset
 
-EXTENSIONS = (".jpg", ".jpeg", ".png")
 CHANNELS = 3  # Grayscale and RGBA files are converted: one input layout for every file of a folder.
 
 
 @sources.register("folder")
 def open_folder(config, root):
+    if run_dir.is_url(root):
+        raise UserError(f"--dataset=folder:{root}: image folders are read from local paths (or mounted ones), not "
+                        "URLs; copy or mount the folder")
     root = os.path.normpath(os.path.abspath(root))
     prep = preprocess.preprocessing(config, (None, None, CHANNELS), CHANNELS)
-    recorded_path = run_dir.join(config.model_dir, run_dir.DATA_FILES_FILE)
-    recorded = run_dir.read_json(recorded_path) if run_dir.exists(recorded_path) else {}
+    recorded = run_dir.read_data_files(config.model_dir)
     if recorded and recorded.get("root") != root:
         raise UserError(f"{config.model_dir} trained on folder:{recorded.get('root')}, not folder:{root}")
-    class_names = recorded.get("class_names") or _class_names(root)
+    run_classes = recorded.get("class_names") or run_dir.recorded_class_names(config.model_dir)
+    if not os.path.isdir(root):
+        if run_classes:
+            raise UserError(f"folder:{root} no longer exists, and {config.model_dir} was trained on it: put the "
+                            "folder back there (the run reads the files it recorded)")
+        raise UserError(f"--dataset=folder:{root}: " + ("a file, not a folder of split folders" if os.path.exists(root)
+                                                        else "no such directory"))
+    listing = folder_files.Listing(root)
     lists = dict(recorded.get("splits", {}))
+    class_names = run_classes
+    if config.train_split and config.train_split not in lists:
+        class_names = _training_classes(listing, config.train_split, run_classes, config.model_dir)
+    elif not class_names:  # Evaluation alone, of no run (research.data.verify): the split's own folders.
+        class_names = listing.classes(config.eval_split, "eval_split")
+    if config.train_split and len(class_names) < 2:
+        raise UserError(f"folder:{root} has one class ({class_names[0]}/): a classifier needs at least two class "
+                        f"folders in each split folder")
     opened = {}
     for flag in ("train_split", "eval_split"):
         spec = getattr(config, flag)
         if not spec:
             continue
         if spec in lists:
-            try:
-                listed = _list_split(root, spec, flag, class_names)
-            except UserError:
-                listed = None
-            _say_if_changed(root, spec, lists[spec], listed, recorded_path)
+            _check_recorded(listing, spec, flag, lists[spec], class_names, config.model_dir)
         else:
-            lists[spec] = _list_split(root, spec, flag, class_names)
-        paths, labels = zip(*lists[spec]) if lists[spec] else ((), ())
+            lists[spec] = _list_split(listing, spec, flag, class_names)
+        paths, labels = zip(*lists[spec])
         opened[flag] = sources.FileSource(root, paths, labels, f"folder:{root} {spec}")
-    if run_dir.isdir(config.model_dir) and lists != recorded.get("splits"):
-        run_dir.write_json(recorded_path, {"root": root, "class_names": class_names, "splits": lists}, indent=None)
+    if listing.skipped_line():
+        logging.warning("%s", listing.skipped_line())
+    if config.train_split:
+        shared = len(set(opened["train_split"].paths) & set(opened["eval_split"].paths))
+        if shared:
+            logging.warning("--eval_split=%s shares %d of its %d files with --train_split=%s: its accuracy is "
+                            "measured on images the model trains on", config.eval_split, shared,
+                            len(opened["eval_split"]), config.train_split)
     return Dataset(f"folder:{root}", (*prep.image_size, CHANNELS), class_names, opened.get("train_split"),
-                   opened["eval_split"], prep, (None, None, CHANNELS), f"streamed from the image files in {root}")
+                   opened["eval_split"], prep, (None, None, CHANNELS), f"streamed from the image files in {root}",
+                   file_lists={"root": root, "class_names": class_names, "splits": lists})
 
 
-def _class_names(root):
-    if not os.path.isdir(root):
-        raise UserError(f"--dataset=folder:{root}: no such directory")
-    splits = _subfolders(root)
-    names = sorted({name for split in splits for name in _subfolders(os.path.join(root, split))})
-    if not names:
-        raise UserError(f"folder:{root} has no images: expected {root}/<split>/<class>/*.jpg|png "
-                        "(e.g. train/cat/1.jpg, test/cat/2.jpg)")
+def _training_classes(listing, spec, run_classes, model_dir):
+    """The class folders of the training split; on resume they must be the run's own classes."""
+    names = listing.classes(spec, "train_split")
+    if run_classes and names != list(run_classes):
+        new, gone = sorted(set(names) - set(run_classes)), sorted(set(run_classes) - set(names))
+        change = "; ".join(part for part in (new and f"new {', '.join(new)}", gone and f"gone {', '.join(gone)}",
+                                             not (new or gone) and "the same names in another order") if part)
+        raise UserError(f"folder:{listing.root} --train_split={spec} has class folders other than the "
+                        f"{len(run_classes)} classes {model_dir} was trained on ({change}): every label would "
+                        "shift against its checkpoint; rename the folders back, or train in a new --model_dir")
     return names
 
 
-def _subfolders(path):
-    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
+def _list_split(listing, spec, flag, class_names):
+    """The files of a split not recorded yet, checked against the classes."""
+    _, splits = folder_files.split_names(spec, flag)
+    with_images = {name for split in splits for name, paths in listing.split(split, flag, spec).items() if paths}
+    if flag == "train_split":
+        for split in splits:
+            for name, paths in listing.split(split, flag, spec).items():
+                if not paths:
+                    raise UserError(f"{listing.root}/{split}/{name} has no images (files of a format TensorFlow "
+                                    "decodes: .jpg, .png, .gif, .bmp, .webp, .jxl): remove the folder or add them")
+    else:
+        foreign = sorted(with_images - set(class_names))
+        if foreign:
+            raise UserError(f"--{flag}={spec} of folder:{listing.root} has class folders that training lacks: "
+                            f"{', '.join(foreign)} (the classes are the training split's folders: "
+                            f"{', '.join(class_names)}); rename or remove them")
+    listed = listing.select(spec, flag, class_names)
+    absent = sorted(set(class_names) - {class_names[label] for _, label in listed})
+    if absent:
+        logging.warning("--%s=%s of folder:%s has no images of %d of the %d classes (%s)%s", flag, spec, listing.root,
+                        len(absent), len(class_names), ", ".join(absent[:10]) + (", ..." if len(absent) > 10 else ""),
+                        ": they are trained on, never measured" if flag == "eval_split" else
+                        ": the model never sees them")
+    return listed
 
 
-def _list_split(root, spec, flag, class_names):
-    """[[path relative to root, label]] of split `spec` (TFDS slicing over its sorted files)."""
+def _check_recorded(listing, spec, flag, recorded, class_names, model_dir):
+    """A recorded split is read as recorded: every file must still be there; files added since are noted."""
+    recorded_path = run_dir.join(model_dir, run_dir.DATA_FILES_FILE)
+    missing = [path for path, _ in recorded if not os.path.isfile(os.path.join(listing.root, path))]
+    if missing:
+        raise UserError(f"folder:{listing.root} lacks {len(missing)} of the {len(recorded)} files {model_dir} "
+                        f"read as {spec} (e.g. {missing[0]}): put them back (the run reads exactly the files "
+                        f"listed in {recorded_path}), or train in a new --model_dir")
     try:
-        instructions = tfds.core.ReadInstruction.from_spec(spec)
-        split_names = sorted({i.splitname for i in instructions.to_absolute(_AnyLength())})
-    except (ValueError, AssertionError) as e:
-        raise UserError(f"--{flag}={spec}: {str(e).splitlines()[0]}") from None
-    files = {}
-    for split in split_names:
-        if not os.path.isdir(os.path.join(root, split)):
-            raise UserError(f"--{flag}={spec}: folder:{root} has no split folder {split}/ "
-                            f"(it has {', '.join(f'{s}/' for s in _subfolders(root)) or 'none'})")
-        files[split] = _list_files(root, split, class_names)
-    infos = {split: tfds.core.SplitInfo(name=split, shard_lengths=[len(f)], num_bytes=0) for split, f in files.items()}
-    chosen = []
-    for instruction in instructions.to_absolute(infos):
-        chosen += files[instruction.splitname][instruction.from_:instruction.to]
-    if not chosen:
-        raise UserError(f"--{flag}={spec} of folder:{root} is empty")
-    return chosen
-
-
-class _AnyLength(dict):
-    """Split lengths for resolving a spec's split names before the folders are listed."""
-
-    def __missing__(self, name):
-        return tfds.core.SplitInfo(name=name, shard_lengths=[2**40], num_bytes=0)
-
-    def __contains__(self, name):
-        return True
-
-
-def _list_files(root, split, class_names):
-    found = []
-    classes = _subfolders(os.path.join(root, split))
-    if not classes:
-        raise UserError(f"folder:{root}/{split} has no class folders: expected {split}/<class>/*.jpg|png")
-    for label, name in enumerate(class_names):
-        folder = os.path.join(root, split, name)
-        if name not in classes:
-            continue  # A class this split lacks (e.g. a small test split); it keeps its label.
-        images = sorted(entry.name for entry in os.scandir(folder)
-                        if entry.is_file() and entry.name.lower().endswith(EXTENSIONS))
-        if not images:
-            raise UserError(f"{folder} has no images (.jpg, .jpeg or .png): remove the folder or add its images")
-        found += [[f"{split}/{name}/{image}", label] for image in images]
-    return found
-
-
-def _say_if_changed(root, spec, recorded, listed, recorded_path):
-    if listed is None:
-        print(f"folder:{root} can no longer be listed as {spec}; the run's files of {spec} are listed in {recorded_path}")
+        now = {path for path, _ in listing.select(spec, flag, class_names)}
+    except UserError:
         return
-    before, now = {path for path, _ in recorded}, {path for path, _ in listed}
+    before = {path for path, _ in recorded}
     if before != now:
-        print(f"folder:{root} changed since the run listed {spec} ({len(now - before)} files added, "
-              f"{len(before - now)} removed): reading the {len(recorded)} files it trained on, as recorded in "
+        print(f"folder:{listing.root} changed since the run listed {spec} ({len(now - before)} files added, "
+              f"{len(before - now)} left out): reading the {len(recorded)} files it trained on, as recorded in "
               f"{recorded_path}")
-

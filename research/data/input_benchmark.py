@@ -7,7 +7,6 @@ gap between the two, measured in the same process on the same files with the sam
 tf.data's private thread pool of 1 thread and of every core, so images/s per core and the scaling show.
 """
 
-import argparse
 import os
 import resource
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import psutil
 import tensorflow as tf
 
-from research import UserError, data
+from research import UserError, cli, data
 from research.data import preprocess, sources
 
 
@@ -135,20 +134,35 @@ def write_folder(root, files, size=(500, 375), quality=90, seed=0, classes=10):
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=quality)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m research.data.input_benchmark",
-                                     description="Write a synthetic image folder to benchmark input on.")
-    parser.add_argument("root")
-    parser.add_argument("--files", type=int, default=2000)
+def _main(argv):
+    parser = cli.Parser(prog="python -m research.data.input_benchmark",
+                        description="Write a synthetic image folder to benchmark input on.")
+    parser.add_argument("root", help="A new (or empty) folder: the images go to ROOT/train/class000/...")
+    parser.add_argument("--files", type=int, default=2000, help="How many images.")
     parser.add_argument("--size", default="500x375", help="WIDTHxHEIGHT; 8x8 writes tiny identical PNGs.")
     args = parser.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.split("x"))
     except ValueError:
         raise UserError(f"--size={args.size}: expected WIDTHxHEIGHT") from None
+    if width < 1 or height < 1 or width * height > preprocess.MAX_IMAGE_PIXELS:
+        raise UserError(f"--size={args.size}: expected positive sizes of at most {preprocess.MAX_IMAGE_PIXELS} "
+                        "pixels in all")
+    if args.files < 1:
+        raise UserError(f"--files must be positive, got {args.files}")
+    # Never into a folder that holds anything: it may be a real dataset, which synthetic classes would join.
+    if os.path.exists(args.root) and not (os.path.isdir(args.root) and not os.listdir(args.root)):
+        raise UserError(f"{args.root} already exists and is not an empty folder: give a new one")
     started = time.time()
-    write_folder(args.root, args.files, (width, height))
+    try:
+        write_folder(args.root, args.files, (width, height))
+    except OSError as e:
+        raise UserError(f"cannot write {args.root}: {e.strerror}") from None
     print(f"wrote {args.files} images to {args.root}/train in {time.time() - started:.0f} s")
+
+
+def main(argv=None):
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

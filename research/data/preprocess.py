@@ -24,6 +24,7 @@ from research.config import CHECKPOINT, TUNABLE, declare
 RANDOM_RESIZED_CROP = "random_resized_crop"
 NORMALIZATIONS = {"none": None, "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}  # mean, std (RGB)
 CROP_SEED_SALT = 0x5EED  # Folded into the example's seed: the crop's randomness apart from research/augment.py's.
+MAX_IMAGE_PIXELS = 2**26  # 67 million pixels (8192 x 8192): a larger image file is refused (see within_pixel_budget).
 
 declare(CHECKPOINT, flags.DEFINE_integer(
     "image_size", 0,
@@ -51,7 +52,7 @@ declare(CHECKPOINT, flags.DEFINE_enum(
 
 @config_lib.checks
 def _check_flags(config):
-    config_lib.need(config.image_size >= 0, "--image_size must be >= 0")
+    config_lib.need(0 <= config.image_size <= 4096, "--image_size must be in [0, 4096] (0: the dataset's own size)")
     config_lib.need(0 < config.eval_crop_fraction <= 1, "--eval_crop_fraction must be in (0, 1]")
     for name, low, high in (("crop_scale", 0, 1), ("crop_ratio", 0, float("inf"))):
         try:
@@ -132,10 +133,44 @@ def to_float(images):
 
 
 def decode(encoded, channels):
-    """JPEG/PNG (also GIF, BMP) bytes -> uint8 [H, W, channels]; grayscale, RGBA and 16-bit files converted."""
-    image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8, expand_animations=False)
+    """JPEG/PNG (also GIF, BMP, WebP, JPEG XL) bytes -> uint8 [H, W, channels]; grayscale, RGBA and 16-bit files
+    converted. An image over MAX_IMAGE_PIXELS is an InvalidArgumentError (a read error naming the file)."""
+    with tf.control_dependencies([within_pixel_budget(_header_size(encoded))]):
+        image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8, expand_animations=False)
+    shape = tf.shape(image, out_type=tf.int64)
+    with tf.control_dependencies([within_pixel_budget(shape[:2])]):  # Formats whose header is not read above.
+        image = tf.identity(image)
     image.set_shape([None, None, channels])
     return image
+
+
+def within_pixel_budget(size):
+    """An assertion that an image of `size` (int64 [height, width]) is within MAX_IMAGE_PIXELS. Why a budget: one
+    20000 x 20000 PNG decodes to 1.2 GB and its float copy to 4.8 GB, per parallel call: the run dies of memory
+    where it should say which file is too large."""
+    pixels = size[0] * size[1]
+    return tf.debugging.Assert(pixels <= MAX_IMAGE_PIXELS, [tf.strings.format(
+        "image of {} x {} pixels (height x width), over the budget of {} pixels: downscale it",
+        (size[0], size[1], MAX_IMAGE_PIXELS))], name="pixel_budget")
+
+
+def _header_size(encoded):
+    """[height, width] from the header of a JPEG, PNG, GIF or BMP file; [0, 0] for others, and for files too short
+    to hold a header (decoding them fails with its own error)."""
+    head = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded + b"\0" * 26, 0, 26), tf.uint8), tf.int64)
+
+    def number(first, size, big_endian=False, signed=False):
+        digits = [head[first + i] for i in range(size)]
+        value = sum(d * 256 ** i for i, d in enumerate(reversed(digits) if big_endian else digits))
+        return tf.abs(value - 2 ** (8 * size) * tf.cast(value >= 2 ** (8 * size - 1), tf.int64)) if signed else value
+
+    magic = tf.strings.substr(encoded, 0, 4)
+    formats = [(tf.equal(magic, b"\x89PNG"), lambda: tf.stack([number(20, 4, True), number(16, 4, True)])),
+               (tf.equal(tf.strings.substr(magic, 0, 3), b"GIF"), lambda: tf.stack([number(8, 2), number(6, 2)])),
+               (tf.equal(tf.strings.substr(magic, 0, 2), b"BM"),
+                lambda: tf.stack([number(22, 4, signed=True), number(18, 4, signed=True)])),
+               (tf.io.is_jpeg(encoded), lambda: tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64))]
+    return tf.case(formats, default=lambda: tf.zeros([2], tf.int64), exclusive=False)
 
 
 class Transform:
@@ -204,7 +239,9 @@ def random_resized_crop(payload, encoded, size, channels, scale, ratio, seed):
         crop = crop_decoded(payload)
     else:
         def jpeg():
-            begin, box_size = box_of(tf.io.extract_jpeg_shape(payload))
+            shape = tf.io.extract_jpeg_shape(payload)
+            with tf.control_dependencies([within_pixel_budget(tf.cast(shape[:2], tf.int64))]):
+                begin, box_size = box_of(tf.identity(shape))
             window = tf.stack([begin[0], begin[1], box_size[0], box_size[1]])
             return tf.io.decode_and_crop_jpeg(payload, window, channels=channels)
 

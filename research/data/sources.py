@@ -112,14 +112,22 @@ class RecordSource:
         return len(self.records)
 
     def _fetch(self, indices):
+        """(the records, '') or (empty records, 'WHY') where the reader fails: an exception raised here would be
+        logged with its Python traceback by every reader thread it reaches (thousands of lines over one error)."""
         keys = [int(i) for i in indices.numpy()]
         getitems = getattr(self.records, "__getitems__", None)
-        records = getitems(keys) if getitems else [self.records[k] for k in keys]
-        return np.array(records, dtype=object)
+        try:
+            records = getitems(keys) if getitems else [self.records[k] for k in keys]
+        except Exception as e:  # noqa: BLE001 - ArrayRecord reports damaged files as RuntimeError, OSError, ...
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            return np.full(len(keys), b"", dtype=object), f"{type(e).__name__}: {reason}"
+        return np.array(records, dtype=object), ""
 
     def reader(self):
         def read(indices):
-            serialized = tf.py_function(self._fetch, [indices], tf.string)
+            serialized, error = tf.py_function(self._fetch, [indices], [tf.string, tf.string])
+            with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error], name="record_read")]):
+                serialized = tf.identity(serialized)
             serialized.set_shape(indices.shape)
             parsed = tf.io.parse_example(serialized, self.features)
             return parsed[self.image_key], parsed[self.label_key]

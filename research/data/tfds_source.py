@@ -70,12 +70,17 @@ def open_tfds(config, name):
 def _builder(name, data_dir, **kwargs):
     """tfds.builder, quiet: for a dataset not yet prepared it logs an absl warning ('Variant folder ... has no
     dataset_info.json') that would precede our own message about what to do."""
-    with _absl_warnings_silenced():
+    if data_dir:
+        run_dir.check_filesystem(data_dir, "--data_dir")
+    with _absl_warnings_silenced(), contextlib.redirect_stdout(io.StringIO()):  # (Its banners of missing modules.)
         try:
             return tfds.builder(name, data_dir=data_dir, **kwargs)
         except tfds.core.registered.DatasetNotFoundError:
             raise UserError(f"--dataset={name} is not a TFDS dataset (see `tfds.list_builders()`), "
                             "nor folder:PATH") from None
+        except (ValueError, AssertionError, TypeError, ImportError, tf.errors.OpError) as e:  # Bad version, config...
+            hint = f"; for a folder of images use --dataset=folder:{name}" if "/" in name or "." in name else ""
+            raise UserError(f"--dataset={name}: TFDS cannot open it ({_first_line(e)}){hint}") from None
 
 
 def _is_prepared(builder):

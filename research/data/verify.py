@@ -8,7 +8,7 @@ intact); this finds all of them in one pass instead. Exit status 0 when every ex
 
 import sys
 
-from research import cli, config as config_lib, data
+from research import UserError, cli, config as config_lib, data
 from research.data import pipeline
 
 
@@ -16,11 +16,16 @@ def verify(dataset_flag, splits, data_dir=None, tfds_manual_dir=None):
     """{split: [(name, reason)]} of the examples of `splits` that cannot be read or decoded."""
     bad = {}
     for split in splits:
+        if not split.strip():
+            raise UserError("--split is empty: name a split (e.g. --split=train)")
         # Each split opened as an evaluation split; --image_size only decides resizing, which verifying skips.
-        config = config_lib.make_config(model_dir="(unused)", train_steps=1, dataset=dataset_flag, train_split="",
+        config = config_lib.make_config(model_dir="(unused)", train_steps=1, dataset=dataset_flag, train_split=None,
                                         eval_split=split, data_dir=data_dir, tfds_manual_dir=tfds_manual_dir,
                                         image_size=1)
-        dataset = data.load(config)
+        try:
+            dataset = data.load(config)
+        except UserError as e:  # It names the training flag that --split stands in for.
+            raise UserError(str(e).replace(f"--eval_split={split}", f"--split={split}")) from None
         bad[split] = list(pipeline.unreadable(dataset.eval, dataset.preprocessing.channels, range(len(dataset.eval))))
         print(f"{split}: {len(dataset.eval)} examples, {len(bad[split])} unreadable", flush=True)
     return bad
