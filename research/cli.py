@@ -27,7 +27,11 @@ TENSORFLOW_NOISE = re.compile(
     rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\n"
     rb"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] "
     rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.\n"  # (Its 2nd line.)
-    rb"|E\d{4} [\d:. ]+ [\w.]+:\d+\] NodeDef mentions attribute \w+ which is not in the op definition")  # TFDS: harmless.
+    rb"|E\d{4} [\d:. ]+ [\w.]+:\d+\] NodeDef mentions attribute \w+ which is not in the op definition"  # TFDS: harmless.
+    # The TFLite converter's and interpreter's notes on every conversion (research/tflite.py): nothing to act on.
+    rb"|W\d{4} [\d:. ]+ [\w.]+:\d+\] (Ignored (output_format|drop_control_dependency)\.|Skipping runtime version "
+    rb"metadata in the model\.)|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, "
+    rb"output_inference_type: \w+\n|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.\n")
 INTERRUPTED = 128 + signal.SIGINT
 
 

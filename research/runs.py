@@ -14,7 +14,7 @@ import re
 
 import tensorflow as tf
 
-from research import UserError, checkpoint as checkpoint_lib, config as config_lib, models, run_dir
+from research import UserError, checkpoint as checkpoint_lib, config as config_lib, data, models, run_dir
 from research.data import preprocess
 
 Restored = collections.namedtuple("Restored", "model config dataset checkpoint step")
@@ -122,3 +122,14 @@ def load_model(model_dir, checkpoint="latest", **overrides):
     path = checkpoint_lib.restore_newest_readable(model, checkpoint_paths(model_dir, checkpoint),
                                                   average=bool(config.ema_decay))
     return Restored(model, config, dataset, path, checkpoint_step(path))
+
+
+def load_dataset(model_dir, restored, **overrides):
+    """The run's dataset opened again, by its flags with `overrides` on top (e.g. another --data_dir, or
+    train_split="" where only the eval split is read), and checked to be what `restored` trained on."""
+    dataset = data.load(read_config(model_dir, **overrides))
+    if tuple(dataset.image_shape) != restored.dataset.image_shape or \
+            list(dataset.class_names) != restored.dataset.class_names:
+        raise UserError(f"{restored.config.dataset} as loaded now differs from what {model_dir} trained on "
+                        f"(image shape {dataset.image_shape}, {dataset.num_classes} classes)")
+    return dataset
