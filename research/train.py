@@ -20,8 +20,8 @@ if __name__ == "__main__":
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
-from research import (UserError, checkpoint, data, distribute, mix, models, optim, plots, reporting,  # noqa: E402
-                      run_dir)
+from research import (UserError, checkpoint, data, distribute, mix, models, optim, plots, provenance,  # noqa: E402
+                      reporting, run_dir)
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -251,6 +251,7 @@ def train_and_evaluate(config):
             return finished
         if chief:
             run_dir.write_flags(config.model_dir, config)
+            provenance.record(config.model_dir, int(step.numpy()))  # Versions, code, machine: one line per start.
             run_dir.write_dataset_info(config.model_dir, dataset.metadata())
             model.summary(expand_nested=True)
 
