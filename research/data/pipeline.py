@@ -15,6 +15,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from research import UserError
 from research.data import preprocess
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -103,7 +104,8 @@ def first_eval_examples(dataset, config, count):
 def images_at_size(source, prep, indices):
     """Batches (uint8 images [n, h, w, C] at the model's input size, labels [n]) of the examples at `indices` of
     `source`: the stored pixels, resized whole (bilinear, rounded) where stored at another size; what a client of
-    an export sends (research/tflite.py)."""
+    an export sends (research/tflite.py). An example that cannot be read or decoded is a UserError naming it."""
+    indices = [int(i) for i in indices]
     read = source.reader()
 
     def at_size(stored, label):
@@ -112,10 +114,16 @@ def images_at_size(source, prep, indices):
             image = tf.cast(tf.round(tf.image.resize(image, prep.image_size)), tf.uint8)
         return tf.ensure_shape(image, [*prep.image_size, prep.channels]), label
 
-    ds = tf.data.Dataset.from_tensor_slices(np.asarray(list(indices), np.int64)).batch(EXPORT_BATCH).map(read)
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64)).batch(EXPORT_BATCH).map(read)
     ds = ds.unbatch().map(at_size, num_parallel_calls=AUTOTUNE).batch(EXPORT_BATCH).prefetch(AUTOTUNE)
-    for images, labels in ds.with_options(options()):
-        yield images.numpy(), labels.numpy()
+    try:
+        for images, labels in ds.with_options(options()):
+            yield images.numpy(), labels.numpy()
+    except READ_ERRORS:
+        bad = next(unreadable(source, prep.channels, indices), None)
+        if bad is None:
+            raise
+        raise UserError(f"cannot read {': '.join(bad)}; {source.advice}") from None
 
 
 # What reading or decoding a bad example raises inside a pipeline (and so inside the train loop or evaluation).
