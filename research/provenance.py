@@ -144,6 +144,6 @@ def summary(records):
         return {}
     result = {}
     for name, value_of in SUMMARY_FIELDS.items():
-        values = list(dict.fromkeys(str(value_of(entry)) for entry in records))
+        values = list(dict.fromkeys("-" if value_of(entry) is None else str(value_of(entry)) for entry in records))
         result[name] = " -> ".join(values)
     return result
