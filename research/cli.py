@@ -22,7 +22,7 @@ from research import UserError
 # not silence them), at import and when the first device is created: `WARNING: All log messages before
 # absl::InitializeLog() ...`, and INFO records such as `I0000 00:00:1764... 1234 port.cc:153] oneDNN custom
 # operations are on ...` or `cpu_feature_guard.cc:210] This TensorFlow binary is optimized ...`. Their warnings
-# and errors (W/E/F records) still show, but for the two kinds below.
+# and errors (W/E/F records) still show, but for the kinds below.
 TENSORFLOW_NOISE = re.compile(
     rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\n"
     rb"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] "
@@ -31,7 +31,11 @@ TENSORFLOW_NOISE = re.compile(
     rb"|E\d{4} [\d:. ]+ [\w.]+:\d+\] NodeDef mentions attribute \w+ which is not in the op definition"
     # An op's failure as its threads log it (a bad image file met by tf.data's parallel calls, one line each): the
     # program reports it in its own line, or raises it with its message.
-    rb"|W\d{4} [\d:. ]+ (?:op_kernel|local_rendezvous)\.cc:\d+\] |\t \[\[.*\]\]\n")
+    rb"|W\d{4} [\d:. ]+ (?:op_kernel|local_rendezvous)\.cc:\d+\] |\t \[\[.*\]\]\n"
+    # The TFLite converter's and interpreter's notes on every conversion (research/tflite.py): nothing to act on.
+    rb"|W\d{4} [\d:. ]+ [\w.]+:\d+\] (Ignored (output_format|drop_control_dependency)\.|Skipping runtime version "
+    rb"metadata in the model\.)|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, "
+    rb"output_inference_type: \w+\n|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.\n")
 INTERRUPTED = 128 + signal.SIGINT
 
 

@@ -5,7 +5,10 @@ runs beneath it. The table shows only the flags that differ between the runs, si
 why their results differ. Runs whose flags differ only in --seed are one row with the mean ± sample standard
 deviation over seeds, because one seed's accuracy is too noisy to rank settings by (--per_run shows every run).
 Finished runs report results.json; unfinished ones (no results.json) their latest metrics.jsonl line, with the
-status column saying so (failed, interrupted or running where the sweep's sweep.json says so). Also saves a plot
+status column saying so (failed, interrupted or running where the sweep's sweep.json says so). Where the runs' own
+records of what ran them (provenance.jsonl: research/provenance.py) differ -- Python, TensorFlow, Keras or TFDS
+version, code commit, host, CPU, GPUs -- those are columns too (a resume that changed one shows 'old -> new'; a run
+older than those records '-'); runs of other software are never averaged together. Also saves a plot
 of the runs' eval accuracy curves: `compare.png` in the sweep root, or --plot=PATH. Every mistake is one
 `error: ...` line on stderr, exit status 2.
 """
@@ -24,7 +27,7 @@ if __name__ == "__main__":
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from research import UserError, config as config_lib, run_dir  # noqa: E402
+from research import UserError, config as config_lib, provenance, run_dir  # noqa: E402
 
 ASCENDING = ("eval_loss", "train_loss", "steps", "wall_time_s", "params")
 METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps", "wall_time_s", "params",
@@ -87,6 +90,7 @@ def read_run(path, name, sweep_status):
     flags = run_dir.read_flags(path)
     evals = [line for line in run_dir.read_metrics(path) if "accuracy" in line]
     run = {"dir": path, "name": name, "seed": flags.get("seed"), "flags": flags,
+           "provenance": provenance.summary(run_dir.read_provenance(path)),
            "curve": [(line["step"], line["accuracy"]) for line in evals]}
     results = run_dir.read_results(path)
     if results is not None:
@@ -115,18 +119,31 @@ def differing_flags(runs):
             and len({run["flags"].get(name) for run in runs}) > 1]
 
 
+def differing_provenance(runs):
+    """Names of the provenance fields (research/provenance.py: versions, code, machine) whose values are not the
+    same in every run; a run without a provenance file (older than it) counts as '-'."""
+    return [name for name in provenance.SUMMARY_FIELDS
+            if len({run["provenance"].get(name, "-") for run in runs}) > 1]
+
+
 def make_rows(runs, per_run):
-    """Rows of the comparison: one per run, or one per group of runs that differ only in seed (and status)."""
+    """Rows of the comparison: one per run, or one per group of runs that differ only in seed (and status) and in
+    the machine they ran on (whose differing values the row lists)."""
     shown = differing_flags(runs)
     if not per_run:
         shown = [name for name in shown if name != "seed"]
+    origins = differing_provenance(runs)
+    software = [name for name in origins if name not in provenance.MACHINE_FIELDS]
     groups = {}
     for run in runs:
-        key = (run["dir"],) if per_run else (run["status"], tuple((n, run["flags"].get(n)) for n in shown))
+        key = (run["dir"],) if per_run else (run["status"], tuple((n, run["flags"].get(n)) for n in shown),
+                                             tuple(run["provenance"].get(n, "-") for n in software))
         groups.setdefault(key, []).append(run)
     rows = []
     for members in groups.values():
         row = {"flags": {name: members[0]["flags"].get(name) for name in shown},
+               "provenance": {name: " | ".join(dict.fromkeys(run["provenance"].get(name, "-") for run in members))
+                              for name in origins},
                "seeds": [run["seed"] for run in members], "status": members[0]["status"]}
         for metric in METRICS:
             values = [run[metric] for run in members if run[metric] is not None]
@@ -161,15 +178,18 @@ def _fmt(metric, value, std=None):
 def format_table(rows, per_run):
     """Aligned plain-text table, one line per row."""
     flag_names = list(rows[0]["flags"])
+    origin_names = list(rows[0]["provenance"])
     # Top-5 accuracy exists for datasets of more than 5 classes only: a column where some run has it.
     metrics = [m for m in TABLE_METRICS if m != "eval_top5_accuracy" or any(row[m] is not None for row in rows)]
     header = (["run"] if per_run else []) + flag_names + ([] if per_run else ["seeds"]) + ["status", *metrics]
+    header += origin_names
     lines = [header]
     for row in rows:
         cells = [row["runs"][0]["name"]] if per_run else []
         cells += [str(row["flags"][name]) for name in flag_names]
         cells += [] if per_run else [",".join(str(s) for s in row["seeds"])]
         cells += [row["status"]] + [_fmt(m, row[m], row.get(f"{m}_std")) for m in metrics]
+        cells += [row["provenance"][name] for name in origin_names]
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
@@ -182,13 +202,13 @@ def _public(row):
 
 
 def write_csv(rows, out):
-    flag_names = list(rows[0]["flags"])
+    flag_names, origin_names = list(rows[0]["flags"]), list(rows[0]["provenance"])
     columns = ["runs", *flag_names, "seeds", "status"]
-    columns += [c for m in METRICS for c in ([m, f"{m}_std"] if m in WITH_STD else [m])]
+    columns += [c for m in METRICS for c in ([m, f"{m}_std"] if m in WITH_STD else [m])] + origin_names
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        values = {**row, **row["flags"], "runs": " ".join(run["dir"] for run in row["runs"]),
+        values = {**row, **row["flags"], **row["provenance"], "runs": " ".join(run["dir"] for run in row["runs"]),
                   "seeds": " ".join(str(s) for s in row["seeds"])}
         writer.writerow(["" if values[c] is None else values[c] for c in columns])
 

@@ -42,12 +42,9 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
     split = split or config.eval_split
     # No training split: evaluation neither reads the training data nor depends on it being there.
     try:
-        dataset = data.load(runs.read_config(model_dir, **overrides, train_split=None, eval_split=split))
+        dataset = runs.load_dataset(model_dir, restored, **overrides, train_split=None, eval_split=split)
     except UserError as e:  # It names the training flag that --split stands in for.
         raise UserError(str(e).replace(f"--eval_split={split}", f"--split={split}")) from None
-    if tuple(dataset.image_shape) != info.image_shape or list(dataset.class_names) != info.class_names:
-        raise UserError(f"{config.dataset} as loaded now differs from what {model_dir} trained on "
-                        f"(image shape {dataset.image_shape}, {dataset.num_classes} classes)")
 
     strategy = tf.distribute.get_strategy()
     evaluation = train_lib.make_evaluate(strategy, model, dataset.num_classes)

@@ -12,8 +12,13 @@ DIR/model.keras is the same model as a Keras file (preprocessed model inputs in,
 `keras.saving.load_model(path, safe_mode=True)` once `research.models` is imported (which registers the model
 classes with Keras).
 
-The export is staged next to DIR, loaded back both ways and checked to reproduce the checkpoint's predictions,
-and only then moved to DIR, so a failed export leaves nothing behind.
+DIR/model.tflite is the SavedModel's `serving_default` for TFLite at the training size (uint8 images [N, H, W, C]
+in, float32; research/tflite.py); `--tflite_quantize=float16|int8` adds model.float16.tflite or model.int8.tflite,
+which need the run's data (int8 calibrates on its training images; both are checked on its eval split).
+
+The export is staged next to DIR, loaded back every way (`tf.saved_model.load`; the session loader that
+`saved_model_cli run` and TF Serving use; Keras; the TFLite interpreter) and checked to reproduce the checkpoint's
+predictions, and only then moved to DIR, so a failed export leaves nothing behind.
 """
 
 import os
@@ -25,6 +30,17 @@ from research import cli
 
 PARSER = cli.run_tool_parser("python -m research.export", __doc__)
 PARSER.add_argument("--output", required=True, help="New directory for the SavedModel and model.keras.")
+# The choices are research/tflite.py's QUANTIZATIONS (which imports TensorFlow, not yet loaded here).
+PARSER.add_argument("--tflite_quantize", default="none", choices=("none", "float16", "int8"),
+                    help="Also write a quantised model.float16.tflite (half-precision weights) or model.int8.tflite "
+                         "(8-bit weights and activations, calibrated on 300 of the run's training images), kept "
+                         "only if its eval accuracy is within 1 point of float32's (default none: model.tflite, "
+                         "float32, alone).")
+PARSER.add_argument("--no_tflite", action="store_true",
+                    help="Write no TFLite model (converting resnet18 or vit_ti16 takes 10-25 s on a CPU).")
+PARSER.add_argument("--data_dir", help="TFDS data_dir of the data --tflite_quantize reads (default: the run's).")
+PARSER.add_argument("--tfds_manual_dir",
+                    help="Source files to prepare that dataset from (default: the run's).")
 
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
     cli.start()
@@ -32,53 +48,83 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
     cli.check_model_dir(_args.model_dir)
     cli.check_lasting(_args.output, "--output")
 
+import collections  # noqa: E402
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, run_dir, runs  # noqa: E402
+from research import UserError, run_dir, runs, tflite  # noqa: E402
 from research.data import preprocess  # noqa: E402
 
 KERAS_FILE = "model.keras"
 TOLERANCE = 1e-5  # Largest difference in any probability between the checkpoint and its reloaded export.
+# What export() did: the checkpoint exported, and [(TFLite file name, bytes, eval accuracy or None, float32's)].
+Exported = collections.namedtuple("Exported", "checkpoint tflite")
 
 
 class Serving(tf.Module):
-    """What the SavedModel holds: the model, its class names, and the serving functions (uint8 pixels or file
-    bytes in)."""
+    """What the SavedModel holds: the serving functions (uint8 pixels or file bytes in), the variables they read,
+    and the class names.
+
+    The variables are the plain tf.Variables the functions capture, tracked here directly (as Keras' own
+    `model.export()` does), and not the Keras model: Keras 3 wraps each tf.Variable in a keras.Variable whose
+    SavedModel form is a *copy* of it, so the saved graph's restore op would fill the copies while the functions
+    read the originals. `tf.saved_model.load` rebinds the functions by object and never notices; the session
+    loader (saved_model_cli, TF Serving) runs the restore op and then fails with `Could not find variable`."""
 
     def __init__(self, model, preprocessing, class_names):
         super().__init__()
-        self.model = model
-        self.preprocessing = preprocessing
+        self._model = lambda inputs: model(inputs, training=False)  # A function: no tracking of the model.
+        self._preprocessing = preprocessing
         self.class_names = tf.Variable(class_names, trainable=False, name="class_names")
         channels = preprocessing.channels
         self.serve = tf.function(
-            self._serve, input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
+            self.classify_images,
+            input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
         self.serve_encoded = tf.function(
             self._serve_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")])
+        self.model_variables = _captured_variables(self.serve, self.serve_encoded)
 
     def _classify(self, inputs):
-        probabilities = tf.nn.softmax(self.model(inputs, training=False))
+        probabilities = tf.nn.softmax(self._model(inputs))
         return {"probabilities": probabilities, "class_ids": tf.argmax(probabilities, axis=-1)}
 
-    def _serve(self, images):
-        return self._classify(self.preprocessing.eval_images(images))
+    def classify_images(self, images):
+        """uint8 images [N, H, W, C] -> {"probabilities", "class_ids"} (also what the TFLite models compute)."""
+        return self._classify(self._preprocessing.eval_images(images))
 
     def _serve_encoded(self, encoded):
-        prep = self.preprocessing
+        prep = self._preprocessing
         inputs = tf.map_fn(lambda e: prep.eval_images(preprocess.decode(e, prep.channels)), encoded,
                            fn_output_signature=tf.TensorSpec([*prep.image_size, prep.channels], tf.float32))
         return self._classify(inputs)
 
 
-def export(model_dir, output, checkpoint="latest"):
-    """Writes the SavedModel and model.keras to `output` (which must not exist, or be empty); returns the
-    checkpoint path exported."""
+def _captured_variables(*functions):
+    """The variables the functions read (traced here, for their single input signature), each once."""
+    found = {}
+    for function in functions:
+        found.update((id(v), v) for v in function.get_concrete_function().variables)
+    return list(found.values())
+
+
+def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write_tflite=True, data_dir=None,
+           tfds_manual_dir=None):
+    """Writes the SavedModel, model.keras and the TFLite models to `output` (which must not exist, or be empty);
+    returns Exported(checkpoint path, TFLite files). `data_dir`, `tfds_manual_dir` override the run's, for the
+    data that --tflite_quantize reads."""
+    if tflite_quantize not in tflite.QUANTIZATIONS:
+        raise UserError(f"--tflite_quantize={tflite_quantize}: choose from {', '.join(tflite.QUANTIZATIONS)}")
+    if tflite_quantize != "none" and not write_tflite:
+        raise UserError(f"--tflite_quantize={tflite_quantize} writes a TFLite model, which --no_tflite refuses")
     restored = runs.load_model(model_dir, checkpoint)
     run_dir.check_filesystem(output, "--output")
     if run_dir.exists(output) and not (run_dir.isdir(output) and not run_dir.listdir(output)):
         raise UserError(f"--output={output} already exists; choose a new directory")
+    overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
+                 if value is not None}
+    dataset = runs.load_dataset(model_dir, restored, **overrides) if tflite_quantize != "none" else None
     # Staged on local disk: beside `output`, which it then becomes by a rename; for a URL (an object store, where
     # directories cannot be renamed) in a local temporary directory, copied up once verified.
     if run_dir.is_url(output):
@@ -97,6 +143,7 @@ def export(model_dir, output, checkpoint="latest"):
                                                          "serving_encoded": module.serve_encoded})
         _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
         _verify(staging, restored)
+        written = _write_tflite(staging, module, restored, tflite_quantize, dataset) if write_tflite else []
         if run_dir.is_url(output):
             run_dir.copy_tree(staging, output)
         else:
@@ -105,7 +152,23 @@ def export(model_dir, output, checkpoint="latest"):
             os.rename(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return restored.checkpoint
+    return Exported(restored.checkpoint, written)
+
+
+def _write_tflite(directory, module, restored, quantize, dataset):
+    """model.tflite, checked against the checkpoint, and the `quantize`d copy, checked on the eval split."""
+    prep = restored.dataset.preprocessing
+    content = tflite.convert(module.classify_images, module, prep)
+    tflite.check_float(content, restored.model, prep)
+    written = [(run_dir.write(os.path.join(directory, tflite.FLOAT_FILE), content), len(content), None, None)]
+    if quantize != "none":
+        calibration = tflite.calibration_images(dataset, restored.config) if quantize == "int8" else None
+        quantised = tflite.convert(module.classify_images, module, prep, quantize, calibration)
+        accuracy, float_accuracy = tflite.check_quantised(quantize, quantised, content, dataset)
+        written.append((run_dir.write(os.path.join(directory, tflite.file_name(quantize)), quantised),
+                        len(quantised), accuracy, float_accuracy))
+    return [(os.path.basename(path), size, accuracy, float_accuracy)
+            for path, size, accuracy, float_accuracy in written]
 
 
 def _save_keras(model, path, name):
@@ -128,11 +191,15 @@ def _verify(directory, restored):
     loaded = tf.saved_model.load(directory)
     with runs.float32_policy():  # As the model was rebuilt: Keras builds the reloaded layers under the global policy.
         reloaded = keras.saving.load_model(os.path.join(directory, KERAS_FILE), safe_mode=True)
-    encoded = tf.stack([tf.io.encode_png(x) for x in images[1]])
+    encoded = tf.stack([tf.io.encode_png(x) for x in images[1]]).numpy()
+    session = _session_outputs(directory, [("serving_default", {"images": x}) for x in images]
+                               + [("serving_encoded", {"encoded": encoded})])
     outputs = {"SavedModel": [loaded.signatures["serving_default"](images=tf.constant(x))["probabilities"].numpy()
                               for x in images],
                "SavedModel, encoded images": [expected[0], loaded.signatures["serving_encoded"](
-                   encoded=encoded)["probabilities"].numpy()],
+                   encoded=tf.constant(encoded))["probabilities"].numpy()],
+               "SavedModel in the session loader (saved_model_cli, TF Serving)": session[:2],
+               "SavedModel in the session loader, encoded images": [expected[0], session[2]],
                "Keras file": [tf.nn.softmax(reloaded(prep.eval_images(x), training=False)).numpy() for x in images]}
     for form, probabilities in outputs.items():
         difference = max(float(np.abs(p - e).max()) for p, e in zip(probabilities, expected))
@@ -141,11 +208,42 @@ def _verify(directory, restored):
                             f"(probabilities differ by up to {difference:.3g}); nothing was written")
 
 
+def _session_outputs(directory, requests):
+    """The probabilities that TensorFlow's session-based loader computes, as `saved_model_cli run` and TF Serving
+    load a SavedModel (a graph, its restore op, then session runs): one array for each (signature, {input: array})
+    of `requests`."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        logger, level = tf.get_logger(), tf.get_logger().level
+        logger.setLevel("ERROR")  # Its one line that the loader is deprecated (for TF2 code) says nothing here.
+        try:
+            meta_graph = tf.compat.v1.saved_model.loader.load(session, [tf.saved_model.SERVING], directory)
+            results = []
+            for key, inputs in requests:
+                signature = meta_graph.signature_def[key]
+                results.append(session.run(signature.outputs["probabilities"].name,
+                                           {signature.inputs[name].name: value for name, value in inputs.items()}))
+            return results
+        except tf.errors.OpError as e:
+            lines = [line.strip() for line in e.message.splitlines()]
+            reason = next((line for line in lines if line and line != "Graph execution error:"), type(e).__name__)
+            raise UserError(f"the exported SavedModel fails in the session loader (saved_model_cli, TF Serving): "
+                            f"{reason.split('. ')[0][:300]}; nothing was written") from None
+        finally:
+            logger.setLevel(level)
+
+
 def _main(argv):
     args = PARSER.parse_args(argv)
-    path = export(args.model_dir, args.output, args.checkpoint)
-    print(f"exported {path} to {args.output} (SavedModel, signature serving_default) "
-          f"and {run_dir.join(args.output, KERAS_FILE)}")
+    exported = export(args.model_dir, args.output, args.checkpoint, args.tflite_quantize, not args.no_tflite,
+                      args.data_dir, args.tfds_manual_dir)
+    print(f"exported {exported.checkpoint} to {args.output} (SavedModel, signatures serving_default and "
+          f"serving_encoded) and {run_dir.join(args.output, KERAS_FILE)}")
+    for name, size, accuracy, float_accuracy in exported.tflite:
+        line = f"{run_dir.join(args.output, name)}: {size / 1e6:.3f} MB"
+        if accuracy is not None:
+            line += (f", eval accuracy {accuracy:.4f} (float32 {float_accuracy:.4f}, "
+                     f"{100 * (accuracy - float_accuracy):+.2f} points)")
+        print(line)
 
 
 def main(argv=None):

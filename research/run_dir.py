@@ -14,6 +14,7 @@ Layout (research/trainer.py writes it, the tools read it):
   data_files.json  the file lists of a --dataset=folder:PATH run
   metrics.jsonl  one JSON line per evaluation                       results.json   the final evaluation and totals
   flags_history.jsonl  the flags a resume changed (learning rate, length, ...), one line per such resume
+  provenance.jsonl  one JSON line per start or resume: versions, git commit, host, devices, command (provenance.py)
   ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
   train/, eval/  TensorBoard events           LOCK   the one writer    curves.png, report.json, ...   figures, reports
 """
@@ -49,6 +50,7 @@ DATA_FILES_FILE = "data_files.json"  # A folder dataset's file lists, so that a 
 METRICS_FILE = "metrics.jsonl"
 FLAGS_HISTORY_FILE = "flags_history.jsonl"  # One line per resume that changed flags, at the step it resumed from.
 RESULTS_FILE = "results.json"
+PROVENANCE_FILE = "provenance.jsonl"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 LOCK_FILE = "LOCK"
@@ -287,6 +289,33 @@ def read_metrics(model_dir):
                 continue
             raise UserError(f"{path}: line {number} is not JSON (a record with a step)") from None
     return [by_step[step] for step in sorted(by_step)]
+
+
+def append_provenance(model_dir, record):
+    append_line(join(model_dir, PROVENANCE_FILE), json.dumps(record))
+
+
+def read_provenance(model_dir):
+    """provenance.jsonl's records, oldest first ([] for a run without one: older than research/provenance.py).
+    A last line still being written (on a filesystem without rename) is left out."""
+    path = join(model_dir, PROVENANCE_FILE)
+    if not gfile.exists(path):
+        return []
+    records = []
+    lines = read_text(path).split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(line)
+            records.append(record)
+        except ValueError:
+            if number == len(lines):  # No newline yet: the writer is mid-line.
+                continue
+            raise UserError(f"{path}: line {number} is not a JSON record") from None
+    return records
 
 
 def write_results(model_dir, results):

@@ -94,3 +94,14 @@ def load_model(model_dir, checkpoint="latest", **overrides):
     path = checkpoint_lib.restore_newest_readable(model, checkpoint_paths(model_dir, checkpoint),
                                                   average=bool(config.ema_decay))
     return Restored(model, config, dataset, path, checkpoint_step(path))
+
+
+def load_dataset(model_dir, restored, **overrides):
+    """The run's dataset opened again, by its flags with `overrides` on top (e.g. another --data_dir, or
+    train_split=None where only the eval split is read), and checked to be what `restored` trained on."""
+    dataset = data.load(read_config(model_dir, **overrides))
+    if tuple(dataset.image_shape) != restored.dataset.image_shape or \
+            list(dataset.class_names) != restored.dataset.class_names:
+        raise UserError(f"{restored.config.dataset} as loaded now differs from what {model_dir} trained on "
+                        f"(image shape {dataset.image_shape}, {dataset.num_classes} classes)")
+    return dataset

@@ -13,8 +13,8 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from research import (UserError, checkpoint, config as config_lib, data, distribute, plots, reporting, run_dir,
-                      train_lib, transfer)
+from research import (UserError, checkpoint, config as config_lib, data, distribute, plots, provenance, reporting,
+                      run_dir, train_lib, transfer)
 
 
 class Preempted(Exception):
@@ -73,6 +73,7 @@ def train_and_evaluate(config):
             if flag_changes:
                 run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
             run_dir.write_flags(config.model_dir, config)
+            provenance.record(config.model_dir, int(step.numpy()))  # Versions, code, machine: one line per start.
             run_dir.write_dataset_info(config.model_dir, dataset.metadata().to_json())
             if dataset.file_lists:  # Written here only: a refused resume or any reader leaves them as they were.
                 run_dir.write_data_files(config.model_dir, dataset.file_lists)

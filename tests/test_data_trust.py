@@ -14,7 +14,7 @@ from absl import flags
 from PIL import Image
 
 from conftest import make_config
-from research import UserError, benchmark, cli, data, evaluate, predict, train
+from research import UserError, benchmark, cli, data, evaluate, predict, trainer
 from research.data import input_benchmark, preprocess, sources, verify
 from test_hardening import _run
 
@@ -68,7 +68,7 @@ def test_an_eval_split_that_overlaps_training_is_said(three_classes, tmp_path, c
 
 
 def test_evaluate_split_slices_the_same_way_and_never_writes_the_file_lists(three_classes, tmp_path):
-    train.train_and_evaluate(folder_config(tmp_path, three_classes, train_split="train[:90%]",
+    trainer.train_and_evaluate(folder_config(tmp_path, three_classes, train_split="train[:90%]",
                                            eval_split="train[90%:]"))
     recorded = (tmp_path / "data_files.json").read_bytes()
     assert set(json.loads(recorded)["splits"]) == {"train[:90%]", "train[90%:]"}
@@ -129,13 +129,13 @@ def test_every_format_tensorflow_decodes_is_read_and_the_rest_is_counted_in_one_
 def test_a_resume_on_other_classes_is_refused_and_only_a_starting_run_writes_the_file_lists(tmp_path):
     root = write_folder(tmp_path / "d", {"cat": 8, "dog": 8, "emu": 8})
     run = tmp_path / "run"
-    train.train_and_evaluate(folder_config(run, root))
+    trainer.train_and_evaluate(folder_config(run, root))
     dataset_json = (run / "dataset.json").read_bytes()
     recorded = (run / "data_files.json").read_bytes()
 
     refused = folder_config(run, root, batch_size=4, train_steps=8)  # A flag that changes the checkpoint's meaning.
     with pytest.raises(UserError, match="holds a run with other settings"):
-        train.train_and_evaluate(refused)
+        trainer.train_and_evaluate(refused)
     assert (run / "data_files.json").read_bytes() == recorded
 
     (run / "data_files.json").unlink()
@@ -143,21 +143,21 @@ def test_a_resume_on_other_classes_is_refused_and_only_a_starting_run_writes_the
         os.rename(os.path.join(root, split, "dog"), os.path.join(root, split, "dingo"))
     with pytest.raises(UserError, match=r"has class folders other than the 3 classes .* trained on \(new dingo; gone "
                                         r"dog\): every label would shift"):
-        train.train_and_evaluate(folder_config(run, root, train_steps=8))
+        trainer.train_and_evaluate(folder_config(run, root, train_steps=8))
     with pytest.raises(UserError, match="has class folders that training lacks: dingo"):
         evaluate.evaluate(str(run))
     assert not (run / "data_files.json").exists() and (run / "dataset.json").read_bytes() == dataset_json
 
     for split in ("train", "test"):
         os.rename(os.path.join(root, split, "dingo"), os.path.join(root, split, "dog"))
-    results = train.train_and_evaluate(folder_config(run, root, train_steps=8))  # Listed again: the same lists.
+    results = trainer.train_and_evaluate(folder_config(run, root, train_steps=8))  # Listed again: the same lists.
     assert results["step"] == 8 and (run / "data_files.json").read_bytes() == recorded
 
 
 def test_a_folder_moved_or_thinned_after_training_or_damaged_lists_are_one_line_for_evaluate_and_resume(tmp_path):
     root = write_folder(tmp_path / "d", {"cat": 8, "dog": 8})
     run = tmp_path / "run"
-    train.train_and_evaluate(folder_config(run, root))
+    trainer.train_and_evaluate(folder_config(run, root))
     recorded = (run / "data_files.json").read_text()
     lists = json.loads(recorded)
     lists["splits"]["test"][0][1] = 7  # A label beyond the two classes.
@@ -171,7 +171,7 @@ def test_a_folder_moved_or_thinned_after_training_or_damaged_lists_are_one_line_
         evaluate.evaluate(str(run))
     os.rename(root, tmp_path / "moved")
     for attempt in (lambda: evaluate.evaluate(str(run)),
-                    lambda: train.train_and_evaluate(folder_config(run, root, train_steps=8))):
+                    lambda: trainer.train_and_evaluate(folder_config(run, root, train_steps=8))):
         with pytest.raises(UserError, match=rf"folder:{root} no longer exists, and {run} was trained on it"):
             attempt()
     assert (run / "data_files.json").read_text() == recorded
@@ -184,13 +184,13 @@ def test_images_over_the_pixel_budget_are_refused_naming_the_file(tmp_path, monk
     for path in (big, big_eval):
         Image.new("RGB", (30, 20)).save(path)
     run = tmp_path / "run"
-    train.train_and_evaluate(folder_config(run, root))
+    trainer.train_and_evaluate(folder_config(run, root))
     monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 400)  # 8x8 files pass, 30x20 does not.
     budget = r"image of 20 x 30 pixels \(height x width\), over the budget of 400 pixels: downscale it"
     with pytest.raises(UserError, match=rf"cannot read eval example {big_eval}: {budget}; `python -m research.data"):
         evaluate.evaluate(str(run))
     with pytest.raises(UserError, match=rf"cannot read training example {big}: {budget}"):
-        train.train_and_evaluate(folder_config(run, root, train_steps=8))
+        trainer.train_and_evaluate(folder_config(run, root, train_steps=8))
     assert verify.main([f"--dataset=folder:{root}", "--split=train"]) == 1
     assert f"bad: {big}: image of 20 x 30 pixels" in capsys.readouterr().out
     encoded = tf.io.encode_jpeg(tf.zeros([20, 30, 3], tf.uint8))  # The fused crop-while-decoding path too.

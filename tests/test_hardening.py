@@ -142,7 +142,7 @@ def test_tools_fall_back_from_a_truncated_latest_checkpoint(finished, tmp_path, 
     _truncate_latest(finished.model_dir)
     assert predict.main([f"--model_dir={finished.model_dir}", str(tmp_path / "digit.png")]) == 0
     assert evaluate.evaluate(finished.model_dir)["checkpoint"].endswith("ckpt-8")
-    assert export.export(finished.model_dir, str(tmp_path / "export")).endswith("ckpt-8")
+    assert export.export(finished.model_dir, str(tmp_path / "export")).checkpoint.endswith("ckpt-8")
     assert any("ckpt-12 is unreadable" in r.getMessage() for r in caplog.records)
 
 

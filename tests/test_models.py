@@ -1,5 +1,6 @@
 """ResNet v1.5 and ViT: the reference implementations' sizes, forward and backward passes, ViT's position embeddings
-at another image size, bfloat16 training, export; the model summary command; model flags in config and checkpoints.
+at another image size; the model summary command; model flags in config and checkpoints. (Their bfloat16 training
+and export: tests/test_export.py.)
 
 Sizes are counted at 224 px and 1000 classes on models built by a 32 px call: ResNet's variables do not depend on
 the image size, and ViT's position embeddings are made for the dataset's size, whatever size it is called on.
@@ -8,13 +9,12 @@ the image size, and ViT's position embeddings are made for the dataset's size, w
 import os
 import types
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import UserError, checkpoint, cli, config as config_lib, export, models, runs, train_lib, trainer
+from research import UserError, checkpoint, cli, config as config_lib, models, trainer
 from research.models import __main__ as summary, vit
 from test_configs import REPO, _flagfile_values
 
@@ -81,22 +81,6 @@ def test_vit_position_embeddings_are_resized_for_another_image_size():
     assert np.corrcoef(corners.ravel(), embeddings.numpy().ravel())[0, 1] > 0.9
     constant = vit.resize_position_embeddings(tf.ones([1, 4, 192]), (2, 2), (4, 4))
     np.testing.assert_allclose(constant.numpy(), 1.0, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["resnet18", "vit_ti16"])
-def test_bfloat16_training_then_export_and_reload(mock_tfds, tmp_path, name):
-    run_dir, output = str(tmp_path / "run"), str(tmp_path / "serving" / "1")
-    results = trainer.train_and_evaluate(make_config(run_dir, dataset="cifar10", model=name, train_steps=2,
-                                                   steps_per_loop=1, eval_every=2, mixed_precision="mixed_bfloat16"))
-    assert results["step"] == 2 and np.isfinite(results["train"]["loss"]) and np.isfinite(results["eval"]["loss"])
-    # In the same process, where training left the global policy at mixed_bfloat16: Keras rebuilds the layers of a
-    # reloaded subclassed model under it, so export reloads (and checks) in float32, as the model was rebuilt.
-    export.export(run_dir, output)  # Itself checks both reloads against the checkpoint's predictions.
-    images = tf.random.uniform([4, 32, 32, 3], seed=3)
-    expected = runs.load_model(run_dir).model(images).numpy()
-    with runs.float32_policy():
-        reloaded = keras.saving.load_model(os.path.join(output, "model.keras"), safe_mode=True)
-    np.testing.assert_allclose(reloaded(images).numpy(), expected, atol=1e-5)
 
 
 NEW_RECIPES = ["imagenet_resnet50", "imagenet_vit_s16", "smoke_resnet18", "smoke_vit_ti16"]

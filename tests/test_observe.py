@@ -231,7 +231,7 @@ def test_predict_command_prints_the_good_ones_and_fails_for_the_bad(run, tmp_pat
 # ---------------------------------------------------------------------------------------------- Export
 def test_export_reloads_to_the_checkpoints_predictions(run, tmp_path):
     output = str(tmp_path / "serving" / "1")
-    assert export.export(run.dir, output).endswith("ckpt-12")
+    assert export.export(run.dir, output).checkpoint.endswith("ckpt-12")
     assert sorted(os.listdir(tmp_path / "serving")) == ["1"]  # No staging directory left behind.
     images = run.dataset.eval.images[:16]
     expected = tf.nn.softmax(runs.load_model(run.dir).model(data.to_float(images))).numpy()

@@ -23,7 +23,7 @@ def test_a_whole_run_on_ram_filesystem(mock_tfds, tmp_path, monkeypatch, capsys)
     assert "Resuming from ram://runs/whole/ckpt-8" in capsys.readouterr().out and results["step"] == 12
     assert run_dir.read_results(model_dir)["step"] == 12
     assert [r["step"] for r in run_dir.read_metrics(model_dir)] == [8, 12]
-    for name in ("flags.txt", "dataset.json", "curves.png", "best/best.json", "train", "eval"):
+    for name in ("flags.txt", "provenance.jsonl", "dataset.json", "curves.png", "best/best.json", "train", "eval"):
         assert run_dir.exists(run_dir.join(model_dir, name)), name
     assert not run_dir.exists(run_dir.join(model_dir, "LOCK"))  # Released.
 

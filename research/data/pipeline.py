@@ -15,10 +15,12 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from research import UserError
 from research.data import preprocess
 
 AUTOTUNE = tf.data.AUTOTUNE
 SHUFFLE_SALT = 0x0DE5  # Third word of the permutation's seed, (seed, epoch, salt).
+EXPORT_BATCH = 256
 
 
 def steps_per_epoch(dataset, config):
@@ -97,6 +99,31 @@ def first_eval_examples(dataset, config, count):
         if sum(len(y) for y in labels) >= count:
             break
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
+def images_at_size(source, prep, indices):
+    """Batches (uint8 images [n, h, w, C] at the model's input size, labels [n]) of the examples at `indices` of
+    `source`: the stored pixels, resized whole (bilinear, rounded) where stored at another size; what a client of
+    an export sends (research/tflite.py). An example that cannot be read or decoded is a UserError naming it."""
+    indices = [int(i) for i in indices]
+    read = source.reader()
+
+    def at_size(stored, label):
+        image = preprocess.decode(source.fetch(stored), prep.channels) if source.encoded else source.fetch(stored)
+        if tuple(image.shape[:2]) != tuple(prep.image_size):
+            image = tf.cast(tf.round(tf.image.resize(image, prep.image_size)), tf.uint8)
+        return tf.ensure_shape(image, [*prep.image_size, prep.channels]), label
+
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64)).batch(EXPORT_BATCH).map(read)
+    ds = ds.unbatch().map(at_size, num_parallel_calls=AUTOTUNE).batch(EXPORT_BATCH).prefetch(AUTOTUNE)
+    try:
+        for images, labels in ds.with_options(options()):
+            yield images.numpy(), labels.numpy()
+    except READ_ERRORS:
+        bad = next(unreadable(source, prep.channels, indices), None)
+        if bad is None:
+            raise
+        raise UserError(f"cannot read {': '.join(bad)}; {source.advice}") from None
 
 
 # What reading or decoding a bad example raises inside a pipeline (and so inside the train loop or evaluation).
