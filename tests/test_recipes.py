@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import augment, data, mix, models, optim, randaugment, train_lib, trainer
+from research import augment, data, distribute, mix, models, optim, randaugment, train_lib, trainer
 
 SHAPE = (28, 28, 1)
 
@@ -98,7 +98,7 @@ def test_gradient_is_clipped_on_the_norm_summed_over_replicas():
     gradient separately (Keras' clipnorm under tf.distribute) would move them by up to twice that."""
     config = make_config("x", model="mlp", hidden_units="16", batch_size=16, optimizer="sgd", learning_rate=1.0,
                          clip_grad_norm=1e-3, strategy="mirrored")
-    strategy = train_lib.distribute.create_strategy(config)
+    strategy = distribute.create_strategy(config)
     dataset = _dataset()
     with strategy.scope():
         model = models.create(config, dataset)
