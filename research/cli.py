@@ -194,6 +194,13 @@ def _flags_help(full):
                         if full or module.startswith("research"))
 
 
+def op_error_line(error):
+    """A TensorFlow error's message as one line for an `error: ...` line: its first line, without the decorations
+    graph execution adds (`{{function_node ...}}`, `[[{{node ...}}]]`, `[Op:...]`)."""
+    first = ((getattr(error, "message", None) or str(error)).strip().splitlines() or [""])[0]
+    return re.sub(r"\{\{[^}]*\}\}\s*|\s*\[\[.*$|\s*\[Op:.*$", "", first)
+
+
 def _flag_error(error):
     """absl's message, shorn of its decorations ('ERROR:: ', a trailing 'Pass --helpshort ...')."""
     message = str(error).strip().removeprefix("ERROR:: ")

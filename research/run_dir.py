@@ -232,7 +232,7 @@ def read_dataset_info(model_dir):
 def recorded_class_names(model_dir):
     """The class names dataset.json records (the truth on resume), or None where the run has none yet."""
     path = join(model_dir, DATASET_FILE)
-    if not gfile.exists(path):
+    if not _gfile().exists(path):
         return None
     names = read_json(path).get("class_names")
     if not isinstance(names, list):
@@ -243,7 +243,7 @@ def recorded_class_names(model_dir):
 def read_data_files(model_dir):
     """data_files.json (a folder dataset's file lists: {"root", "class_names", "splits"}), or {} if none."""
     path = join(model_dir, DATA_FILES_FILE)
-    if not gfile.exists(path):
+    if not _gfile().exists(path):
         return {}
     lists = read_json(path)
     try:
@@ -299,7 +299,7 @@ def read_provenance(model_dir):
     """provenance.jsonl's records, oldest first ([] for a run without one: older than research/provenance.py).
     A last line still being written (on a filesystem without rename) is left out."""
     path = join(model_dir, PROVENANCE_FILE)
-    if not gfile.exists(path):
+    if not _gfile().exists(path):
         return []
     records = []
     lines = read_text(path).split("\n")

@@ -15,7 +15,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from research import UserError
+from research import UserError, cli
 from research.data import preprocess
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -167,7 +167,7 @@ def _check(read, source, index, channels):
         if source.encoded:
             preprocess.decode(image, channels).numpy()
     except READ_ERRORS as e:
-        message = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:.*$", "", (e.message or str(e)).strip().splitlines()[0])
+        message = cli.op_error_line(e)
         # An assertion's own text (preprocess.within_pixel_budget), as eager and graph execution word it.
         asserted = re.search(r"Summarized data: b'(.*)'$|assertion failed: \[(.*)\]$", message)
         message = next(filter(None, asserted.groups())) if asserted else message

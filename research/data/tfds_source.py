@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
-from research import UserError, run_dir
+from research import UserError, cli, run_dir
 from research.config import TUNABLE, declare
 from research.data import preprocess, sources
 from research.data.dataset import Dataset
@@ -237,8 +237,7 @@ def _decoded(source, channels):
 def _damaged(builder, error, split):
     """A truncated or corrupt prepared file: which one (TFRecord errors name it; ArrayRecord's do not, so the
     split's files are named), and how to recover."""
-    first_line = ((getattr(error, "message", None) or str(error)).strip().splitlines() or [""])[0]
-    message = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[\[.*$|\s*\[Op:.*$", "", first_line)
+    message = cli.op_error_line(error)
     message = (re.search(r"\w+Error: .*", message) or re.search(".*", message)).group(0)[:160]
     named = re.search(r"(/\S+?(?:tfrecord|array_record)\S*?)(?=[\s:,'\"]|$)", message)
     if not named:
