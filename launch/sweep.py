@@ -44,7 +44,7 @@ def train_flag(name):
     (a model family's, a data source's or an augmentation's flag, or a misspelling) imports the modules
     research.train imports, and TensorFlow with them, to find it."""
     if name not in config_lib.names_with(*config_lib.RUN_ROLES):
-        importlib.import_module("research.trainer")
+        importlib.import_module("research.train_lib")
     return FLAGS[name] if name in config_lib.names_with(*config_lib.RUN_ROLES) else None
 
 

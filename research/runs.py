@@ -14,6 +14,7 @@ import re
 import tensorflow as tf
 
 from research import UserError, checkpoint as checkpoint_lib, config as config_lib, data, models, run_dir, transfer
+from research import train_lib  # noqa: F401 - it imports every module that defines a flag of flags.txt.
 
 Restored = collections.namedtuple("Restored", "model config dataset checkpoint step")
 

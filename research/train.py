@@ -11,7 +11,8 @@ from research import cli, config as config_lib  # Standard library and absl only
 if __name__ == "__main__":
     cli.start()
     cli.parse_flags(sys.argv, __doc__, known_only=True)  # The flags known so far: bad values fail at once.
-    cli.check_lasting(config_lib.FLAGS.model_dir, "--model_dir")
+    if config_lib.FLAGS.is_parsed():  # (Not after --help, which is answered later, with every flag.)
+        cli.check_lasting(config_lib.FLAGS.model_dir, "--model_dir")
 
 import tensorflow as tf  # noqa: E402
 
