@@ -33,7 +33,6 @@ def open_folder(config, root):
         raise UserError(f"--dataset=folder:{root}: image folders are read from local paths (or mounted ones), not "
                         "URLs; copy or mount the folder")
     root = os.path.normpath(os.path.abspath(root))
-    prep = preprocess.preprocessing(config, (None, None, CHANNELS), CHANNELS)
     recorded = run_dir.read_data_files(config.model_dir)
     if recorded and recorded.get("root") != root:
         raise UserError(f"{config.model_dir} trained on folder:{recorded.get('root')}, not folder:{root}")
@@ -44,6 +43,7 @@ def open_folder(config, root):
                             "folder back there (the run reads the files it recorded)")
         raise UserError(f"--dataset=folder:{root}: " + ("a file, not a folder of split folders" if os.path.exists(root)
                                                         else "no such directory"))
+    prep = preprocess.preprocessing(config, (None, None, CHANNELS), CHANNELS)  # (After: a missing folder first.)
     listing = folder_files.Listing(root)
     lists = dict(recorded.get("splits", {}))
     class_names = run_classes
