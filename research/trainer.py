@@ -33,7 +33,6 @@ def train_and_evaluate(config):
     """
     # ------------------------------------------------------------------ Setup: seeds, strategy, run directory
     started = time.time()  # Wall times (metrics.jsonl elapsed_s, results.json) count data loading and tracing.
-    config_lib.warn_ignored(config)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = distribute.create_strategy(config)
@@ -78,6 +77,8 @@ def train_and_evaluate(config):
             if dataset.file_lists:  # Written here only: a refused resume or any reader leaves them as they were.
                 run_dir.write_data_files(config.model_dir, dataset.file_lists)
             model.summary(expand_nested=True)
+
+        config_lib.warn_ignored(config)  # Here, once the run is sure to train: never in front of an error line.
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
         train_loop = train_lib.make_train_loop(strategy, model, optimizer, step, config, ema)
