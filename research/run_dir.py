@@ -270,24 +270,9 @@ def append_metrics(model_dir, record):
 def read_metrics(model_dir):
     """The evaluations of metrics.jsonl, one dict per step in step order ([] if none yet).
 
-    A step evaluated twice (a run resumed from a checkpoint older than its last evaluation) keeps its latest
-    line; a last line still being written by a running run (on a filesystem without rename) is left out.
+    A step evaluated twice (a run resumed from a checkpoint older than its last evaluation) keeps its latest line.
     """
-    path = join(model_dir, METRICS_FILE)
-    if not _gfile().exists(path):
-        return []
-    by_step = {}
-    lines = read_text(path).split("\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_step[record["step"]] = record
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines):  # No newline yet: the writer is mid-line.
-                continue
-            raise UserError(f"{path}: line {number} is not JSON (a record with a step)") from None
+    by_step = {record["step"]: record for record in _read_records(join(model_dir, METRICS_FILE), "step")}
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -296,9 +281,14 @@ def append_provenance(model_dir, record):
 
 
 def read_provenance(model_dir):
-    """provenance.jsonl's records, oldest first ([] for a run without one: older than research/provenance.py).
-    A last line still being written (on a filesystem without rename) is left out."""
-    path = join(model_dir, PROVENANCE_FILE)
+    """provenance.jsonl's records, oldest first ([] for a run without one: older than research/provenance.py)."""
+    return _read_records(join(model_dir, PROVENANCE_FILE))
+
+
+def _read_records(path, key=None):
+    """The JSON objects of a .jsonl file, one a line ([] if there is no file), each holding `key` if given. A last
+    line still being written by a running run (on a filesystem without rename) is left out; any other bad line is
+    an error naming it."""
     if not _gfile().exists(path):
         return []
     records = []
@@ -308,13 +298,13 @@ def read_provenance(model_dir):
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict):
+            if not isinstance(record, dict) or (key and key not in record):
                 raise ValueError(line)
             records.append(record)
         except ValueError:
             if number == len(lines):  # No newline yet: the writer is mid-line.
                 continue
-            raise UserError(f"{path}: line {number} is not a JSON record") from None
+            raise UserError(f"{path}: line {number} is not a JSON record" + (f" with a {key}" if key else "")) from None
     return records
 
 
