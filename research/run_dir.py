@@ -298,13 +298,14 @@ def _read_records(path, key=None):
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or (key and key not in record):
-                raise ValueError(line)
-            records.append(record)
+            problem = None if isinstance(record, dict) and (not key or key in record) else (
+                "not a JSON object" + (f" with a {key}" if key else ""))
         except ValueError:
-            if number == len(lines):  # No newline yet: the writer is mid-line.
-                continue
-            raise UserError(f"{path}: line {number} is not a JSON record" + (f" with a {key}" if key else "")) from None
+            problem = "not JSON"
+        if problem is None:
+            records.append(record)
+        elif number < len(lines):  # A last line with no newline yet is one the writer is still writing.
+            raise UserError(f"{path}: line {number} is {problem}")
     return records
 
 
