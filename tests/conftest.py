@@ -1,5 +1,6 @@
 """Shared fixtures: mocked TFDS datasets for fast tests, the real MNIST files for integration tests."""
 
+import fcntl
 import os
 
 import pytest
@@ -39,9 +40,25 @@ FASHION_MNIST_FILES = os.environ.get(
 
 @pytest.fixture(scope="session")
 def mnist_data_dir(tmp_path_factory):
-    """A TFDS data_dir with real MNIST prepared from ../shared/datasets/mnist (skips where the files are absent)."""
+    """A TFDS data_dir with real MNIST prepared from ../shared/datasets/mnist (skips where the files are absent),
+    shared by the tests of every worker: a test that changes files in it works on a copy."""
     if not os.path.exists(os.path.join(MNIST_FILES, "train-images-idx3-ubyte.gz")):
         pytest.skip(f"real MNIST files not found in {MNIST_FILES} (set MNIST_FILES); CI always has them")
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    data.load(config_lib.make_config(model_dir="unused", train_steps=1, data_dir=data_dir, tfds_manual_dir=MNIST_FILES))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # Every worker of this test session: one preparation, not one each.
+    data_dir = str(shared / "tfds_mnist")
+    with open(shared / "tfds_mnist.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # The first worker prepares; the others wait, then find it prepared.
+        data.load(config_lib.make_config(model_dir="unused", train_steps=1, data_dir=data_dir,
+                                         tfds_manual_dir=MNIST_FILES))
     return data_dir
+
+
+@pytest.fixture
+def shallow_vits(monkeypatch):
+    """Every vit_* two blocks deep: the family's code whole, at a sixth of its tracing and training time, for tests
+    about what surrounds the model (recipes, exports), not its size."""
+    from research.models import vit
+    for size, (width, _, heads) in list(vit.SIZES.items()):
+        monkeypatch.setitem(vit.SIZES, size, (width, 2, heads))

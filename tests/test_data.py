@@ -185,7 +185,7 @@ def test_manual_files_failing_the_checksum_say_so(tmp_path):
 
 
 def test_damaged_prepared_files_name_the_file_and_the_way_out(mnist_data_dir, tmp_path):
-    shutil.copytree(mnist_data_dir, tmp_path / "tfds")
+    shutil.copytree(os.path.join(mnist_data_dir, "mnist"), tmp_path / "tfds" / "mnist")  # Not fashion_mnist's.
     version_dir = next(p for p in (tmp_path / "tfds" / "mnist").iterdir() if p.is_dir())
     for cache in version_dir.glob("arrays-*.npz"):
         cache.unlink()

@@ -9,7 +9,6 @@ import tensorflow as tf
 
 from conftest import make_config
 from research import UserError, benchmark, config as config_lib, data, distribute, models, train_lib
-from test_resume import kill_resume_and_compare
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +152,3 @@ def test_resnet_stochastic_depth_drops_residual_branches_at_linearly_rising_seed
     trained = [model(images, training=True).numpy() for _ in range(2)]
     assert not np.allclose(trained[0], trained[1])  # Masks drawn anew at every call.
 
-
-def test_sigkill_resume_with_accumulation_is_exact(tmp_path):
-    """Dropout draws its masks per micro-batch: their seeds, like the data, must come back exactly."""
-    kill_resume_and_compare(tmp_path, "--grad_accum_steps=4", "--dropout=0.3")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -138,16 +139,20 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit(tmp_path):
 
 def test_decoded_split_cache(tmp_path, mnist_data_dir, monkeypatch):
     """Loads after the first read the decoded arrays cached beside the prepared files, identical to decoding; a
-    damaged cache, or one whose source files changed, is decoded again and rewritten."""
-    config = make_config(tmp_path, data_dir=mnist_data_dir, tfds_manual_dir=MNIST_FILES)
-    builder = tfds.builder("mnist", data_dir=mnist_data_dir)
-    decoded = np.stack([e["image"] for e in tfds.data_source("mnist", split="test", data_dir=mnist_data_dir)])
+    damaged cache, or one whose source files changed, is decoded again and rewritten (in a copy of the shared
+    data_dir, which other tests read meanwhile)."""
+    data_dir = str(tmp_path / "tfds")
+    shutil.copytree(os.path.join(mnist_data_dir, "mnist"), os.path.join(data_dir, "mnist"))
+    config = make_config(tmp_path, data_dir=data_dir, tfds_manual_dir=MNIST_FILES)
+    builder = tfds.builder("mnist", data_dir=data_dir)
+    decoded = np.stack([e["image"] for e in tfds.data_source("mnist", split="test", data_dir=data_dir)])
     cache, _ = tfds_source._cache_of(builder, "test")
+    data.load(config)  # Writes the copy's caches (the copied ones name the shared directory's files).
     decodes = []
     as_numpy = tfds.as_numpy
     monkeypatch.setattr(tfds, "as_numpy", lambda ds: decodes.append(1) or as_numpy(ds))
 
-    cached = data.load(config)  # The fixture's load wrote the caches.
+    cached = data.load(config)
     assert not decodes and os.path.exists(cache)
     np.testing.assert_array_equal(cached.eval.images, decoded)
     assert cached.train.images.shape == (60_000, 28, 28, 1) and cached.train.labels.shape == (60_000,)

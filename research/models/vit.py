@@ -149,9 +149,8 @@ class ViT(tf.keras.Model):
 
 
 def _register_vit(size):
-    width, depth, heads = SIZES[size]
-
     def build(config, dataset):
+        width, depth, heads = SIZES[size]  # Read here, so that tests may make a family member shallow.
         height, width_px = dataset.image_shape[:2]
         if height % PATCH or width_px % PATCH:
             read = (height // PATCH * PATCH) * (width_px // PATCH * PATCH) / (height * width_px)
@@ -160,8 +159,8 @@ def _register_vit(size):
                             f"set --image_size to one, e.g. {max(PATCH, round(height / PATCH) * PATCH)}")
         return ViT(dataset.num_classes, width, depth, heads, dataset.image_shape[:2], pooling=config.vit_pooling,
                    stochastic_depth=config.stochastic_depth, name=f"vit_{size}16")
-    build.__doc__ = (f"ViT-{size.capitalize()}/16: {depth} blocks of width {width}, {heads} heads; --vit_pooling, "
-                     "--stochastic_depth.")
+    build.__doc__ = ("ViT-{0}/16: {2} blocks of width {1}, {3} heads; --vit_pooling, --stochastic_depth."
+                     .format(size.capitalize(), *SIZES[size]))
     register(f"vit_{size}16")(build)
 
 
