@@ -56,9 +56,11 @@ def mnist_data_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def shallow_vits(monkeypatch):
-    """Every vit_* two blocks deep: the family's code whole, at a sixth of its tracing and training time, for tests
-    about what surrounds the model (recipes, exports), not its size."""
-    from research.models import vit
+def shallow_models(monkeypatch):
+    """Every vit_* two blocks deep, every resnet* one block a stage: each family's code whole, at a fraction of its
+    tracing and training time, for tests about what surrounds a model (recipes, exports), not its size."""
+    from research.models import resnet, vit
     for size, (width, _, heads) in list(vit.SIZES.items()):
         monkeypatch.setitem(vit.SIZES, size, (width, 2, heads))
+    for depth, (bottleneck, _) in list(resnet.DEPTHS.items()):
+        monkeypatch.setitem(resnet.DEPTHS, depth, (bottleneck, (1, 1, 1, 1)))

@@ -45,10 +45,10 @@ def _probabilities(restored, images):
     return tf.nn.softmax(restored.model(prep.eval_images(images), training=False)).numpy()
 
 
-def test_saved_model_cli_serves_an_export_of_every_model_family(mock_tfds, shallow_vits, tmp_path):
-    """Each family trained two steps (resnet18 and a two-block vit_ti16 in bfloat16 at 32 px), exported in this process (where
-    the last training left the global policy at mixed_bfloat16, under which Keras would rebuild a reloaded
-    model.keras: export reloads and checks it in float32, as the model was rebuilt), then served by
+def test_saved_model_cli_serves_an_export_of_every_model_family(mock_tfds, shallow_models, tmp_path):
+    """Each family trained two steps (resnet18 and vit_ti16 made shallow, in bfloat16 at 32 px), exported in this
+    process (where the last training left the global policy at mixed_bfloat16, under which Keras would rebuild a
+    reloaded model.keras: export reloads and checks it in float32, as the model was rebuilt), then served by
     `saved_model_cli run` in a subprocess of its own, the four running side by side."""
     served = {}
     for family, flags in FAMILIES.items():

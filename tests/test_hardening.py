@@ -6,7 +6,6 @@ never reach the user); in-process calls elsewhere, on mock data.
 
 import gc
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import MNIST_FILES, make_config
+from conftest import make_config
 from research import UserError, checkpoint as checkpoint_lib, cli, evaluate, export, predict, runs, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,23 +216,3 @@ def test_an_image_too_large_to_read_is_its_own_line_and_the_others_are_predicted
                                           [str(tmp_path / n) for n in ("bomb.png", "big.png", "ok.png")])
     assert [path for path, _ in results] == [str(tmp_path / "big.png"), str(tmp_path / "ok.png")]
     assert errors == [f"{tmp_path / 'bomb.png'}: too large to read (over 2,000 pixels)"]
-
-
-# ---------------------------------------------------------------------------------------------- First run
-def test_the_first_run_on_a_fresh_data_dir_equals_every_later_run(tmp_path):
-    """Preparing the dataset in-process draws random numbers: they must not shift the initial weights."""
-    if not os.path.exists(os.path.join(MNIST_FILES, "train-images-idx3-ubyte.gz")):
-        pytest.skip(f"real MNIST files not found in {MNIST_FILES}")
-    data_dir = str(tmp_path / "fresh")
-    weights = []
-    for name in ("first", "second"):
-        config = make_config(tmp_path / name, data_dir=data_dir, tfds_manual_dir=MNIST_FILES, model="convnet",
-                             conv_layers="8c3s2,d,16c3s2", dropout="0.2", train_steps=20, batch_size=32, deterministic=True)
-        trainer.train_and_evaluate(config)
-        reader = tf.train.load_checkpoint(os.path.join(config.model_dir, "ckpt-20"))
-        weights.append({n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-                        if n.startswith("model_variables")})
-    assert weights[0].keys() == weights[1].keys()
-    for name in weights[0]:
-        np.testing.assert_array_equal(weights[0][name], weights[1][name], err_msg=name)
-    shutil.rmtree(data_dir)

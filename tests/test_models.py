@@ -87,9 +87,9 @@ NEW_RECIPES = ["imagenet_resnet50", "imagenet_vit_s16", "smoke_resnet18", "smoke
 
 
 @pytest.mark.parametrize("name", NEW_RECIPES)
-def test_new_recipes_train_on_small_mock_images(mock_tfds, shallow_vits, tmp_path, monkeypatch, name):
+def test_new_recipes_train_on_small_mock_images(mock_tfds, shallow_models, tmp_path, monkeypatch, name):
     """Each recipe as written (its crop, normalization, RandAugment, mixup), on 32 px mock CIFAR-10 in place of
-    ImageNet or a folder (ViTs two blocks deep)."""
+    ImageNet or a folder (the models made shallow)."""
     monkeypatch.chdir(REPO)
     values = _flagfile_values(os.path.join(REPO, "configs", f"{name}.cfg"))
     values.update(model_dir=str(tmp_path), dataset="cifar10", train_split="train", eval_split="test",

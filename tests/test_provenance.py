@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import keras
-import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
