@@ -258,6 +258,7 @@ def run_sweep(args, runs, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, extras = parse_args(argv)
+    cli.check_lasting(args.root, "--root")
     runs = plan(args, extras)
     if args.dry_run:
         for run in runs:

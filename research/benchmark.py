@@ -378,8 +378,9 @@ def _benchmark_from_flags(_):
         tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                                    [tf.config.LogicalDeviceConfiguration()] * FLAGS.cpu_devices)
     if FLAGS.input_only:
-        if FLAGS.input_steps < 1:
-            raise UserError(f"--input_steps must be positive, got {FLAGS.input_steps}")
+        for name in ("input_steps", "benchmark_rounds"):
+            if FLAGS[name].value < 1:
+                raise UserError(f"--{name} must be positive, got {FLAGS[name].value}")
         results = input_benchmark.measure(config, data.load(config), FLAGS.input_steps, FLAGS.benchmark_rounds)
         print(json.dumps(results, indent=1) if FLAGS.json else input_benchmark.format_results(results))
         return

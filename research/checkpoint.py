@@ -51,8 +51,9 @@ class Checkpoints:
         return tf.train.latest_checkpoint(self.model_dir)
 
     def restore_latest(self, model_name):
-        """Restores the newest readable checkpoint; returns its path, or None if there is none. One that is readable
-        but holds another model (a run resumed with other flags after its flags.txt was lost) is an error."""
+        """Restores the newest readable checkpoint; returns its path, or None if there is none. Finding none readable
+        is an error, and so is one that holds another model (a run resumed with other flags after its flags.txt was
+        lost)."""
         def restore(path):
             check_fits(self.checkpoint.model_variables, path, model_name)
             try:
@@ -168,21 +169,27 @@ def restore_newest_readable(model, paths, average, restore=restore_weights):
     """Restores, by `restore(model, path, average)`, the weights of the first readable checkpoint of `paths` (e.g.
     named_by's), as training resumes (first_readable); returns its path. A checkpoint of another model is an error
     at once, and so is finding none readable."""
-    path = first_readable(paths, lambda p: restore(model, p, average))
-    if path is None:
-        raise UserError(f"no readable checkpoint among {', '.join(paths)}")
-    return path
+    return first_readable(paths, lambda p: restore(model, p, average))
 
 
 def first_readable(paths, restore):
-    """Calls `restore(path)` on `paths` in turn until one does not raise Unreadable, warning of each that does (a
-    truncated or corrupt checkpoint is skipped in favour of the previous one); returns that path, or None."""
+    """Calls `restore(path)` on `paths` (newest first) in turn until one does not raise Unreadable, and returns
+    that path, with a warning for each newer one skipped (truncated or corrupt); None if `paths` is empty. If none
+    is readable, one error line says so and why the newest is not, with no warnings before it."""
+    skipped = []
     for path in paths:
         try:
             restore(path)
-            return path
         except Unreadable as e:
-            logging.warning("%s; falling back to the previous one", e)
+            skipped.append(str(e))
+            continue
+        for reason in skipped:
+            logging.warning("%s; fell back to %s", reason, path)
+        return path
+    if skipped:
+        older = len(skipped) - 1
+        more = "" if not older else " (as is the older one)" if older == 1 else f" (as are the {older} older ones)"
+        raise UserError(f"no checkpoint is readable: {skipped[0]}{more}; nothing was changed")
     return None
 
 

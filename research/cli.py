@@ -110,11 +110,20 @@ def check_model_dir(model_dir):
 
 
 def check_lasting(path, flag):
-    """A program's output path on ram:// (TensorFlow's in-memory filesystem) is lost when the process exits: one
-    error line. (In-process callers, such as the tests, use it as a stand-in for object storage.)"""
+    """A program's output path on ram:// (TensorFlow's in-memory filesystem) is lost when the process exits: a
+    UserError. (In-process callers, such as the tests, use it as a stand-in for object storage.)"""
     if path and str(path).startswith("ram://"):
-        fail(f"{flag}={path} is in memory (ram://) and would be lost when this program exits: give a path on disk "
-             "or a lasting filesystem (gs://, s3://, hdfs://)")
+        raise UserError(f"{flag}={path} is in memory (ram://) and would be lost when this program exits: give a "
+                        "path on disk or a lasting filesystem (gs://, s3://, hdfs://)")
+
+
+def before_tensorflow(check, *args):
+    """Runs `check(*args)` where `run` does not yet catch (before TensorFlow loads): a UserError is one error line
+    and exit status 2."""
+    try:
+        check(*args)
+    except UserError as e:
+        fail(e)
 
 
 def fail(message):

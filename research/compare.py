@@ -102,12 +102,24 @@ def read_run(path, name, sweep_status):
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{run_dir.join(path, run_dir.RESULTS_FILE)} is not a research.train results file "
                             f"(lacks {e})") from None
-        return run
+        return _numbers_checked(run, run_dir.join(path, run_dir.RESULTS_FILE))
     latest = evals[-1] if evals else {}
     status = sweep_status if sweep_status in ("failed", "running", "interrupted") else "unfinished"
     run.update(status=status, steps=latest.get("step"), eval_accuracy=latest.get("accuracy"),
                eval_top5_accuracy=latest.get("top5_accuracy"), eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
                train_loss=latest.get("train_loss"), wall_time_s=latest.get("elapsed_s"), params=None)
+    return _numbers_checked(run, run_dir.join(path, run_dir.METRICS_FILE))
+
+
+def _numbers_checked(run, source):
+    """`run`, once every figure it reports is a number (or absent): a hand-edited file is one error line naming it,
+    not a traceback from the averaging."""
+    figures = [(source, key, run[key]) for key in (*TABLE_METRICS, "train_accuracy", "train_loss")]
+    figures += [(run_dir.join(run["dir"], run_dir.METRICS_FILE), f"accuracy at step {step}", accuracy)
+                for step, accuracy in run["curve"]]
+    for path, key, value in figures:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{path}: {key} is {value!r}, not a number")
     return run
 
 

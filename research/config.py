@@ -266,6 +266,12 @@ def validate(config):
     need(0 <= config.dropout < 1, "--dropout must be in [0, 1)")
     need(0 <= config.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     need(config.clip_grad_norm >= 0, "--clip_grad_norm must be >= 0")
+    need(0 <= config.momentum < 1, "--momentum must be in [0, 1)")
+    need(0 <= config.ema_decay < 1, "--ema_decay must be in [0, 1)")
+    need(config.weight_decay >= 0, "--weight_decay must be >= 0")
+    need(config.decay_steps > 0, "--decay_steps must be positive")
+    need(config.decay_rate > 0, "--decay_rate must be positive")
+    need(config.warmup_steps >= 0, "--warmup_steps must be >= 0")
     bad_steps = [s for s in config.profile_steps if s not in ("first", "last") and not (s.isdigit() and int(s) > 0)]
     need(not bad_steps, f"--profile_steps: {','.join(bad_steps)} is not 'first', 'last' or a step number")
     for check in _CHECKS:

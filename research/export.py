@@ -46,7 +46,7 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
     cli.start()
     _args = cli.parse_args(PARSER)
     cli.check_model_dir(_args.model_dir)
-    cli.check_lasting(_args.output, "--output")
+    cli.before_tensorflow(cli.check_lasting, _args.output, "--output")
 
 import collections  # noqa: E402
 

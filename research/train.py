@@ -12,7 +12,7 @@ if __name__ == "__main__":
     cli.start()
     cli.parse_flags(sys.argv, __doc__, known_only=True)  # The flags known so far: bad values fail at once.
     if config_lib.FLAGS.is_parsed():  # (Not after --help, which is answered later, with every flag.)
-        cli.check_lasting(config_lib.FLAGS.model_dir, "--model_dir")
+        cli.before_tensorflow(cli.check_lasting, config_lib.FLAGS.model_dir, "--model_dir")
 
 import tensorflow as tf  # noqa: E402
 

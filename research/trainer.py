@@ -56,9 +56,7 @@ def train_and_evaluate(config):
         flag_changes = {}
         if checkpoints.candidates():
             flag_changes = checkpoint.check_resume_config(config.model_dir, config)
-            restored = checkpoints.restore_latest(config.model)
-            if restored is None:
-                raise UserError(f"{config.model_dir} has checkpoints but none is readable; nothing was changed")
+            restored = checkpoints.restore_latest(config.model)  # (An error line if none is readable.)
             print(f"Resuming from {restored} at step {int(step.numpy())}" + "".join(
                 f"; --{name}: {old} -> {new}" for name, (old, new) in sorted(flag_changes.items())))
         elif config.init_checkpoint:

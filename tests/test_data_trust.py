@@ -113,13 +113,15 @@ def test_every_format_tensorflow_decodes_is_read_and_the_rest_is_counted_in_one_
     (train_cat / ".DS_Store").write_text("x")
     (tmp_path / "d" / "train" / "README").write_text("x")
     os.symlink(tmp_path / "gone.png", train_dog / "gone.png")
+    Image.new("RGB", (9, 9)).save(os.path.join(os.fsencode(train_dog), b"caf\xe9.png"))  # Latin-1, not UTF-8.
     with caplog.at_level(logging.WARNING):
         dataset = data.load(folder_config(tmp_path / "run", root))
     assert labels_of(dataset.train) == {0: 4, 1: 4}
     assert "train/cat/kittens/small.png" in dataset.train.paths
     lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(lines) == 1
-    assert "skipped 5 files: 2 not of a format TensorFlow decodes (1 .txt, 1 .csv; e.g. train/cat/list.csv)" in lines[0]
+    assert "skipped 6 files: 2 not of a format TensorFlow decodes (1 .txt, 1 .csv; e.g. train/cat/list.csv)" in lines[0]
+    assert "1 named in bytes that are not UTF-8 (rename them) (e.g. train/dog/caf\ufffd.png)" in lines[0]
     assert "1 hidden (e.g. train/cat/.DS_Store)" in lines[0] and "1 dangling link (e.g. train/dog/gone.png)" in lines[0]
     assert "1 outside any class folder (e.g. train/README)" in lines[0]
     assert data.unreadable_eval_example(data.load(folder_config(tmp_path / "run", root, eval_split="train"))) is None
@@ -258,14 +260,16 @@ def test_input_benchmark_never_writes_into_a_folder_that_holds_anything(tmp_path
     assert len(os.listdir(tmp_path / "new" / "train")) == 10
 
 
-def test_the_input_only_benchmark_refuses_zero_steps(tmp_path, capsys):
+def test_the_input_only_benchmark_refuses_zero_steps_or_rounds(tmp_path, capsys):
     root = write_folder(tmp_path / "d", {"cat": 2, "dog": 2})
     try:
-        flags.FLAGS(["benchmark", "--input_only", f"--dataset=folder:{root}", "--image_size=8", "--input_steps=0"])
-        assert benchmark.main(["benchmark"]) == 2
+        for zero in ("input_steps", "benchmark_rounds"):
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["benchmark", "--input_only", f"--dataset=folder:{root}", "--image_size=8", f"--{zero}=0"])
+            assert benchmark.main(["benchmark"]) == 2
+            assert capsys.readouterr().err.strip() == f"error: --{zero} must be positive, got 0"
     finally:
         flags.FLAGS.unparse_flags()
-    assert capsys.readouterr().err.strip() == "error: --input_steps must be positive, got 0"
 
 
 def test_programs_started_from_the_command_line_are_one_line(tmp_path):

@@ -83,6 +83,20 @@ def test_a_value_without_effect_is_one_warning_line(mock_tfds, tmp_path, caplog)
     assert config_lib.ignored(config_lib.make_config(**plain, augment="random_resized_crop", crop_scale="0.5,1")) == []
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("momentum", "-1", "--momentum must be in [0, 1)"), ("momentum", "1", "--momentum must be in [0, 1)"),
+    ("ema_decay", "1", "--ema_decay must be in [0, 1)"), ("weight_decay", "-0.1", "--weight_decay must be >= 0"),
+    ("decay_steps", "0", "--decay_steps must be positive"), ("decay_rate", "0", "--decay_rate must be positive"),
+    ("warmup_steps", "-3", "--warmup_steps must be >= 0"),
+])
+def test_optimizer_and_schedule_values_out_of_range_are_one_line(flag, value, message):
+    """Checked with the other flags, not left to a Keras constructor's traceback halfway through the build."""
+    with pytest.raises(UserError) as error:
+        config_lib.make_config(model_dir="unused", train_steps=1, optimizer="sgd", lr_schedule="exponential",
+                               **{flag: value})
+    assert str(error.value) == message
+
+
 def test_vit_needs_sides_that_are_multiples_of_its_patches(mock_tfds, tmp_path):
     with pytest.raises(UserError, match="multiples of its 16-pixel patches, not 24x24 .it would see 44% of each"):
         trainer.train_and_evaluate(make_config(tmp_path / "run", model="vit_ti16", image_size="24"))

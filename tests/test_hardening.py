@@ -145,6 +145,19 @@ def test_tools_fall_back_from_a_truncated_latest_checkpoint(finished, tmp_path, 
     assert any("ckpt-12 is unreadable" in r.getMessage() for r in caplog.records)
 
 
+def test_no_readable_checkpoint_is_one_line_with_no_warnings_before_it(finished, tmp_path, caplog):
+    for name in os.listdir(finished.model_dir):
+        if name.startswith("ckpt-") and ".data" in name:
+            with open(os.path.join(finished.model_dir, name), "r+b") as f:
+                f.truncate(100)
+    for attempt in (lambda: evaluate.evaluate(finished.model_dir), lambda: trainer.train_and_evaluate(finished)):
+        caplog.clear()
+        with pytest.raises(UserError, match=r"^no checkpoint is readable: checkpoint .*ckpt-12 is unreadable.* \(as "
+                                            r"are the 2 older ones\); nothing was changed$"):
+            attempt()
+        assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
+
+
 def test_evaluate_names_its_own_split_flag(mnist_data_dir, tmp_path, capsys):
     config = make_config(tmp_path / "run", data_dir=mnist_data_dir, train_steps=2)
     trainer.train_and_evaluate(config)

@@ -138,6 +138,7 @@ def test_grid_gives_seeds_and_semicolons_separate_list_values(tmp_path, capsys):
     (["--bogus=1"], "unknown flag --bogus"),
     (["--seeds=0"], "--seeds must be at least 1"),
     (["--parallel=0"], "--parallel must be at least 1"),
+    (["--root=ram://sweep"], "--root=ram://sweep is in memory (ram://) and would be lost"),
 ])
 def test_bad_command_lines_fail_with_one_line(tmp_path, capsys, argv, message):
     assert cli.run(sweep.main, [f"--root={tmp_path / 'sweep'}", "--dry_run", *argv]) == 2
@@ -198,6 +199,10 @@ def test_compare_shows_unfinished_runs_and_sorts_by_loss(tmp_path, capsys):
     (lambda d: (_fake_run(str(d), {}), (d / "results.json").write_text("{}")), "is not a research.train results"),
     (lambda d: (_fake_run(str(d), {}), (d / "metrics.jsonl").write_text("x\n{}\n")), "line 1 is not JSON"),
     (lambda d: (_fake_run(str(d / "r"), {}), (d / "sweep.json").write_text("[]")), "is not a launch.sweep record"),
+    (lambda d: (_fake_run(str(d), {}, (4, 0.5)), (d / "results.json").write_text(
+        (d / "results.json").read_text().replace("0.5", '"0.5"', 1))), "results.json: eval_accuracy is '0.5', not a number"),
+    (lambda d: (_fake_run(str(d), {}), (d / "metrics.jsonl").write_text('{"step": 2, "accuracy": "high"}\n')),
+     "metrics.jsonl: eval_accuracy is 'high', not a number"),
 ])
 def test_compare_errors_are_one_line(tmp_path, capsys, make, message):
     make(tmp_path / "run")

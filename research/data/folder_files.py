@@ -10,8 +10,8 @@ in proportion, to within one file (where a slice is at least one file per class)
 disjoint and fixed however the run is seeded.
 
 Every file under a class folder, at any depth, is an example of that class if `tf.io.decode_image` reads its
-format; everything else (other files, hidden files, dangling links, files outside any class folder) is skipped
-and counted, and `Listing.skipped_line()` says how many of each kind and why.
+format; everything else (other files, hidden files, dangling links, files outside any class folder, names that
+are not UTF-8) is skipped and counted, and `Listing.skipped_line()` says how many of each kind and why.
 """
 
 import collections
@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from research import UserError
 
 # What tf.io.decode_image reads (JPEG, PNG, GIF, BMP, WebP, JPEG XL), by file name.
+NOT_UTF8 = "named in bytes that are not UTF-8 (rename them)"
 EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".jxl")
 
 
@@ -76,7 +77,9 @@ class Listing:
                                 f"(it has {', '.join(f'{s}/' for s in subfolders(self.root)) or 'none'})")
             classes = {}
             for entry in _entries(folder):
-                if entry.name.startswith("."):
+                if not _is_utf8(entry.name):
+                    self._skip(NOT_UTF8, f"{split}/{entry.name}")
+                elif entry.name.startswith("."):
                     self._skip("hidden", f"{split}/{entry.name}")
                 elif _is_dir(entry):
                     classes[entry.name] = sorted(self._images(entry.path, f"{split}/{entry.name}", set()))
@@ -143,7 +146,7 @@ class Listing:
 
     def _skip(self, kind, path, detail=""):
         self.skipped[kind, detail] += 1
-        self.examples.setdefault(kind, path)
+        self.examples.setdefault(kind, path.encode(errors="surrogateescape").decode(errors="replace"))
 
     def _images(self, folder, relative, seen):
         """The image files under `folder` (relative to root: `relative`), at any depth; links followed once."""
@@ -154,7 +157,9 @@ class Listing:
         found = []
         for entry in _entries(folder):
             path = f"{relative}/{entry.name}"
-            if entry.name.startswith("."):
+            if not _is_utf8(entry.name):
+                self._skip(NOT_UTF8, path)
+            elif entry.name.startswith("."):
                 self._skip("hidden", path)
             elif _is_dir(entry):
                 found += self._images(entry.path, path, seen)
@@ -165,6 +170,15 @@ class Listing:
             else:
                 self._skip("not an image file", path, os.path.splitext(entry.name)[1].lower() or "no extension")
         return found
+
+
+def _is_utf8(name):
+    """Whether a file name is text: a name of other bytes cannot go into data_files.json or a TensorFlow path."""
+    try:
+        name.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _entries(path):
