@@ -59,7 +59,10 @@ def find_runs(paths):
         name = _basename if len(paths) == 1 else _normpath
         runs += [(run, name(run), statuses.get(_basename(run))) for run in beneath]
         roots.append(path)
-    return runs, roots
+    unique = {}  # A run named twice (`r r/`, or a root and a run in it) is one run, never two seeds.
+    for run in runs:
+        unique.setdefault(_normpath(run[0]), run)
+    return list(unique.values()), roots
 
 
 def _basename(path):

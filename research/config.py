@@ -138,7 +138,8 @@ declare(TUNABLE, flags.DEFINE_boolean(
     "exclude_bias_and_norm_from_weight_decay", False,
     "Decay only the weights of rank >= 2 (kernels, embeddings), skipping biases, batch/layer-norm "
     "scales and offsets, and what a model lists in no_weight_decay() (ViT's class token and position "
-    "embeddings), as ImageNet recipes do."))
+    "embeddings), as ImageNet recipes do."),
+        only_if=lambda c: c.weight_decay > 0 or c.optimizer == "adamw", when="with --weight_decay or adamw")
 declare(CHECKPOINT, flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy loss."))
 declare(TUNABLE, flags.DEFINE_float(
     "clip_grad_norm", 0.0,

@@ -39,6 +39,8 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
                  if value is not None}
     restored = runs.load_model(model_dir, checkpoint, **overrides)
     config, model, info = restored.config, restored.model, restored.dataset
+    if split == "":
+        raise UserError("--split is empty: give a split such as test or 'train[90%:]'")
     split = split or config.eval_split
     # No training split: evaluation neither reads the training data nor depends on it being there.
     try:

@@ -286,9 +286,9 @@ def read_provenance(model_dir):
 
 
 def _read_records(path, key=None):
-    """The JSON objects of a .jsonl file, one a line ([] if there is no file), each holding `key` if given. A last
-    line still being written by a running run (on a filesystem without rename) is left out; any other bad line is
-    an error naming it."""
+    """The JSON objects of a .jsonl file, one a line ([] if there is no file), each holding an integer `key` if
+    given. A last line still being written by a running run (on a filesystem without rename) is left out; any other
+    bad line is an error naming it."""
     if not _gfile().exists(path):
         return []
     records = []
@@ -298,8 +298,8 @@ def _read_records(path, key=None):
             continue
         try:
             record = json.loads(line)
-            problem = None if isinstance(record, dict) and (not key or key in record) else (
-                "not a JSON object" + (f" with a {key}" if key else ""))
+            problem = None if isinstance(record, dict) and (not key or type(record.get(key)) is int) else (
+                "not a JSON object" + (f" with a whole-number {key}" if key else ""))
         except ValueError:
             problem = "not JSON"
         if problem is None:
@@ -322,7 +322,13 @@ def read_results(model_dir):
 def read_best(model_dir):
     """best/best.json: the best evaluation's accuracy and step so far ({'accuracy': -1} before the first)."""
     path = join(model_dir, BEST_DIR, BEST_FILE)
-    return read_json(path) if _gfile().exists(path) else {"accuracy": -1.0}
+    if not _gfile().exists(path):
+        return {"accuracy": -1.0}
+    best = read_json(path)
+    if not isinstance(best, dict) or type(best.get("accuracy")) not in (int, float):
+        raise UserError(f"{path} is not a best-checkpoint record (an accuracy and a step): delete "
+                        f"{join(model_dir, BEST_DIR)} to track the best evaluation anew")
+    return best
 
 
 def write_best(model_dir, accuracy, step):

@@ -58,7 +58,9 @@ def train_and_evaluate(config):
             flag_changes = checkpoint.check_resume_config(config.model_dir, config)
             restored = checkpoints.restore_latest(config.model)  # (An error line if none is readable.)
             print(f"Resuming from {restored} at step {int(step.numpy())}" + "".join(
-                f"; --{name}: {old} -> {new}" for name, (old, new) in sorted(flag_changes.items())))
+                f"; --{name}: {old} -> {new}" for name, (old, new) in sorted(flag_changes.items())) + (
+                f"; --init_checkpoint={config.init_checkpoint} is not used (a resume starts from its own weights)"
+                if config.init_checkpoint else ""))
         elif config.init_checkpoint:
             print(transfer.init_weights(model, config, dataset.image_shape))
         finished = run_dir.read_results(config.model_dir)
@@ -67,10 +69,12 @@ def train_and_evaluate(config):
                   f"{run_dir.join(config.model_dir, run_dir.RESULTS_FILE)}")
             return finished
         if chief:
+            run_dir.read_metrics(config.model_dir)  # Every run file this run will read back, read before any write:
+            run_dir.read_best(config.model_dir)  # a damaged one refuses the run with nothing changed.
+            provenance.record(config.model_dir, int(step.numpy()))
             if flag_changes:
                 run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
             run_dir.write_flags(config.model_dir, config)
-            provenance.record(config.model_dir, int(step.numpy()))  # Versions, code, machine: one line per start.
             run_dir.write_dataset_info(config.model_dir, dataset.metadata().to_json())
             if dataset.file_lists:  # Written here only: a refused resume or any reader leaves them as they were.
                 run_dir.write_data_files(config.model_dir, dataset.file_lists)

@@ -104,8 +104,11 @@ def _input_channels(held, wanted, channels):
         return None
     if len(wanted) == 4:
         return held[2] if held[:2] == wanted[:2] and wanted[2] == channels else None
+    # A Dense kernel holds no image size: a source of other pixels whose count happens to divide evenly (784 inputs
+    # read as 196 pixels x 4) is not an image of other channels.
     pixels, remainder = divmod(wanted[0], channels)
-    return held[0] // pixels if not remainder and held[0] % pixels == 0 else None
+    source_channels, other = divmod(held[0], pixels)
+    return source_channels if not remainder and not other and source_channels in (1, 3) else None
 
 
 def adapt_input_kernel(kernel, source_channels, channels):

@@ -116,6 +116,9 @@ def test_a_misfit_beyond_the_head_and_input_channels_is_an_error(mock_tfds, pret
     with pytest.raises(UserError, match=r"does not fit --model=mlp: .* first misfit #0 mlp/dense.*/kernel "
                                         r"\[784, 32\] vs \[784, 16\] \(only the head and the input layer's"):
         initialised(make_config(tmp_path, init_checkpoint=pretrained["mlp"], hidden_units="32"))
+    # 28x28 gray digits at 14x14: 784 inputs would divide into 196 pixels x 4 "channels"; they are other pixels.
+    with pytest.raises(UserError, match=r"first misfit #0 mlp/dense.*/kernel \[196, 16\] vs \[784, 16\]"):
+        initialised(make_config(tmp_path, init_checkpoint=pretrained["mlp"], image_size="14"))
 
 
 def test_a_linear_probe_leaves_every_other_variable_bit_identical(mock_tfds, pretrained, tmp_path):

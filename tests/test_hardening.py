@@ -158,6 +158,39 @@ def test_no_readable_checkpoint_is_one_line_with_no_warnings_before_it(finished,
         assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
 
 
+@pytest.mark.parametrize("damage, message", [
+    (("provenance.jsonl", "{}\nnot json\n"), "provenance.jsonl: line 2 is not JSON"),
+    (("metrics.jsonl", '{"step": "two"}\n{"step": 8}\n'), "metrics.jsonl: line 1 is not a JSON object with a "
+                                                         "whole-number step"),
+    (("best/best.json", "[]"), "best.json is not a best-checkpoint record"),
+], ids=["provenance", "metrics", "best"])
+def test_a_resume_refused_for_a_damaged_run_file_changes_nothing(finished, damage, message):
+    """Every run file the run reads back is read before it writes any: a refusal leaves flags.txt and the rest."""
+    name, text = damage
+    with open(os.path.join(finished.model_dir, name), "w") as f:
+        f.write(text)
+    before = {n: open(os.path.join(finished.model_dir, n), "rb").read() for n in os.listdir(finished.model_dir)
+              if os.path.isfile(os.path.join(finished.model_dir, n))}
+    longer = make_config(finished.model_dir, ema_decay=0.9, train_steps=16, learning_rate=0.01)
+    with pytest.raises(UserError, match=message):
+        trainer.train_and_evaluate(longer)
+    after = {n: open(os.path.join(finished.model_dir, n), "rb").read() for n in os.listdir(finished.model_dir)
+             if os.path.isfile(os.path.join(finished.model_dir, n))}
+    assert after == before
+
+
+def test_init_checkpoint_on_a_resume_says_it_is_not_used(finished, capsys):
+    trainer.train_and_evaluate(make_config(finished.model_dir, ema_decay=0.9, train_steps=16,
+                                           init_checkpoint=finished.model_dir))
+    assert f"--init_checkpoint={finished.model_dir} is not used (a resume starts from its own weights)" in \
+        capsys.readouterr().out
+
+
+def test_evaluate_refuses_an_empty_split(finished):
+    with pytest.raises(UserError, match="--split is empty"):
+        evaluate.evaluate(finished.model_dir, split="")
+
+
 def test_evaluate_names_its_own_split_flag(mnist_data_dir, tmp_path, capsys):
     config = make_config(tmp_path / "run", data_dir=mnist_data_dir, train_steps=2)
     trainer.train_and_evaluate(config)

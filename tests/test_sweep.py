@@ -167,6 +167,13 @@ def _fake_run(path, flags, results=None, evals=()):
                        "train": {"accuracy": 0.5, "loss": 0.5}, "wall_time_s": 2.0, "params": 100}, f)
 
 
+def test_a_run_named_twice_is_one_run(tmp_path, capsys):
+    _fake_run(str(tmp_path / "r"), {}, (20, 0.8), [(20, 0.8)])
+    assert cli.run(compare.main, [str(tmp_path / "r"), f"{tmp_path / 'r'}/", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["seeds"] == ["0"]
+
+
 def test_compare_shows_unfinished_runs_and_sorts_by_loss(tmp_path, capsys):
     _fake_run(str(tmp_path / "a0"), {"optimizer": "adam", "seed": 0}, (20, 0.8), [(10, 0.6), (20, 0.8)])
     _fake_run(str(tmp_path / "a1"), {"optimizer": "adam", "seed": 1}, (20, 0.6), [(20, 0.6)])
