@@ -100,10 +100,6 @@ declare(PATH, flags.DEFINE_string(
 declare(CHECKPOINT, flags.DEFINE_string(
     "model", "cnn", "Model name from the registry in research/models/ (`python -m research.models "
     "--list`); each model module defines its own flags, e.g. --hidden_units in mlp.py."))
-declare(CHECKPOINT, flags.DEFINE_float(
-    "dropout", 0.0, "Dropout rate (0 = off): mlp, cnn_rgb and resnet_small apply it "
-    "before the classifier, convnet at each 'd' of --conv_layers; cnn, resnet18-152 and vit_* have "
-    "none (resnet* and vit_*: --stochastic_depth)."))
 
 # --- optimization -----------------------------------------------------------------------------------------------------
 declare(CHECKPOINT, flags.DEFINE_enum(
@@ -264,7 +260,6 @@ def validate(config):
     need(config.keep_checkpoints > 0, "--keep_checkpoints must be positive")
     need(config.eval_every >= 0, "--eval_every must be >= 0")
     need(config.learning_rate > 0, "--learning_rate must be positive")
-    need(0 <= config.dropout < 1, "--dropout must be in [0, 1)")
     need(0 <= config.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     need(config.clip_grad_norm >= 0, "--clip_grad_norm must be >= 0")
     need(0 <= config.momentum < 1, "--momentum must be in [0, 1)")

@@ -81,6 +81,14 @@ def test_a_value_without_effect_is_one_warning_line(mock_tfds, tmp_path, caplog)
     assert config_lib.ignored(config_lib.make_config(**plain, crop_scale="0.080,1", model="convnet",
                                                      conv_layers="8c3")) == []
     assert config_lib.ignored(config_lib.make_config(**plain, augment="random_resized_crop", crop_scale="0.5,1")) == []
+    # --dropout, by what each model says in its registration: cnn has no dropout layer, convnet one only at a `d`.
+    dropout = "--dropout=0.3 (only with a model that has dropout layers)"
+    assert config_lib.ignored(config_lib.make_config(**plain, model="cnn", dropout="0.3")) == [dropout]
+    assert config_lib.ignored(config_lib.make_config(**plain, model="convnet", conv_layers="8c3",
+                                                     dropout="0.3")) == [dropout]
+    assert config_lib.ignored(config_lib.make_config(**plain, model="convnet", conv_layers="8c3,d",
+                                                     dropout="0.3")) == []
+    assert config_lib.ignored(config_lib.make_config(**plain, model="mlp", dropout="0.3")) == []
 
 
 @pytest.mark.parametrize("flag, value, message", [

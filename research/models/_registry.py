@@ -5,13 +5,22 @@ that the families import it and it imports none of them."""
 from research import config as config_lib
 
 _BUILDERS = {}
+_APPLIES_DROPOUT = {}  # Model name -> config -> whether the model it builds has --dropout's layers.
 
 
-def register(name):
+def register(name, dropout=None):
+    """Decorator registering a builder as `name`; `dropout`: config -> whether the model applies --dropout (left
+    out: never, so that a --dropout given to it is warned of as ignored)."""
     def decorate(builder):
         _BUILDERS[name] = builder
+        if dropout:
+            _APPLIES_DROPOUT[name] = dropout
         return builder
     return decorate
+
+
+def applies_dropout(config):
+    return _APPLIES_DROPOUT.get(config.model, lambda config: False)(config)
 
 
 def names():

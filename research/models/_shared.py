@@ -1,11 +1,18 @@
-"""What several model families share: the flags they read alike and the stochastic-depth schedule. Defined once
-here, beside the families (research/models/__init__.py imports every family, and the families import this)."""
+"""What several model families share: the flags they read alike (--dropout: each family says in its `register`
+whether it applies it) and the stochastic-depth schedule. Defined once here, beside the families
+(research/models/__init__.py imports every family, and the families import this)."""
 
 from absl import flags
 
 from research import config as config_lib
 from research.config import CHECKPOINT, declare
+from research.models._registry import applies_dropout
 
+declare(CHECKPOINT, flags.DEFINE_float(
+    "dropout", 0.0, "Dropout rate (0 = off): mlp, cnn_rgb and resnet_small apply it "
+    "before the classifier, convnet at each 'd' of --conv_layers; cnn, resnet18-152 and vit_* have "
+    "none (resnet* and vit_*: --stochastic_depth)."),
+        only_if=applies_dropout, when="with a model that has dropout layers")
 declare(CHECKPOINT, flags.DEFINE_boolean(
     "sync_batchnorm", False,
     "resnet* and convnet: batch-norm statistics over the global batch, all-reduced over the replicas at every "
@@ -22,6 +29,7 @@ declare(CHECKPOINT, flags.DEFINE_float(
 
 @config_lib.checks
 def _check_flags(config):
+    config_lib.need(0 <= config.dropout < 1, "--dropout must be in [0, 1)")
     config_lib.need(0 <= config.stochastic_depth < 1,
                     f"--stochastic_depth must be in [0, 1), got {config.stochastic_depth}")
 

@@ -129,7 +129,7 @@ class ResNetSmall(tf.keras.Model):
                 "stochastic_depth": self.stochastic_depth}
 
 
-@register("resnet_small")
+@register("resnet_small", dropout=lambda config: True)
 def resnet_small(config, dataset):
     """A small ResNet with batch norm: stem conv and one residual block per --widths stage."""
     return ResNetSmall(config.widths, dataset.num_classes, config.dropout, config.sync_batchnorm,
