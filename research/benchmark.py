@@ -32,7 +32,7 @@ import sys
 import time
 import types
 
-from absl import flags
+from absl import flags, logging
 
 from research import cli, config as config_lib  # Standard library and absl only: they run before TensorFlow loads.
 
@@ -374,6 +374,11 @@ def _benchmark_from_flags(_):
     config = _config_from_flags()
     if FLAGS.cpu_devices < 1:
         raise UserError(f"--cpu_devices must be positive, got {FLAGS.cpu_devices}")
+    if FLAGS.input_only and FLAGS.synthetic_data:
+        raise UserError("--input_only measures a dataset's input pipeline, and --synthetic_data has none: give one")
+    if FLAGS.synthetic_data and FLAGS["dataset"].present:
+        logging.warning("--dataset=%s has no effect and is ignored: --synthetic_data trains on random images",
+                        FLAGS.dataset)
     if FLAGS.cpu_devices > 1:  # Before TensorFlow initialises its devices: nothing above runs an op.
         tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                                    [tf.config.LogicalDeviceConfiguration()] * FLAGS.cpu_devices)

@@ -5,6 +5,7 @@ timings on shared CI machines would make such tests flaky.
 """
 
 import json
+import logging
 
 import pytest
 import tensorflow as tf
@@ -64,6 +65,7 @@ def test_benchmark_runs_end_to_end(mock_tfds, parse_flags, capsys):
     (["--batch_size=1000"], "--batch_size=1000 exceeds the 64 examples"),
     (["--benchmark_rounds=0"], "--benchmark_rounds must be positive, got 0"),
     (["--model=nope"], "--model=nope is unknown"),
+    (["--input_only", "--synthetic_data"], "--input_only measures a dataset's input pipeline"),
 ])
 def test_benchmark_bad_input_is_one_error_line(mock_tfds, parse_flags, capsys, args, message):
     parse_flags(*args)
@@ -72,11 +74,15 @@ def test_benchmark_bad_input_is_one_error_line(mock_tfds, parse_flags, capsys, a
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
-def test_benchmark_compares_precisions_on_synthetic_data(parse_flags, capsys):
-    parse_flags("--model=mlp", "--hidden_units=16", "--synthetic_data", "--image_size=8", "--synthetic_classes=4",
+def test_benchmark_compares_precisions_on_synthetic_data(parse_flags, capsys, caplog):
+    parse_flags("--model=mlp", "--hidden_units=16", "--synthetic_data", "--dataset=cifar10", "--image_size=8",
+                "--synthetic_classes=4",
                 "--optimizer=sgd", "--batch_size=8", "--steps_per_loop=2", "--benchmark_steps=2",
                 "--benchmark_warmup_steps=0", "--benchmark_rounds=1", "--compare_precisions", "--json")
-    benchmark.main(["benchmark"])
+    with caplog.at_level(logging.WARNING):
+        benchmark.main(["benchmark"])
+    assert ["--dataset=cifar10 has no effect and is ignored: --synthetic_data trains on random images"] == [
+        r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
     results = json.loads(capsys.readouterr().out)
     assert [(r["mixed_precision"], r["jit_compile"]) for r in results] == [
         (p, jit) for p in ("float32", "mixed_bfloat16", "mixed_float16") for jit in (False, True)]
