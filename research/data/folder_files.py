@@ -23,8 +23,8 @@ import tensorflow_datasets as tfds
 from research import UserError
 
 # What tf.io.decode_image reads (JPEG, PNG, GIF, BMP, WebP, JPEG XL), by file name.
-NOT_UTF8 = "named in bytes that are not UTF-8 (rename them)"
 EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".jxl")
+NOT_UTF8 = "named in bytes that are not UTF-8 (rename them)"  # A kind of skipped file, as the line says it.
 
 
 def subfolders(path):
