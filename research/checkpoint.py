@@ -8,6 +8,7 @@ a save leaves the previous checkpoint as latest; a checkpoint that is neverthele
 is skipped with a warning in favour of the one before it.
 """
 
+import posixpath
 import re
 
 import tensorflow as tf
@@ -23,6 +24,11 @@ def model_state(model):
     statistics, and leaves SeedGenerator states out altogether. `model.variables` has them all, in an order fixed
     by the architecture."""
     return list(model.variables)
+
+
+def is_random_state(variable):
+    """Whether a model variable is a Keras SeedGenerator's state (dropout, stochastic depth), not a weight."""
+    return "seed_generator_state" in variable.path
 
 
 class Checkpoints:
@@ -165,6 +171,15 @@ def named_by(path, flag, kind="a run directory"):
     return found
 
 
+def owner_run(path):
+    """The run directory a checkpoint prefix was saved in (RUN for RUN/ckpt-300 and RUN/best/ckpt-200), or None
+    where that directory holds no run."""
+    directory = posixpath.dirname(path)
+    if posixpath.basename(directory) == run_dir.BEST_DIR:
+        directory = posixpath.dirname(directory)
+    return directory if run_dir.is_run(directory) else None
+
+
 def restore_newest_readable(model, paths, average, restore=restore_weights):
     """Restores, by `restore(model, path, average)`, the weights of the first readable checkpoint of `paths` (e.g.
     named_by's), as training resumes (first_readable); returns its path. A checkpoint of another model is an error
@@ -193,19 +208,41 @@ def first_readable(paths, restore):
     return None
 
 
-def check_resume_config(model_dir, config):
-    """Compares the flags of a resume with those the run recorded (flags.txt): a change of a flag declared
-    CHECKPOINT (research/config.py) is refused, every differing flag listed in one line; returns the changes of the
-    others, {name: (old, new)} as flags.txt spells them, for the run's flags history."""
+def check_resume_config(model_dir, config, same_model_input=False):
+    """Compares the flags of a resume (or of a rerun of a run that died before its first checkpoint) with those the
+    run recorded (flags.txt), judging each by its effect, as the fresh run's ignored-flag warning does.
+
+    A change of a flag declared CHECKPOINT (research/config.py) that has an effect, under the recorded flags or the
+    new ones, is refused, every such flag listed in one line; one without effect in either (--momentum with adam)
+    is allowed. `same_model_input`: the data as loaded now gives the model the input the run recorded
+    (dataset.json), so a changed --image_size (28 for MNIST's own 28 recorded as 0) changes nothing either. A flag
+    unset at the start and set now (--train_steps after --train_epochs) is a change like any other; a flag newer
+    than the run had its default. Returns every allowed change, {name: (old, new)} as flags.txt spells them (None:
+    unset), for the run's flags history."""
     if not run_dir.is_run(model_dir):
         return {}
-    old = run_dir.read_flags(model_dir)
+    recorded = run_dir.read_flags(model_dir)
+    old = {name: recorded.get(name, _spelled_default(name)) for name in config_lib.names_with(*config_lib.RUN_ROLES)}
     new = run_dir.parse_flagfile(config_lib.to_flagfile(config), "the flags")
-    changes = {name: (old.get(name), new.get(name)) for name in config_lib.names_with(*config_lib.RUN_ROLES)
-               if name in old and old.get(name) != new.get(name)}  # (A flag newer than the run has no old value.)
+    changes = {name: (value, new.get(name)) for name, value in old.items() if value != new.get(name)}
+    try:
+        old_config = config_lib.make_config(**{name: value for name, value in old.items() if value is not None})
+    except UserError:  # Flags of an older version of this code: judged by the new flags alone.
+        old_config = config
+    no_effect = {"image_size"} if same_model_input else set()
+
+    def has_effect(name):
+        only_if = config_lib.declared(name).only_if
+        return name not in no_effect and (only_if is None or only_if(old_config) or only_if(config))
+
     refused = [f"--{name}: {a} -> {b}" for name, (a, b) in changes.items()
-               if config_lib.declared(name).role == config_lib.CHECKPOINT]
+               if config_lib.declared(name).role == config_lib.CHECKPOINT and has_effect(name)]
     if refused:
         raise UserError(f"{model_dir} holds a run with other settings ({'; '.join(refused)}); "
                         "use a new --model_dir, or --init_checkpoint to start from its weights")
     return {name: change for name, change in changes.items() if name != "model_dir"}  # (A moved run is the same.)
+
+
+def _spelled_default(name):
+    default = config_lib.FLAGS[name].default
+    return None if default is None else config_lib.spelled(default)

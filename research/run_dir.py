@@ -217,6 +217,47 @@ def record_flag_changes(model_dir, step, changes):
          "changes": {name: list(change) for name, change in sorted(changes.items())}}))
 
 
+STEP_RECORDS = (METRICS_FILE, BEST_DIR, RESULTS_FILE, "train", "eval", CURVES_FILE, REPORT_FILE, CONFUSION_FILE,
+                PREDICTIONS_FILE)  # What a run writes of its steps (train/, eval/: TensorBoard), as opposed to its setup.
+
+
+def has_records(model_dir):
+    """Whether `model_dir` holds anything of an earlier attempt at a run: its flags or a record of its steps."""
+    return is_run(model_dir) or any(_gfile().exists(join(model_dir, name)) for name in STEP_RECORDS)
+
+
+def rewind(model_dir, step, restart=False):
+    """Removes what an earlier attempt recorded of the steps after `step` (it died before checkpointing them), so
+    that no record of it stands in for this attempt's: evaluations in metrics.jsonl, best/ and results.json of later
+    steps, and with `restart` (no checkpoint: the run starts again at step 0) every record of its steps, TensorBoard
+    events and figures included. Returns the names removed."""
+    if restart and not is_run(model_dir) and has_records(model_dir):
+        raise UserError(f"{model_dir} holds records of an earlier run ("
+                        f"{', '.join(n for n in STEP_RECORDS if _gfile().exists(join(model_dir, n)))}) but no "
+                        f"{FLAGS_FILE} to check its settings against: use a new --model_dir, or remove them")
+    removed = []
+    metrics = read_metrics(model_dir)
+    kept = [record for record in metrics if record["step"] <= step]
+    if len(kept) < len(metrics):
+        write(join(model_dir, METRICS_FILE), "".join(json.dumps(record) + "\n" for record in kept))
+        removed.append(f"{METRICS_FILE} lines of steps {', '.join(str(r['step']) for r in metrics[len(kept):])}")
+    if read_best(model_dir).get("step", -1) > step:
+        remove_tree(join(model_dir, BEST_DIR))
+        removed.append(f"{BEST_DIR}/")
+    if (read_results(model_dir) or {}).get("step", -1) > step:
+        _gfile().remove(join(model_dir, RESULTS_FILE))
+        removed.append(RESULTS_FILE)
+    for name in STEP_RECORDS[3:] if restart else ():  # (Those after the three above.)
+        path = join(model_dir, name)
+        if _gfile().isdir(path):
+            remove_tree(path)
+            removed.append(f"{name}/")
+        elif _gfile().exists(path):
+            _gfile().remove(path)
+            removed.append(name)
+    return removed
+
+
 def write_dataset_info(model_dir, info):
     write_json(join(model_dir, DATASET_FILE), info, indent=None)
 
@@ -227,6 +268,12 @@ def read_dataset_info(model_dir):
     if not _gfile().exists(path):
         raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
     return read_json(path)
+
+
+def read_dataset_json_or_none(model_dir):
+    """dataset.json as a dict, or None where the run has none yet."""
+    path = join(model_dir, DATASET_FILE)
+    return read_json(path) if _gfile().exists(path) else None
 
 
 def recorded_class_names(model_dir):

@@ -9,6 +9,7 @@ command line), and the model is rebuilt by the same registry from those flags. N
 
 import collections
 import contextlib
+import posixpath
 import re
 
 import tensorflow as tf
@@ -55,6 +56,23 @@ def checkpoint_paths(model_dir, checkpoint="latest"):
     return checkpoint_lib.named_by(checkpoint, "--checkpoint", "'latest', 'best', a directory of checkpoints")
 
 
+def _check_same_classes(model_dir, dataset, path):
+    """A checkpoint of another run (--checkpoint=OTHER/ckpt-N) must have been trained on this run's classes, or its
+    outputs would be read with the wrong names; its own run's dataset.json says what it was trained on."""
+    owner = checkpoint_lib.owner_run(path)
+    if owner is None or posixpath.normpath(owner) == posixpath.normpath(model_dir):
+        return
+    theirs = run_dir.recorded_class_names(owner)
+    if theirs is not None and theirs != list(dataset.class_names):
+        raise UserError(f"--checkpoint={path} belongs to the run {owner}, trained on other classes "
+                        f"({_classes(theirs)}) than {model_dir} ({_classes(dataset.class_names)}); "
+                        f"use --model_dir={owner}")
+
+
+def _classes(names):
+    return f"{len(names)}: {', '.join(map(str, names[:4]))}{', ...' if len(names) > 4 else ''}"
+
+
 def checkpoint_step(path):
     """The step a checkpoint was saved at, from its name (ckpt-300 -> 300), or None for other names."""
     match = re.search(r"-(\d+)$", path)
@@ -89,11 +107,12 @@ def load_model(model_dir, checkpoint="latest", **overrides):
     """
     config = read_config(model_dir, **overrides)
     dataset = read_dataset_info(model_dir)
+    paths = checkpoint_paths(model_dir, checkpoint)
+    _check_same_classes(model_dir, dataset, paths[0])
     model = build_model(config, dataset)
     # The weights inference should use: for a run with --ema_decay the moving averages, which the run also
     # evaluated and kept as best. A truncated or corrupt newest checkpoint is skipped, as training skips it.
-    path = checkpoint_lib.restore_newest_readable(model, checkpoint_paths(model_dir, checkpoint),
-                                                  average=bool(config.ema_decay))
+    path = checkpoint_lib.restore_newest_readable(model, paths, average=bool(config.ema_decay))
     return Restored(model, config, dataset, path, checkpoint_step(path))
 
 

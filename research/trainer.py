@@ -6,6 +6,7 @@ and the model building it calls; research/train.py is the program (`python -m re
 """
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -53,16 +54,24 @@ def train_and_evaluate(config):
                                    ema=ema.average if ema else [])
         checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
                                              distribute.worker_id(strategy))
+        resuming, unused_init = bool(checkpoints.candidates()), None
+        if resuming and config.init_checkpoint:
+            unused_init, config = config.init_checkpoint, _with_recorded_init(config)
         flag_changes = {}
-        if checkpoints.candidates():
-            flag_changes = checkpoint.check_resume_config(config.model_dir, config)
+        if resuming or run_dir.has_records(config.model_dir):  # Any earlier attempt: its settings must be these.
+            flag_changes = checkpoint.check_resume_config(
+                config.model_dir, config, same_model_input=run_dir.read_dataset_json_or_none(
+                    config.model_dir) == json.loads(json.dumps(dataset.metadata().to_json())))
+        if resuming:
             restored = checkpoints.restore_latest(config.model)  # (An error line if none is readable.)
             print(f"Resuming from {restored} at step {int(step.numpy())}" + "".join(
                 f"; --{name}: {old} -> {new}" for name, (old, new) in sorted(flag_changes.items())) + (
-                f"; --init_checkpoint={config.init_checkpoint} is not used (a resume starts from its own weights)"
-                if config.init_checkpoint else ""))
+                f"; --init_checkpoint={unused_init} is not used (a resume starts from its own weights)"
+                if unused_init else ""))
         elif config.init_checkpoint:
-            print(transfer.init_weights(model, config, dataset.image_shape))
+            print(transfer.init_weights(model, config, dataset))
+            if ema:
+                ema.restart()  # The average of a fine-tune starts from the loaded weights, not the random ones.
         finished = run_dir.read_results(config.model_dir)
         if int(step.numpy()) >= total_steps and finished:
             print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in "
@@ -71,6 +80,10 @@ def train_and_evaluate(config):
         if chief:
             run_dir.read_metrics(config.model_dir)  # Every run file this run will read back, read before any write:
             run_dir.read_best(config.model_dir)  # a damaged one refuses the run with nothing changed.
+            removed = run_dir.rewind(config.model_dir, int(step.numpy()), restart=not resuming)
+            if removed:
+                print(f"Removed the records of steps after {int(step.numpy())}, of an earlier attempt that died "
+                      f"before its next checkpoint: {', '.join(removed)}")
             provenance.record(config.model_dir, int(step.numpy()))
             if flag_changes:
                 run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
@@ -168,6 +181,14 @@ def train_and_evaluate(config):
         print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
               f"({results['wall_time_s']} s)")
         return results
+
+
+def _with_recorded_init(config):
+    """A resume starts from its own weights: the --init_checkpoint flags it was given are not this run's, so the
+    recorded ones stay in flags.txt (and out of the resume guard and the flags history)."""
+    recorded = run_dir.read_flags(config.model_dir) if run_dir.is_run(config.model_dir) else {}
+    return config_lib.make_config(**{**run_dir.parse_flagfile(config_lib.to_flagfile(config), "the flags"),
+                                     **{name: recorded.get(name) for name in transfer.INIT_FLAGS}})
 
 
 def _profiling(config, current, num_steps, total_steps, loops_run):

@@ -1,0 +1,159 @@
+"""A run directory is one experiment, and its records say what really ran: reruns of dead runs, resumes with
+changed flags, fine-tuning, and tools meeting another run's files."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_config
+from research import UserError, checkpoint, evaluate, runs, trainer
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
+
+
+def _died_before_its_first_checkpoint(model_dir):
+    """What a run killed after an evaluation but before its first checkpoint leaves: flags.txt, dataset.json,
+    metrics.jsonl, best/, TensorBoard events; no ckpt-*."""
+    for name in os.listdir(model_dir):
+        if name.startswith("ckpt-") or name in ("checkpoint", "results.json"):
+            os.remove(os.path.join(model_dir, name))
+
+
+@pytest.fixture
+def dead_run(mock_tfds, tmp_path):
+    model_dir = tmp_path / "run"
+    trainer.train_and_evaluate(make_config(model_dir, checkpoint_every=100, learning_rate=0.01))
+    _died_before_its_first_checkpoint(model_dir)
+    assert (model_dir / "best" / "best.json").exists() and (model_dir / "metrics.jsonl").exists()
+    return model_dir
+
+
+@pytest.mark.parametrize("flag", [dict(optimizer="sgd"), dict(seed=1), dict(label_smoothing=0.1)])
+def test_a_dead_run_rerun_with_other_settings_is_refused_and_keeps_its_files(dead_run, flag):
+    before = {name: open(dead_run / name, "rb").read() for name in ("flags.txt", "metrics.jsonl")}
+    with pytest.raises(UserError, match=f"holds a run with other settings \\(--{next(iter(flag))}:"):
+        trainer.train_and_evaluate(make_config(dead_run, checkpoint_every=100, learning_rate=0.01, **flag))
+    assert before == {name: open(dead_run / name, "rb").read() for name in before}
+
+
+def test_a_dead_run_rerun_starts_again_with_none_of_the_earlier_attempts_records(dead_run, capsys):
+    first_best = json.load(open(dead_run / "best" / "best.json"))
+    results = trainer.train_and_evaluate(make_config(dead_run, checkpoint_every=100, learning_rate=0.001,
+                                                     train_steps=8))
+    assert "Removed the records of steps after 0" in capsys.readouterr().out
+    metrics = _lines(dead_run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [8]  # Not the first attempt's step 12.
+    assert metrics[0]["accuracy"] == results["eval"]["accuracy"]
+    best = json.load(open(dead_run / "best" / "best.json"))
+    assert best["step"] == 8 and best != first_best
+    history = _lines(dead_run / "flags_history.jsonl")
+    assert history[-1]["step"] == 0 and history[-1]["changes"]["learning_rate"] == ["0.01", "0.001"]
+
+
+def test_a_resume_drops_the_evaluations_of_steps_it_never_checkpointed(mock_tfds, tmp_path):
+    model_dir = tmp_path / "run"
+    trainer.train_and_evaluate(make_config(model_dir))  # Evaluates at 8 and 12, checkpoints every 4.
+    for name in os.listdir(model_dir):  # Killed after its step-12 evaluation, before the step-12 checkpoint.
+        if name.startswith("ckpt-12") or name == "results.json":
+            os.remove(model_dir / name)
+    with open(model_dir / "checkpoint", "w") as f:
+        f.write('model_checkpoint_path: "ckpt-8"\nall_model_checkpoint_paths: "ckpt-8"\n')
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=16, eval_every=16))
+    assert [m["step"] for m in _lines(model_dir / "metrics.jsonl")] == [8, 16]  # Not the dead attempt's 12.
+
+
+def test_the_resume_guard_judges_flags_by_their_effect(mock_tfds, tmp_path):
+    model_dir = tmp_path / "run"
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=None, train_epochs=1))
+    # --momentum has no effect with adam, --widths none on an mlp, --image_size=28 is MNIST's own 28: allowed.
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=16, train_epochs=1, momentum=0.9, widths="8,16",
+                                           image_size=28))
+    changes = _lines(model_dir / "flags_history.jsonl")[-1]["changes"]
+    assert changes["train_steps"] == [None, "16"]  # Unset at the start, set at the resume: recorded.
+    assert changes["momentum"] == ["0.0", "0.9"] and changes["widths"] == ["32,64,128", "8,16"]
+    with pytest.raises(UserError, match="--momentum: 0.9 -> 0.5"):  # With sgd it has an effect.
+        trainer.train_and_evaluate(make_config(model_dir, train_steps=24, optimizer="sgd", momentum=0.5))
+
+
+def test_an_unused_init_checkpoint_is_not_written_into_flags_txt(mock_tfds, tmp_path, capsys):
+    source, model_dir = tmp_path / "source", tmp_path / "run"
+    trainer.train_and_evaluate(make_config(source, train_steps=4))
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=8))
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=12, init_checkpoint=str(source)))
+    assert "is not used" in capsys.readouterr().out
+    assert "--init_checkpoint=" not in open(model_dir / "flags.txt").read()
+    assert "init_checkpoint" not in "".join(map(str, _lines(model_dir / "flags_history.jsonl")))
+
+
+def _checkpoint_values(prefix, collection):
+    reader = tf.train.load_checkpoint(prefix)
+    names = sorted((n for n in reader.get_variable_to_shape_map() if n.startswith(f"{collection}/")
+                    and n.endswith("VARIABLE_VALUE")), key=lambda n: int(n.split("/")[1]))
+    return [reader.get_tensor(n) for n in names]
+
+
+def test_a_fine_tunes_weight_average_starts_from_the_loaded_weights(mock_tfds, tmp_path):
+    source, model_dir = tmp_path / "source", tmp_path / "run"
+    trainer.train_and_evaluate(make_config(source, train_steps=8))
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=1, checkpoint_every=1, eval_every=1,
+                                           ema_decay=0.99, learning_rate=1e-7, init_checkpoint=str(source),
+                                           optimizer="sgd"))
+    loaded = _checkpoint_values(tf.train.latest_checkpoint(str(source)), "model_variables")
+    average = _checkpoint_values(str(model_dir / "ckpt-1"), "ema")
+    assert len(average) == len(loaded)
+    for a, w in zip(average, loaded):
+        np.testing.assert_allclose(a, w, atol=1e-5)  # Not 2/11 of a random initialisation.
+
+
+@pytest.mark.parametrize("added", [dict(dropout=0.2), dict(model="resnet_small", widths="4,8",
+                                                            stochastic_depth=0.1)])
+def test_fine_tuning_may_add_dropout_or_stochastic_depth(mock_tfds, tmp_path, capsys, added):
+    source, model_dir = tmp_path / "source", tmp_path / "run"
+    family = {k: v for k, v in added.items() if k in ("model", "widths")}
+    trainer.train_and_evaluate(make_config(source, train_steps=4, **family))
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=4, init_checkpoint=str(source), **added))
+    assert "Initialised weights from" in capsys.readouterr().out  # Not "does not fit ... seed_generator_state".
+    assert json.load(open(model_dir / "results.json"))["step"] == 4
+
+
+@pytest.fixture
+def two_runs(mock_tfds, tmp_path):
+    """Two finished runs: "digits" on MNIST and "letters" on the same images whose classes were renamed."""
+    digits, letters = tmp_path / "digits", tmp_path / "letters"
+    trainer.train_and_evaluate(make_config(digits, train_steps=4))
+    shutil.copytree(digits, letters)
+    info = json.load(open(letters / "dataset.json"))
+    info["class_names"] = [f"letter_{c}" for c in "abcdefghij"]
+    json.dump(info, open(letters / "dataset.json", "w"))
+    return digits, letters
+
+
+def test_a_tool_refuses_a_checkpoint_of_a_run_trained_on_other_classes(two_runs):
+    digits, letters = two_runs
+    report = json.load(open(digits / "report.json")) if (digits / "report.json").exists() else None
+    with pytest.raises(UserError, match="trained on other classes"):
+        evaluate.evaluate(str(digits), checkpoint=str(letters / "ckpt-4"))
+    with pytest.raises(UserError, match="trained on other classes"):
+        runs.load_model(str(digits), str(letters))
+    assert (json.load(open(digits / "report.json")) if (digits / "report.json").exists() else None) == report
+
+
+def test_fine_tuning_onto_renamed_classes_says_the_head_is_kept(two_runs, tmp_path, capsys):
+    _, letters = two_runs
+    trainer.train_and_evaluate(make_config(tmp_path / "tuned", train_steps=4, init_checkpoint=str(letters)))
+    out = capsys.readouterr().out
+    assert "kept its head although its 10 classes are named otherwise (letter_a -> 0" in out
+    assert "--init_skip=head makes it fresh" in out
+
+
+def test_the_owner_of_a_checkpoint_is_its_run(two_runs):
+    digits, _ = two_runs
+    assert checkpoint.owner_run(str(digits / "ckpt-4")) == str(digits)
+    assert checkpoint.owner_run(str(digits / "best" / "ckpt-4")) == str(digits)
+    assert checkpoint.owner_run("/nonexistent/ckpt-4") is None
