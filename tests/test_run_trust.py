@@ -157,3 +157,19 @@ def test_the_owner_of_a_checkpoint_is_its_run(two_runs):
     assert checkpoint.owner_run(str(digits / "ckpt-4")) == str(digits)
     assert checkpoint.owner_run(str(digits / "best" / "ckpt-4")) == str(digits)
     assert checkpoint.owner_run("/nonexistent/ckpt-4") is None
+
+
+def test_predict_gives_the_served_models_probabilities_for_a_jpeg(two_runs, tmp_path):
+    digits, _ = two_runs
+    from PIL import Image
+    from research import predict
+    from research.data import preprocess
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "digit.jpg", quality=75)
+    restored = runs.load_model(str(digits))
+    (path, classes), = predict.predict(restored, [str(tmp_path / "digit.jpg")], k=10)[0]
+    prep = restored.dataset.preprocessing
+    decoded = preprocess.decode(tf.io.read_file(str(tmp_path / "digit.jpg")), 1)  # As the export's serving_encoded.
+    served = tf.nn.softmax(restored.model(prep.eval_images(decoded[None]), training=False)).numpy()[0]
+    for name, probability in classes:
+        assert probability == pytest.approx(served[restored.dataset.class_names.index(name)], abs=1e-6)
