@@ -238,9 +238,17 @@ def check_resume_config(model_dir, config, same_model_input=False):
     refused = [f"--{name}: {a} -> {b}" for name, (a, b) in changes.items()
                if config_lib.declared(name).role == config_lib.CHECKPOINT and has_effect(name)]
     if refused:
-        raise UserError(f"{model_dir} holds a run with other settings ({'; '.join(refused)}); "
-                        "use a new --model_dir, or --init_checkpoint to start from its weights")
+        raise SettingsDiffer(refused, model_dir)
     return {name: change for name, change in changes.items() if name != "model_dir"}  # (A moved run is the same.)
+
+
+class SettingsDiffer(UserError):
+    """A run directory holds a run whose settings differ from these: `differences` lists them (--name: old -> new)."""
+
+    def __init__(self, differences, model_dir):
+        super().__init__(f"{model_dir} holds a run with other settings ({'; '.join(differences)}); "
+                         "use a new --model_dir, or --init_checkpoint to start from its weights")
+        self.differences = differences
 
 
 def _spelled_default(name):

@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 
-from research import cli
+from research import UserError, cli
 
 PARSER = cli.run_tool_parser("python -m research.export", __doc__)
 PARSER.add_argument("--output", required=True, help="New directory for the SavedModel and model.keras.")
@@ -42,11 +42,19 @@ PARSER.add_argument("--data_dir", help="TFDS data_dir of the data --tflite_quant
 PARSER.add_argument("--tfds_manual_dir",
                     help="Source files to prepare that dataset from (default: the run's).")
 
+def check_output(output):
+    """--output must name a directory to create or an empty one (never, say, the current directory by an empty
+    value), and not one in memory that the program loses."""
+    if not output or not output.strip():
+        raise UserError("--output is empty: give the path of a new directory for the export")
+    cli.check_lasting(output, "--output")
+
+
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
     cli.start()
     _args = cli.parse_args(PARSER)
     cli.check_model_dir(_args.model_dir)
-    cli.before_tensorflow(cli.check_lasting, _args.output, "--output")
+    cli.before_tensorflow(check_output, _args.output)
 
 import collections  # noqa: E402
 
@@ -54,7 +62,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, run_dir, runs, tflite  # noqa: E402
+from research import run_dir, runs, tflite  # noqa: E402
 from research.data import preprocess  # noqa: E402
 
 KERAS_FILE = "model.keras"
@@ -118,6 +126,7 @@ def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write
         raise UserError(f"--tflite_quantize={tflite_quantize}: choose from {', '.join(tflite.QUANTIZATIONS)}")
     if tflite_quantize != "none" and not write_tflite:
         raise UserError(f"--tflite_quantize={tflite_quantize} writes a TFLite model, which --no_tflite refuses")
+    check_output(output)
     restored = runs.load_model(model_dir, checkpoint)
     run_dir.check_filesystem(output, "--output")
     if run_dir.exists(output) and not (run_dir.isdir(output) and not run_dir.listdir(output)):
@@ -130,7 +139,7 @@ def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write
     if run_dir.is_url(output):
         staging = tempfile.mkdtemp(prefix="export")
     else:
-        output = os.path.abspath(output)
+        output = os.path.realpath(output)  # Staged on the filesystem of the directory it fills, even through a link.
         staging = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)  # Left by an export killed with this same process id.
         try:
@@ -146,9 +155,10 @@ def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write
         written = _write_tflite(staging, module, restored, tflite_quantize, dataset) if write_tflite else []
         if run_dir.is_url(output):
             run_dir.copy_tree(staging, output)
+        elif os.path.isdir(output):  # An empty directory the user made (or a link to one) stays, and is filled.
+            for name in os.listdir(staging):
+                os.rename(os.path.join(staging, name), os.path.join(output, name))
         else:
-            if os.path.isdir(output):
-                os.rmdir(output)
             os.rename(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
