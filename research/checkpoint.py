@@ -14,7 +14,7 @@ import re
 import tensorflow as tf
 from absl import logging
 
-from research import UserError, config as config_lib, run_dir
+from research import UserError, cli, config as config_lib, run_dir
 
 def model_state(model):
     """Every variable of the model, by position: what checkpoints hold of it (as `model_variables`).
@@ -72,7 +72,7 @@ class Checkpoints:
         self.checkpoint.restore(path).assert_existing_objects_matched()
 
     def save(self, step):
-        path = self.manager.save(checkpoint_number=step)
+        path = _saved(self.manager, step, self.latest())
         self._drop_scratch()
         return path
 
@@ -80,7 +80,7 @@ class Checkpoints:
         """Keeps the checkpoint of the highest eval accuracy so far in `model_dir/best`; returns whether it did."""
         if accuracy <= run_dir.read_best(self.model_dir)["accuracy"]:
             return False
-        self.best_manager.save(checkpoint_number=step)
+        _saved(self.best_manager, step, self.latest())
         self._drop_scratch()
         if self.is_chief:
             run_dir.write_best(self.model_dir, accuracy, step)
@@ -89,6 +89,22 @@ class Checkpoints:
     def _drop_scratch(self):
         if not self.is_chief:
             run_dir.remove_tree(self.manager.directory)
+
+
+def _saved(manager, step, latest):
+    """`manager.save(step)`'s path. A save that fails (a full disk, no permission) is one line naming it: what it
+    wrote so far is removed, the `checkpoint` index still names the last whole checkpoint, which a rerun resumes."""
+    try:
+        return manager.save(checkpoint_number=step)
+    except tf.errors.OpError as e:
+        prefix = run_dir.join(manager.directory, f"ckpt-{step}")
+        for leftover in run_dir.glob(f"{prefix}.*") + run_dir.glob(f"{prefix}_temp*"):
+            if run_dir.isdir(leftover):
+                run_dir.remove_tree(leftover)
+            else:
+                run_dir.remove(leftover)
+        raise UserError(f"cannot save checkpoint {prefix}: {cli.op_error_line(e)}; the last checkpoint, "
+                        f"{latest or 'none'}, is intact: rerun the same command to resume from it") from None
 
 
 def candidates(directory):
@@ -161,6 +177,7 @@ def restore_init_weights(model, path, average, restore=restore_weights):
 def named_by(path, flag, kind="a run directory"):
     """The checkpoints that `flag`=`path` names, newest first: a checkpoint prefix (RUN/ckpt-300) alone, or those
     in a directory (`kind`: what the flag expects such a directory to be)."""
+    run_dir.check_filesystem(path, flag)
     if run_dir.exists(path + ".index"):
         return [path]
     if not run_dir.isdir(path):

@@ -147,22 +147,30 @@ def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write
         except OSError as e:
             raise UserError(f"cannot write {os.path.dirname(output)}: {e.strerror}") from None
     try:
-        module = Serving(restored.model, restored.dataset.preprocessing, restored.dataset.class_names)
-        tf.saved_model.save(module, staging, signatures={"serving_default": module.serve,
-                                                         "serving_encoded": module.serve_encoded})
-        _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
-        _verify(staging, restored)
-        written = _write_tflite(staging, module, restored, tflite_quantize, dataset) if write_tflite else []
-        if run_dir.is_url(output):
-            run_dir.copy_tree(staging, output)
-        elif os.path.isdir(output):  # An empty directory the user made (or a link to one) stays, and is filled.
-            for name in os.listdir(staging):
-                os.rename(os.path.join(staging, name), os.path.join(output, name))
-        else:
-            os.rename(staging, output)
+        return Exported(restored.checkpoint, _stage(staging, output, restored, tflite_quantize, write_tflite, dataset))
+    except (tf.errors.OpError, OSError) as e:  # A full disk, no permission: whatever was staged goes.
+        reason = cli.op_error_line(e) if isinstance(e, tf.errors.OpError) else f"{e.strerror}: {e.filename}"
+        raise UserError(f"cannot write the export to {output}: {reason}; nothing was written") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Exported(restored.checkpoint, written)
+
+
+def _stage(staging, output, restored, tflite_quantize, write_tflite, dataset):
+    """Writes the export into `staging`, verifies it, and moves or copies it to `output`; returns the TFLite files."""
+    module = Serving(restored.model, restored.dataset.preprocessing, restored.dataset.class_names)
+    tf.saved_model.save(module, staging, signatures={"serving_default": module.serve,
+                                                     "serving_encoded": module.serve_encoded})
+    _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
+    _verify(staging, restored)
+    written = _write_tflite(staging, module, restored, tflite_quantize, dataset) if write_tflite else []
+    if run_dir.is_url(output):
+        run_dir.copy_tree(staging, output)
+    elif os.path.isdir(output):  # An empty directory the user made (or a link to one) stays, and is filled.
+        for name in os.listdir(staging):
+            os.rename(os.path.join(staging, name), os.path.join(output, name))
+    else:
+        os.rename(staging, output)
+    return written
 
 
 def _write_tflite(directory, module, restored, quantize, dataset):

@@ -91,6 +91,11 @@ def makedirs(path):
     _gfile().makedirs(path)
 
 
+def remove(path):
+    with contextlib.suppress(_tf().errors.OpError):
+        _gfile().remove(path)
+
+
 def remove_tree(path):
     with contextlib.suppress(_tf().errors.OpError):
         _gfile().rmtree(path)

@@ -36,6 +36,8 @@ def train_and_evaluate(config):
     started = time.time()  # Wall times (metrics.jsonl elapsed_s, results.json) count data loading and tracing.
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+    if config.init_checkpoint:  # A path TensorFlow cannot open is one line before any work, as --model_dir's is.
+        run_dir.check_filesystem(config.init_checkpoint, "--init_checkpoint")
     strategy = distribute.create_strategy(config)
     chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as stack:

@@ -202,7 +202,7 @@ def test_evaluate_names_its_own_split_flag(mnist_data_dir, tmp_path, capsys):
 @pytest.mark.parametrize("init, message", [
     ("{tmp}/nonexistent", "is neither a run directory nor a checkpoint prefix"),
     ("{tmp}/empty", "that directory holds no checkpoint"),
-    ("{run}", "does not fit --model=cnn: it holds 4 model variables, the model has 8"),
+    ("{run}", "does not fit --model=cnn: it holds 4 model weights, the model has 8"),
 ])
 def test_init_checkpoint_mistakes_say_what_is_wrong(finished, tmp_path, caplog, init, message):
     (tmp_path / "empty").mkdir()

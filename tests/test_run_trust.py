@@ -173,3 +173,77 @@ def test_predict_gives_the_served_models_probabilities_for_a_jpeg(two_runs, tmp_
     served = tf.nn.softmax(restored.model(prep.eval_images(decoded[None]), training=False)).numpy()[0]
     for name, probability in classes:
         assert probability == pytest.approx(served[restored.dataset.class_names.index(name)], abs=1e-6)
+
+
+def test_path_flags_on_an_unknown_filesystem_are_one_line(two_runs, tmp_path):
+    digits, _ = two_runs
+    with pytest.raises(UserError, match="^--init_checkpoint=foo://bucket/run: TensorFlow cannot open it"):
+        trainer.train_and_evaluate(make_config(tmp_path / "new", init_checkpoint="foo://bucket/run"))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UserError, match="^--checkpoint=foo://bucket/ckpt-4: TensorFlow cannot open it"):
+        runs.load_model(str(digits), "foo://bucket/ckpt-4")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MB tmpfs at tmp_path/disk, unmounted after the test (needs root, as CI and the developers' machines
+    have; skips elsewhere)."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _fill(disk, leave):
+    """Fills the filesystem of `disk` but for about `leave` bytes; returns the filler file."""
+    filler = disk / "filler"
+    stat = os.statvfs(disk)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return filler
+
+
+def test_a_full_disk_is_one_line_loses_nothing_and_the_rerun_resumes_exactly(mock_tfds, tmp_path, tiny_disk):
+    run = dict(train_steps=8, checkpoint_every=4, eval_every=8, deterministic=True)
+    trainer.train_and_evaluate(make_config(tmp_path / "straight", **run))
+    model_dir = tiny_disk / "run"
+    trainer.train_and_evaluate(make_config(model_dir, **{**run, "train_steps": 4}))
+    filler = _fill(tiny_disk, leave=64 * 1024)  # Room for the small run files, not for a checkpoint.
+    with pytest.raises(UserError, match="cannot (save checkpoint|write) .*: .*No space left on device") as failure:
+        trainer.train_and_evaluate(make_config(model_dir, **run))
+    assert "\n" not in str(failure.value)
+    assert not [name for name in os.listdir(model_dir) if name.startswith("ckpt-8") or ".tmp" in name]
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
+    os.remove(filler)
+    trainer.train_and_evaluate(make_config(model_dir, **run))
+    for a, b in zip(_checkpoint_values(str(model_dir / "ckpt-8"), "model_variables"),
+                    _checkpoint_values(str(tmp_path / "straight" / "ckpt-8"), "model_variables")):
+        np.testing.assert_array_equal(a, b)
+    assert [m["step"] for m in _lines(model_dir / "metrics.jsonl")] == [4, 8]
+
+
+def test_export_never_removes_what_it_did_not_create(two_runs, tmp_path, monkeypatch):
+    from research import export
+    digits, _ = two_runs
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):
+        with pytest.raises(UserError, match="--output is empty"):
+            export.export(str(digits), empty, write_tflite=False)
+    assert (tmp_path / "digits").is_dir()
+    (tmp_path / "target").mkdir()
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    export.export(str(digits), str(tmp_path / "link"), write_tflite=False)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "saved_model.pb").exists()
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(two_runs, tiny_disk):
+    from research import export
+    digits, _ = two_runs
+    _fill(tiny_disk, leave=16 * 1024)
+    with pytest.raises(UserError, match=f"cannot write the export to {tiny_disk / 'model'}: .*No space left"):
+        export.export(str(digits), str(tiny_disk / "model"), write_tflite=False)
+    assert os.listdir(tiny_disk) == ["filler"]

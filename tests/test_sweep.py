@@ -158,6 +158,7 @@ def test_grid_gives_seeds_and_semicolons_separate_list_values(tmp_path, capsys):
     (["--seeds=0"], "--seeds must be at least 1"),
     (["--parallel=0"], "--parallel must be at least 1"),
     (["--root=ram://sweep"], "--root=ram://sweep is in memory (ram://) and would be lost"),
+    (["--root=foo://bucket/sweep"], "--root=foo://bucket/sweep: TensorFlow cannot open it"),
 ])
 def test_bad_command_lines_fail_with_one_line(tmp_path, capsys, argv, message):
     assert cli.run(sweep.main, [f"--root={tmp_path / 'sweep'}", "--dry_run", *argv]) == 2
