@@ -3,7 +3,8 @@
 
 Prints the exact accuracy and loss, the accuracy of each class and the confusion matrix, and writes into the run
 directory report.json (all of it), confusion_matrix.png, predictions.png (the first test images with predicted
-class, confidence and true class, red when wrong) and curves.png (the run's learning curves so far).
+class, confidence and true class, red when wrong) and curves.png (the run's learning curves so far). A run
+directory it cannot write (read-only, full) still gets the numbers printed, then one error line (exit status 2).
 
 The numbers are computed by research.train's own evaluation function over research.data's own eval pipeline,
 with the run's flags (--data_dir / --tfds_manual_dir override the recorded ones, for a run moved to another
@@ -71,6 +72,16 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
         "confusion_matrix": confusion.tolist(),
     }
 
+    report["files"], report["not_written"] = [], None
+    try:  # A run directory that cannot be written (read-only, full) still gets its numbers printed.
+        report["files"] = _write_files(model_dir, report, model, dataset, config, info, split, confusion)
+    except UserError as e:
+        report["not_written"] = str(e)
+    return report
+
+
+def _write_files(model_dir, report, model, dataset, config, info, split, confusion):
+    """The figures and report.json in the run directory; returns their paths."""
     inputs, labels = data.first_eval_examples(dataset, config, PREDICTIONS_SHOWN)
     probabilities = tf.nn.softmax(model(inputs, training=False)).numpy()
     images = np.asarray(dataset.preprocessing.for_display(inputs))
@@ -82,9 +93,8 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
     if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
     path = run_dir.join(model_dir, run_dir.REPORT_FILE)
-    report["files"] = files + [path]
-    run_dir.write_json(path, report)
-    return report
+    run_dir.write_json(path, {**{k: v for k, v in report.items() if k != "not_written"}, "files": files + [path]})
+    return files + [path]
 
 
 def format_report(report):
@@ -113,6 +123,9 @@ def _main(argv):
     args = PARSER.parse_args(argv)
     report = evaluate(args.model_dir, args.checkpoint, args.split, args.data_dir, args.tfds_manual_dir)
     print(format_report(report))
+    if report["not_written"]:
+        print(f"error: {report['not_written']} (the report above is not saved)", file=sys.stderr)
+        return 2
     print(f"\nwrote {', '.join(report['files'])}")
 
 

@@ -247,3 +247,23 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(two_runs, tin
     with pytest.raises(UserError, match=f"cannot write the export to {tiny_disk / 'model'}: .*No space left"):
         export.export(str(digits), str(tiny_disk / "model"), write_tflite=False)
     assert os.listdir(tiny_disk) == ["filler"]
+
+
+def test_evaluating_a_read_only_run_prints_its_numbers_then_one_error_line(mock_tfds, tiny_disk, capsys):
+    import subprocess
+    model_dir = tiny_disk / "run"
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=4))
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    capsys.readouterr()
+    assert evaluate.main([f"--model_dir={model_dir}"]) == 2
+    out, err = capsys.readouterr()
+    assert "(step 4) on split test: accuracy " in out and "confusion matrix" in out
+    assert err.count("\n") == 1 and err.startswith("error: cannot write ") and "Read-only file system" in err
+    assert err.endswith("(the report above is not saved)\n")
+
+
+@pytest.mark.parametrize("value", ["1e300", "inf", "nan"])
+def test_a_float_flag_beyond_float32_is_one_line_before_any_work(value):
+    from research import config as config_lib
+    with pytest.raises(UserError, match=f"--learning_rate=.* is not a finite float32 number"):
+        config_lib.make_config(model_dir="unused", train_steps=1, learning_rate=value)
