@@ -225,14 +225,14 @@ def first_readable(paths, restore):
     return None
 
 
-def check_resume_config(model_dir, config, same_model_input=False):
+def check_resume_config(model_dir, config, without_effect=()):
     """Compares the flags of a resume (or of a rerun of a run that died before its first checkpoint) with those the
     run recorded (flags.txt), judging each by its effect, as the fresh run's ignored-flag warning does.
 
     A change of a flag declared CHECKPOINT (research/config.py) that has an effect, under the recorded flags or the
     new ones, is refused, every such flag listed in one line; one without effect in either (--momentum with adam)
-    is allowed. `same_model_input`: the data as loaded now gives the model the input the run recorded
-    (dataset.json), so a changed --image_size (28 for MNIST's own 28 recorded as 0) changes nothing either. A flag
+    is allowed, and so are the flags in `without_effect`, which the caller found to change nothing here (the
+    trainer: --image_size where the model input is the recorded one, --dataset where a folder moved). A flag
     unset at the start and set now (--train_steps after --train_epochs) is a change like any other; a flag newer
     than the run had its default. Returns every allowed change, {name: (old, new)} as flags.txt spells them (None:
     unset), for the run's flags history."""
@@ -246,11 +246,9 @@ def check_resume_config(model_dir, config, same_model_input=False):
         old_config = config_lib.make_config(**{name: value for name, value in old.items() if value is not None})
     except UserError:  # Flags of an older version of this code: judged by the new flags alone.
         old_config = config
-    no_effect = {"image_size"} if same_model_input else set()
-
     def has_effect(name):
         only_if = config_lib.declared(name).only_if
-        return name not in no_effect and (only_if is None or only_if(old_config) or only_if(config))
+        return name not in without_effect and (only_if is None or only_if(old_config) or only_if(config))
 
     refused = [f"--{name}: {a} -> {b}" for name, (a, b) in changes.items()
                if config_lib.declared(name).role == config_lib.CHECKPOINT and has_effect(name)]

@@ -7,8 +7,8 @@ class, confidence and true class, red when wrong) and curves.png (the run's lear
 directory it cannot write (read-only, full) still gets the numbers printed, then one error line (exit status 2).
 
 The numbers are computed by research.train's own evaluation function over research.data's own eval pipeline,
-with the run's flags (--data_dir / --tfds_manual_dir override the recorded ones, for a run moved to another
-machine), so evaluating the checkpoint of a training evaluation reproduces that evaluation exactly. (The model
+with the run's flags (--data_dir / --tfds_manual_dir / --dataset=folder:NEW_PLACE override the recorded ones, for
+data that moved), so evaluating the checkpoint of a training evaluation reproduces that evaluation exactly. (The model
 computes in float32: a --mixed_precision run's own evaluations differ by their half-precision rounding.)
 """
 
@@ -18,8 +18,7 @@ from research import cli
 
 PARSER = cli.run_tool_parser("python -m research.evaluate", __doc__)
 PARSER.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
-PARSER.add_argument("--data_dir", help="TFDS data_dir (default: the run's).")
-PARSER.add_argument("--tfds_manual_dir", help="Source files to prepare the dataset from (default: the run's).")
+cli.add_data_location(PARSER)
 
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
     cli.start()
@@ -34,10 +33,10 @@ PREDICTIONS_SHOWN = 25
 PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not printed.
 
 
-def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None):
-    """Evaluates and writes the report files; returns the report dict (also model_dir/report.json)."""
-    overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
-                 if value is not None}
+def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None, dataset=None):
+    """Evaluates and writes the report files; returns the report dict (also model_dir/report.json). `data_dir`,
+    `tfds_manual_dir` and `dataset` say where the run's data is now (runs.data_location)."""
+    overrides = runs.data_location(model_dir, data_dir=data_dir, tfds_manual_dir=tfds_manual_dir, dataset=dataset)
     restored = runs.load_model(model_dir, checkpoint, **overrides)
     config, model, info = restored.config, restored.model, restored.dataset
     if split == "":
@@ -121,7 +120,7 @@ def format_report(report):
 
 def _main(argv):
     args = PARSER.parse_args(argv)
-    report = evaluate(args.model_dir, args.checkpoint, args.split, args.data_dir, args.tfds_manual_dir)
+    report = evaluate(args.model_dir, args.checkpoint, args.split, args.data_dir, args.tfds_manual_dir, args.dataset)
     print(format_report(report))
     if report["not_written"]:
         print(f"error: {report['not_written']} (the report above is not saved)", file=sys.stderr)

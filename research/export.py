@@ -38,9 +38,7 @@ PARSER.add_argument("--tflite_quantize", default="none", choices=("none", "float
                          "float32, alone).")
 PARSER.add_argument("--no_tflite", action="store_true",
                     help="Write no TFLite model (converting resnet18 or vit_ti16 takes 10-25 s on a CPU).")
-PARSER.add_argument("--data_dir", help="TFDS data_dir of the data --tflite_quantize reads (default: the run's).")
-PARSER.add_argument("--tfds_manual_dir",
-                    help="Source files to prepare that dataset from (default: the run's).")
+cli.add_data_location(PARSER, "the data --tflite_quantize reads")
 
 def check_output(output):
     """--output must name a directory to create or an empty one (never, say, the current directory by an empty
@@ -118,10 +116,10 @@ def _captured_variables(*functions):
 
 
 def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write_tflite=True, data_dir=None,
-           tfds_manual_dir=None):
+           tfds_manual_dir=None, dataset=None):
     """Writes the SavedModel, model.keras and the TFLite models to `output` (which must not exist, or be empty);
-    returns Exported(checkpoint path, TFLite files). `data_dir`, `tfds_manual_dir` override the run's, for the
-    data that --tflite_quantize reads."""
+    returns Exported(checkpoint path, TFLite files). `data_dir`, `tfds_manual_dir` and `dataset` say where the
+    data that --tflite_quantize reads is now (runs.data_location)."""
     if tflite_quantize not in tflite.QUANTIZATIONS:
         raise UserError(f"--tflite_quantize={tflite_quantize}: choose from {', '.join(tflite.QUANTIZATIONS)}")
     if tflite_quantize != "none" and not write_tflite:
@@ -131,8 +129,7 @@ def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write
     run_dir.check_filesystem(output, "--output")
     if run_dir.exists(output) and not (run_dir.isdir(output) and not run_dir.listdir(output)):
         raise UserError(f"--output={output} already exists; choose a new directory")
-    overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
-                 if value is not None}
+    overrides = runs.data_location(model_dir, data_dir=data_dir, tfds_manual_dir=tfds_manual_dir, dataset=dataset)
     dataset = runs.load_dataset(model_dir, restored, **overrides) if tflite_quantize != "none" else None
     # Staged on local disk: beside `output`, which it then becomes by a rename; for a URL (an object store, where
     # directories cannot be renamed) in a local temporary directory, copied up once verified.
@@ -253,7 +250,7 @@ def _session_outputs(directory, requests):
 def _main(argv):
     args = PARSER.parse_args(argv)
     exported = export(args.model_dir, args.output, args.checkpoint, args.tflite_quantize, not args.no_tflite,
-                      args.data_dir, args.tfds_manual_dir)
+                      args.data_dir, args.tfds_manual_dir, args.dataset)
     print(f"exported {exported.checkpoint} to {args.output} (SavedModel, signatures serving_default and "
           f"serving_encoded) and {run_dir.join(args.output, KERAS_FILE)}")
     for name, size, accuracy, float_accuracy in exported.tflite:

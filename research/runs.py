@@ -34,6 +34,23 @@ def read_config(model_dir, **overrides):
                         "(was the run written by another version of this code?)") from None
 
 
+DATA_LOCATION = ("dataset", "data_dir", "tfds_manual_dir")  # What a tool may say anew of where a run's data is.
+
+
+def data_location(model_dir, **given):
+    """{flag: value} of the DATA_LOCATION flags given (not None) to a tool, to override the run's: where its TFDS
+    data is prepared, or where its folder dataset moved (--dataset=folder:NEW_PLACE, which must hold every file the
+    run recorded; another dataset is refused in one line)."""
+    location = {name: value for name, value in given.items() if value is not None}
+    moved = location.get("dataset")
+    if moved is not None:
+        recorded = read_config(model_dir).dataset
+        if not (moved.startswith("folder:") and recorded.startswith("folder:")):
+            raise UserError(f"--dataset={moved}: a tool reads the data its run trained on ({recorded}); --dataset "
+                            "only says where a folder dataset moved (folder:NEW_PLACE)")
+    return location
+
+
 def read_dataset_info(model_dir):
     """The dataset metadata (research.data.Metadata) that the run recorded in `model_dir/dataset.json`."""
     try:

@@ -61,9 +61,7 @@ def train_and_evaluate(config):
             unused_init, config = config.init_checkpoint, _with_recorded_init(config)
         flag_changes = {}
         if resuming or run_dir.has_records(config.model_dir):  # Any earlier attempt: its settings must be these.
-            flag_changes = checkpoint.check_resume_config(
-                config.model_dir, config, same_model_input=run_dir.read_dataset_json_or_none(
-                    config.model_dir) == json.loads(json.dumps(dataset.metadata().to_json())))
+            flag_changes = checkpoint.check_resume_config(config.model_dir, config, _without_effect(config, dataset))
         if resuming:
             restored = checkpoints.restore_latest(config.model)  # (An error line if none is readable.)
             print(f"Resuming from {restored} at step {int(step.numpy())}" + "".join(
@@ -183,6 +181,17 @@ def train_and_evaluate(config):
         print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
               f"({results['wall_time_s']} s)")
         return results
+
+
+def _without_effect(config, dataset):
+    """The flags whose change on a resume the loaded data shows to be without effect: --image_size where the model
+    input is the one recorded (28 for MNIST's own 28, recorded as 0), --dataset where a folder moved (its loader
+    found every recorded file under the new root)."""
+    recorded = run_dir.read_dataset_json_or_none(config.model_dir) or {}
+    loaded = json.loads(json.dumps(dataset.metadata().to_json()))  # (Tuples as lists, as read back from JSON.)
+    same_input = {k: v for k, v in recorded.items() if k != "name"} == {k: v for k, v in loaded.items() if k != "name"}
+    moved = bool(dataset.file_lists) and bool(run_dir.read_data_files(config.model_dir))
+    return {name for name, unchanged in (("image_size", same_input), ("dataset", moved)) if unchanged}
 
 
 def _with_recorded_init(config):

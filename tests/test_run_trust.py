@@ -267,3 +267,25 @@ def test_a_float_flag_beyond_float32_is_one_line_before_any_work(value):
     from research import config as config_lib
     with pytest.raises(UserError, match=f"--learning_rate=.* is not a finite float32 number"):
         config_lib.make_config(model_dir="unused", train_steps=1, learning_rate=value)
+
+
+def test_a_moved_folder_dataset_is_resumed_and_evaluated_where_it_is_now(tmp_path, capsys):
+    from test_finetune import write_colour_folder
+    old, new, model_dir = tmp_path / "photos", tmp_path / "moved" / "photos", tmp_path / "run"
+    folder = dict(model="mlp", hidden_units="16", image_size=8, eval_split="test")
+    trainer.train_and_evaluate(make_config(model_dir, dataset=write_colour_folder(old), train_steps=4, **folder))
+    before = evaluate.evaluate(str(model_dir))
+    os.makedirs(new.parent)
+    os.rename(old, new)
+    with pytest.raises(UserError, match="no longer exists.*--dataset=folder:NEW_PLACE"):
+        evaluate.evaluate(str(model_dir))
+    moved = evaluate.evaluate(str(model_dir), dataset=f"folder:{new}")
+    assert moved["accuracy"] == before["accuracy"] and moved["loss"] == before["loss"]
+    with pytest.raises(UserError, match="only says where a folder dataset moved"):
+        evaluate.evaluate(str(model_dir), dataset="mnist")
+    capsys.readouterr()
+    trainer.train_and_evaluate(make_config(model_dir, dataset=f"folder:{new}", train_steps=8, **folder))
+    assert "which moved here" in capsys.readouterr().out
+    change = _lines(model_dir / "flags_history.jsonl")[-1]["changes"]["dataset"]
+    assert change == [f"folder:{old}", f"folder:{new}"]
+    assert json.load(open(model_dir / "data_files.json"))["root"] == str(new)
