@@ -22,6 +22,7 @@ Layout (research/trainer.py writes it, the tools read it):
 import contextlib
 import io
 import json
+import math
 import os
 import posixpath
 import socket
@@ -432,8 +433,8 @@ class Lock:
         if _gfile().exists(self.path):
             holder = self._read()
             if not self._ours(holder) and not self._stale(holder):
-                raise UserError(f"{os.path.dirname(self.path)} is in use by process {holder['pid'] or '?'} on "
-                                f"{holder['host'] or '?'}; wait for it, or remove {self.path} if it is gone")
+                raise UserError(f"{os.path.dirname(self.path)} is in use by process {holder['pid']} on "
+                                f"{holder['host']}; wait for it, or remove {self.path} if it is gone")
         self._write()
         if not self._ours(self._read()):  # Another process wrote its own in the same instant.
             raise UserError(f"{os.path.dirname(self.path)} was just taken by another process")
@@ -458,22 +459,32 @@ class Lock:
 
     def _read(self):
         """The holder {'host', 'pid', 'heartbeat'}. A lock of an older version of this code ('host pid') counts
-        as beating when its file was last written."""
-        text = read_text(self.path).strip()
+        as beating when its file was last written. Any other content is one error line: no run of this code wrote
+        it, so nothing says whether its writer is alive."""
+        try:
+            text = _gfile().GFile(self.path, "rb").read().decode().strip()
+        except (_tf().errors.OpError, UnicodeDecodeError):
+            text = None
         try:
             holder = json.loads(text)
-            return {"host": str(holder["host"]), "pid": int(holder["pid"]), "heartbeat": float(holder["heartbeat"])}
+            holder = {"host": holder["host"], "pid": holder["pid"], "heartbeat": float(holder["heartbeat"])}
         except (ValueError, KeyError, TypeError):
-            host, _, pid = text.partition(" ")
-            return {"host": host, "pid": int(pid) if pid.isdigit() else None,
-                    "heartbeat": _gfile().stat(self.path).mtime_nsec / 1e9}
+            host, _, pid = (text or "").partition(" ")
+            holder = {"host": host, "pid": int(pid) if pid.isdigit() else None, "heartbeat": None}
+        if not (isinstance(holder["host"], str) and holder["host"] and type(holder["pid"]) is int
+                and 0 < holder["pid"] < 2**22 and (holder["heartbeat"] is None or math.isfinite(holder["heartbeat"]))):
+            raise UserError(f"{self.path} is not a lock record of this code ({(text or 'unreadable')[:40]!r}): if no "
+                            f"run is using {os.path.dirname(self.path)}, remove it")
+        if holder["heartbeat"] is None:
+            holder["heartbeat"] = _gfile().stat(self.path).mtime_nsec / 1e9
+        return holder
 
     def _ours(self, holder):
         return (holder["host"], holder["pid"]) == (self.owner["host"], self.owner["pid"])
 
     def _stale(self, holder):
         if holder["host"] == self.owner["host"]:
-            return holder["pid"] is None or not _alive(holder["pid"])
+            return not _alive(holder["pid"])
         silent = time.time() - holder["heartbeat"]
         if silent < self.stale_after_s:
             return False
