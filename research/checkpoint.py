@@ -43,6 +43,8 @@ class Checkpoints:
         self.model_dir = model_dir
         self.is_chief = is_chief
         directory = model_dir if is_chief else run_dir.join(model_dir, f".worker{worker_id}_tmp")
+        if is_chief:
+            _repair_index(model_dir)
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
         self.best_manager = tf.train.CheckpointManager(
             checkpoint, run_dir.join(directory, run_dir.BEST_DIR), max_to_keep=1)
@@ -105,6 +107,24 @@ def _saved(manager, step, latest):
                 run_dir.remove(leftover)
         raise UserError(f"cannot save checkpoint {prefix}: {cli.op_error_line(e)}; the last checkpoint, "
                         f"{latest or 'none'}, is intact: rerun the same command to resume from it") from None
+
+
+def _repair_index(directory):
+    """A `checkpoint` index file that TensorFlow cannot read (emptied, overwritten) is rewritten from the checkpoint
+    files it lists: it is derived data, and CheckpointManager would otherwise fail on it with a traceback."""
+    index = run_dir.join(directory, "checkpoint")
+    if not run_dir.exists(index):
+        return
+    try:
+        tf.train.get_checkpoint_state(directory)
+        return
+    except Exception:  # noqa: BLE001 - ValueError, UnicodeDecodeError, a protobuf ParseError, ...
+        pass
+    found = candidates(directory)
+    run_dir.remove(index)
+    if found:
+        tf.compat.v1.train.update_checkpoint_state(directory, found[0], all_model_checkpoint_paths=found[::-1])
+    logging.warning("%s was unreadable: rewritten from the %d checkpoints found beside it", index, len(found))
 
 
 def candidates(directory):

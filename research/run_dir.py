@@ -270,27 +270,27 @@ def write_dataset_info(model_dir, info):
 
 def read_dataset_info(model_dir):
     """dataset.json as a dict."""
+    info = recorded_dataset_info(model_dir)
+    if info is None:
+        raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
+    return info
+
+
+def recorded_dataset_info(model_dir):
+    """dataset.json as a dict, or None where the run has none yet; one that lists no class names is an error."""
     path = join(model_dir, DATASET_FILE)
     if not _gfile().exists(path):
-        raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
-    return read_json(path)
-
-
-def read_dataset_json_or_none(model_dir):
-    """dataset.json as a dict, or None where the run has none yet."""
-    path = join(model_dir, DATASET_FILE)
-    return read_json(path) if _gfile().exists(path) else None
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("class_names"), list):
+        raise UserError(f"{path} is unreadable: it lists no class_names")
+    return record
 
 
 def recorded_class_names(model_dir):
     """The class names dataset.json records (the truth on resume), or None where the run has none yet."""
-    path = join(model_dir, DATASET_FILE)
-    if not _gfile().exists(path):
-        return None
-    names = read_json(path).get("class_names")
-    if not isinstance(names, list):
-        raise UserError(f"{path} is unreadable: it lists no class_names")
-    return names
+    record = recorded_dataset_info(model_dir)
+    return None if record is None else record["class_names"]
 
 
 def read_data_files(model_dir):
@@ -369,7 +369,13 @@ def write_results(model_dir, results):
 def read_results(model_dir):
     """results.json, or None for a run that has not finished."""
     path = join(model_dir, RESULTS_FILE)
-    return read_json(path) if _gfile().exists(path) else None
+    if not _gfile().exists(path):
+        return None
+    results = read_json(path)
+    if not isinstance(results, dict) or type(results.get("step")) is not int:
+        raise UserError(f"{path} is not a results record (a JSON object with a whole-number step): delete it, and "
+                        "rerun the run's command to write it anew")
+    return results
 
 
 def read_best(model_dir):

@@ -187,7 +187,7 @@ def _without_effect(config, dataset):
     """The flags whose change on a resume the loaded data shows to be without effect: --image_size where the model
     input is the one recorded (28 for MNIST's own 28, recorded as 0), --dataset where a folder moved (its loader
     found every recorded file under the new root)."""
-    recorded = run_dir.read_dataset_json_or_none(config.model_dir) or {}
+    recorded = run_dir.recorded_dataset_info(config.model_dir) or {}
     loaded = json.loads(json.dumps(dataset.metadata().to_json()))  # (Tuples as lists, as read back from JSON.)
     same_input = {k: v for k, v in recorded.items() if k != "name"} == {k: v for k, v in loaded.items() if k != "name"}
     moved = bool(dataset.file_lists) and bool(run_dir.read_data_files(config.model_dir))

@@ -289,3 +289,46 @@ def test_a_moved_folder_dataset_is_resumed_and_evaluated_where_it_is_now(tmp_pat
     change = _lines(model_dir / "flags_history.jsonl")[-1]["changes"]["dataset"]
     assert change == [f"folder:{old}", f"folder:{new}"]
     assert json.load(open(model_dir / "data_files.json"))["root"] == str(new)
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe", b"[]", b"null", b'{"host": "me", "pid": 99999999999999999999, '
+                                     b'"heartbeat": 1}', b'{"host": "me", "pid": -5, "heartbeat": 1}', b"host 12abc"])
+def test_any_lock_content_is_one_line(tmp_path, content):
+    from research import run_dir
+    (tmp_path / "LOCK").write_bytes(content)
+    with pytest.raises(UserError, match="LOCK is not a lock record of this code .*: if no run is using"):
+        with run_dir.Lock(str(tmp_path)):
+            pass
+    assert (tmp_path / "LOCK").read_bytes() == content
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from mock_train import mocked
+    model_dir = tmp_path_factory.mktemp("finished") / "run"
+    with pytest.MonkeyPatch.context() as patch, mocked():
+        from research.data import tfds_source
+        patch.setattr(tfds_source, "ensure_downloadable", lambda builder, manual_dir: None)
+        trainer.train_and_evaluate(make_config(model_dir, train_steps=8))
+    return model_dir
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("results.json", b"[]", "results.json is not a results record"),
+    ("results.json", b'{"step": "a"}', "results.json is not a results record"),
+    ("dataset.json", b"[]", "dataset.json is unreadable: it lists no class_names"),
+    ("dataset.json", b'"x"', "dataset.json is unreadable: it lists no class_names"),
+    ("checkpoint", b"\xff\xfe", None),  # The index is derived data: rewritten from the checkpoint files.
+    ("checkpoint", b"", None),
+])
+def test_a_damaged_run_file_is_one_line_or_repaired(mock_tfds, finished_run, tmp_path, name, content, message):
+    model_dir = tmp_path / "run"
+    shutil.copytree(finished_run, model_dir)
+    (model_dir / name).write_bytes(content)
+    config = make_config(model_dir, train_steps=12)
+    if message:
+        with pytest.raises(UserError, match=message):
+            trainer.train_and_evaluate(config)
+    else:
+        assert trainer.train_and_evaluate(config)["step"] == 12
+        assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-12")
