@@ -204,17 +204,13 @@ def _finished_before(directory, train_args):
     except checkpoint.SettingsDiffer as e:
         return {"status": "refused", "reason": "; ".join(e.differences)}
     changes = {name: change for name, change in changes.items()
-               if config_lib.declared(name).role != config_lib.PATH and _has_effect(name, config)}
+               if config_lib.declared(name).role not in (config_lib.PATH, config_lib.RUNTIME)
+               and config_lib.has_effect(name, config)}
     if not changes:
         return {"status": "skipped"}
     if set(changes) <= set(LENGTH_FLAGS):
         return {}
     return {"status": "refused", "reason": "; ".join(f"--{name}: {a} -> {b}" for name, (a, b) in changes.items())}
-
-
-def _has_effect(name, config):
-    only_if = config_lib.declared(name).only_if
-    return only_if is None or bool(only_if(config))
 
 
 def _command_config(train_args):

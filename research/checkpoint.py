@@ -266,12 +266,9 @@ def check_resume_config(model_dir, config, without_effect=()):
         old_config = config_lib.make_config(**{name: value for name, value in old.items() if value is not None})
     except UserError:  # Flags of an older version of this code: judged by the new flags alone.
         old_config = config
-    def has_effect(name):
-        only_if = config_lib.declared(name).only_if
-        return name not in without_effect and (only_if is None or only_if(old_config) or only_if(config))
-
     refused = [f"--{name}: {a} -> {b}" for name, (a, b) in changes.items()
-               if config_lib.declared(name).role == config_lib.CHECKPOINT and has_effect(name)]
+               if config_lib.declared(name).role == config_lib.CHECKPOINT and name not in without_effect
+               and (config_lib.has_effect(name, old_config) or config_lib.has_effect(name, config))]
     if refused:
         raise SettingsDiffer(refused, model_dir)
     return {name: change for name, change in changes.items() if name != "model_dir"}  # (A moved run is the same.)

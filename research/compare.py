@@ -128,9 +128,10 @@ def _numbers_checked(run, source):
 
 def differing_flags(runs):
     """Names of the flags whose values are not the same in every run, in flags.txt order, but for where their files
-    are (PATH flags: the run directory differs between any two runs, and says nothing about them)."""
+    are and how they ran (PATH and RUNTIME flags: the run directory differs between any two runs, and the cadence
+    or devices say nothing of their numbers)."""
     names = list(dict.fromkeys(name for run in runs for name in run["flags"]))
-    return [name for name in names if name not in config_lib.names_with(config_lib.PATH)
+    return [name for name in names if name not in config_lib.names_with(config_lib.PATH, config_lib.RUNTIME)
             and len({run["flags"].get(name) for run in runs}) > 1]
 
 

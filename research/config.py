@@ -18,10 +18,13 @@ Roles: every flag says what it is to the rest of the code, and every consumer re
   TUNABLE     what a researcher changes on purpose between a run and its resume: learning rate, run length,
               evaluation and checkpoint cadence, devices, logging. A resume allows it and records the change in
               flags_history.jsonl.
+  RUNTIME     how the run is carried out, not what it computes: cadence of loops and checkpoints, devices, XLA,
+              determinism, what to do on a NaN. A resume allows it and records the change; not an HParam, not
+              compared between runs (TensorBoard's HParams columns and research.compare show what changes results).
   PATH        where files are kept that do not change the run's numbers (the run directory, the data): may change
               on resume (data moved); not an HParam, not compared between runs.
   TOOL        a setting of one program (research.benchmark's timing), not of a run: not in flags.txt.
-Every run flag but the PATH ones is an HParam. A flag may also say when it has an effect (`only_if`): a run that
+The CHECKPOINT and TUNABLE flags are the HParams. A flag may also say when it has an effect (`only_if`): a run that
 gives it another value than its default where it has none is warned, in one line, that the value is ignored.
 """
 
@@ -35,9 +38,9 @@ from research import UserError
 
 FLAGS = flags.FLAGS
 
-CHECKPOINT, TUNABLE, PATH, TOOL = "checkpoint", "tunable", "path", "tool"
-ROLES = (CHECKPOINT, TUNABLE, PATH, TOOL)
-RUN_ROLES = (CHECKPOINT, TUNABLE, PATH)
+CHECKPOINT, TUNABLE, RUNTIME, PATH, TOOL = "checkpoint", "tunable", "runtime", "path", "tool"
+ROLES = (CHECKPOINT, TUNABLE, RUNTIME, PATH, TOOL)
+RUN_ROLES = (CHECKPOINT, TUNABLE, RUNTIME, PATH)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,12 @@ def declare(role, holder, only_if=None, when=""):
 def declared(name):
     """The Declared role of flag `name`, or None for a flag nobody declared (absl's and TensorFlow's own)."""
     return _DECLARED.get(name)
+
+
+def has_effect(name, config):
+    """Whether flag `name` has an effect in `config` (its `only_if`; always for a flag that declares none)."""
+    only_if = _DECLARED[name].only_if
+    return only_if is None or bool(only_if(config))
 
 
 def names_with(*roles):
@@ -150,43 +159,43 @@ declare(CHECKPOINT, flags.DEFINE_integer("batch_size", 32, "Global batch size, s
 declare(TUNABLE, flags.DEFINE_integer("train_epochs", None, "Train this many passes over --train_split."))
 declare(TUNABLE, flags.DEFINE_integer(
     "train_steps", None, "Train this many steps; overrides --train_epochs when set."))
-declare(TUNABLE, flags.DEFINE_integer(
+declare(RUNTIME, flags.DEFINE_integer(
     "steps_per_loop", 100,
     "At most this many steps run inside one tf.function call, the cadence of train logs and "
     "summaries; a loop also ends at each epoch end, evaluation and checkpoint step."))
 declare(TUNABLE, flags.DEFINE_integer(
     "eval_every", 0, "Evaluate every this many steps (0 = at the end of each epoch) and at the end."))
-declare(TUNABLE, flags.DEFINE_integer(
+declare(RUNTIME, flags.DEFINE_integer(
     "checkpoint_every", 1000, "Save a checkpoint every this many steps, and always at the end."))
-declare(TUNABLE, flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep."))
+declare(RUNTIME, flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep."))
 
 # --- run --------------------------------------------------------------------------------------------------------------
 declare(PATH, flags.DEFINE_string(
     "model_dir", None, "Run directory: summaries, checkpoints, flags.txt, metrics.jsonl, results.json."))
 declare(CHECKPOINT, flags.DEFINE_integer(
     "seed", 0, "Seed of every random choice: initialisation, shuffling, dropout, augmentation."))
-declare(TUNABLE, flags.DEFINE_boolean(
+declare(RUNTIME, flags.DEFINE_boolean(
     "deterministic", False, "Turn on TF op determinism (bit-identical reruns; slower on GPU)."))
-declare(TUNABLE, flags.DEFINE_enum(
+declare(RUNTIME, flags.DEFINE_enum(
     "strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker_mirrored"],
     "tf.distribute strategy. auto: mirrored over all visible GPUs if more than one, one_device on a "
     "single GPU, default on CPU. multi_worker_mirrored: one process per host, cluster from --cluster."))
-declare(TUNABLE, flags.DEFINE_integer(
+declare(RUNTIME, flags.DEFINE_integer(
     "num_gpus", None, "Use only the first N visible GPUs, hiding the others from TensorFlow under "
     "every --strategy (0: none, CPU only; default: all)."))
-declare(TUNABLE, flags.DEFINE_enum(
+declare(RUNTIME, flags.DEFINE_enum(
     "cluster", "tf_config", ["tf_config", "slurm"],
     "multi_worker_mirrored: read the cluster from the TF_CONFIG environment variable, or from the SLURM "
     "allocation (one task per host)."),
         only_if=lambda c: c.strategy == "multi_worker_mirrored", when="with --strategy=multi_worker_mirrored")
-declare(TUNABLE, flags.DEFINE_boolean(
+declare(RUNTIME, flags.DEFINE_boolean(
     "jit_compile", False, "XLA-compile the forward/backward pass (pays on GPUs; slower on CPU)."))
 declare(CHECKPOINT, flags.DEFINE_enum(
     "mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
     "Compute dtype policy; mixed_float16 adds dynamic loss scaling. For GPUs: slower on CPU."))
-declare(TUNABLE, flags.DEFINE_integer(
+declare(RUNTIME, flags.DEFINE_integer(
     "histogram_every", 0, "Write weight histograms to TensorBoard every this many steps (0 = off)."))
-declare(TUNABLE, flags.DEFINE_list(
+declare(RUNTIME, flags.DEFINE_list(
     "profile_steps", [],
     "Capture a TensorBoard profile of the loop of steps containing these steps; 'first' and 'last' "
     "name the first loop after warm-up and the final loop."))
@@ -202,11 +211,11 @@ declare(TUNABLE, flags.DEFINE_boolean(
     "--init_checkpoint: take the source run's moving average of the weights (a run trained with "
     "--ema_decay) instead of its raw weights."),
         only_if=lambda c: c.init_checkpoint, when="with --init_checkpoint")
-declare(TUNABLE, flags.DEFINE_enum(
+declare(RUNTIME, flags.DEFINE_enum(
     "on_nonfinite", "stop", ["stop", "restore"],
     "On a NaN/Inf loss or gradient: stop with an error naming the step, or restore the last "
     "checkpoint's weights and optimizer and go on with the next batch (--max_nonfinite_restores)."))
-declare(TUNABLE, flags.DEFINE_integer(
+declare(RUNTIME, flags.DEFINE_integer(
     "max_nonfinite_restores", 3, "--on_nonfinite=restore: give up after this many restores."),
         only_if=lambda c: c.on_nonfinite == "restore", when="with --on_nonfinite=restore")
 
@@ -291,7 +300,7 @@ def ignored(config):
     defaults = make_config(model_dir="unused", train_steps=1)  # Validated as `config` is (some checks convert).
     return [f"--{name}={spelled(getattr(config, name))} (only {d.when})" for name, d in _DECLARED.items()
             if d.only_if is not None and spelled(getattr(config, name)) != spelled(getattr(defaults, name))
-            and not d.only_if(config)]
+            and not has_effect(name, config)]
 
 
 def warn_ignored(config):

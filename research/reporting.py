@@ -117,11 +117,14 @@ class Reporter:
                 tf.summary.image(tag, tf.image.decode_png(plots.to_png(figure), channels=3)[None])
 
     def _write_hparams(self):
-        """The flags as HParams: the experiment (which hparams and metrics exist) and this run's values. Every run
-        writes the same experiment, with no domains, so whichever run's copy TensorBoard picks fits them all."""
-        names = config_lib.names_with(config_lib.CHECKPOINT, config_lib.TUNABLE)  # Not PATH: where, not how.
+        """The flags that change results as HParams (CHECKPOINT and TUNABLE: not where files are, nor the cadence or
+        devices), in declaration order (dataset, model, optimization first): the experiment (which hparams and metrics
+        exist) and this run's values, but for flags without effect here (--momentum with adam), left blank. Every
+        run writes the same experiment, with no domains, so whichever run's copy TensorBoard picks fits them all."""
+        names = config_lib.names_with(config_lib.CHECKPOINT, config_lib.TUNABLE)
         values = {name: ",".join(map(str, value)) if isinstance(value, list) else value
-                  for name in names if (value := getattr(self.config, name)) is not None}
+                  for name in names if (value := getattr(self.config, name)) is not None
+                  and config_lib.has_effect(name, self.config)}
         writer = tf.summary.create_file_writer(self.model_dir)
         with writer.as_default():
             hp.hparams_config(hparams=[hp.HParam(name) for name in names],

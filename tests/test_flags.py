@@ -27,7 +27,7 @@ def test_every_flag_of_ours_declares_its_role():
     assert not undeclared, f"flags without a declared role: {undeclared}"
     assert {"momentum", "label_smoothing", "hidden_units", "augment", "crop_scale",
             "mixup_alpha"} <= set(config_lib.names_with(config_lib.CHECKPOINT))
-    assert config_lib.declared("tfds_read").role == config_lib.TUNABLE
+    assert config_lib.declared("tfds_read").role == config_lib.RUNTIME
     assert config_lib.declared("benchmark_steps").role == config_lib.TOOL
     assert {"model_dir", "data_dir", "tfds_manual_dir"} == set(config_lib.names_with(config_lib.PATH))
     flagfile = config_lib.to_flagfile(make_config("x"))

@@ -28,11 +28,11 @@ from absl import flags
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from research import UserError, cli, run_dir
-from research.config import TUNABLE, declare
+from research.config import RUNTIME, declare
 from research.data import preprocess, sources
 from research.data.dataset import Dataset
 
-declare(TUNABLE, flags.DEFINE_enum(
+declare(RUNTIME, flags.DEFINE_enum(
     "tfds_read", "auto", ["auto", "memory", "array_record"],
     "How a TFDS dataset is read: memory decodes fixed-size splits into RAM (fastest for small datasets; cached "
     "as arrays-*.npz beside the prepared files); array_record streams examples by index from the prepared "
