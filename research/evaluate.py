@@ -71,7 +71,7 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
         "confusion_matrix": confusion.tolist(),
     }
 
-    report["files"], report["not_written"] = [], None
+    report["files"] = []
     try:  # A run directory that cannot be written (read-only, full) still gets its numbers printed.
         report["files"] = _write_files(model_dir, report, model, dataset, config, info, split, confusion)
     except UserError as e:
@@ -92,7 +92,7 @@ def _write_files(model_dir, report, model, dataset, config, info, split, confusi
     if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
     path = run_dir.join(model_dir, run_dir.REPORT_FILE)
-    run_dir.write_json(path, {**{k: v for k, v in report.items() if k != "not_written"}, "files": files + [path]})
+    run_dir.write_json(path, {**report, "files": files + [path]})
     return files + [path]
 
 
@@ -122,7 +122,7 @@ def _main(argv):
     args = PARSER.parse_args(argv)
     report = evaluate(args.model_dir, args.checkpoint, args.split, args.data_dir, args.tfds_manual_dir, args.dataset)
     print(format_report(report))
-    if report["not_written"]:
+    if "not_written" in report:
         print(f"error: {report['not_written']} (the report above is not saved)", file=sys.stderr)
         return 2
     print(f"\nwrote {', '.join(report['files'])}")

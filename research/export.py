@@ -41,11 +41,10 @@ PARSER.add_argument("--no_tflite", action="store_true",
 cli.add_data_location(PARSER, "the data --tflite_quantize reads")
 
 def check_output(output):
-    """--output must name a directory to create or an empty one (never, say, the current directory by an empty
-    value), and not one in memory that the program loses."""
+    """--output must name a directory to create or an empty one: never, say, the current directory by an empty
+    value."""
     if not output or not output.strip():
         raise UserError("--output is empty: give the path of a new directory for the export")
-    cli.check_lasting(output, "--output")
 
 
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
@@ -53,6 +52,7 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
     _args = cli.parse_args(PARSER)
     cli.check_model_dir(_args.model_dir)
     cli.before_tensorflow(check_output, _args.output)
+    cli.before_tensorflow(cli.check_lasting, _args.output, "--output")
 
 import collections  # noqa: E402
 

@@ -98,8 +98,12 @@ def test_tensorboard_has_scalars_inputs_evaluation_images_histograms_and_hparams
     hparams = {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
                for name, value in session.hparams.items()}
     assert hparams["model"] == "cnn" and hparams["augment"] == "translate" and hparams["batch_size"] == 8
-    assert hparams["learning_rate"] == pytest.approx(0.001) and hparams["deterministic"] is False
+    assert hparams["learning_rate"] == pytest.approx(0.001) and hparams["label_smoothing"] == 0
     assert "model_dir" not in hparams and "train_epochs" not in hparams  # A location; an unset flag.
+    assert not {"deterministic", "steps_per_loop", "checkpoint_every", "cluster"} & set(hparams)  # How, not what.
+    assert "momentum" not in hparams  # No effect with adam: left blank.
+    names = [info.name for info in experiment.hparam_infos]
+    assert names.index("model") < names.index("learning_rate") and "checkpoint_every" not in names
 
 
 def test_tensorboard_script_binds_to_localhost_and_explains_its_usage(tmp_path):
