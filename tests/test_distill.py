@@ -185,3 +185,31 @@ def test_every_teacher_that_cannot_be_one_is_one_line(teacher_run, tmp_path):
         make_config(tmp_path, teacher=teacher_run, distill_temperature="0")
     with pytest.raises(UserError, match="--teacher_sha256=abc is not a SHA-256"):
         make_config(tmp_path, teacher=teacher_run, teacher_sha256="abc")
+
+
+def test_under_mixed_precision_the_teacher_and_the_loss_are_float32(teacher_run, tmp_path):
+    config = make_config(tmp_path / "student", teacher=teacher_run, mixed_precision="mixed_bfloat16", **STUDENT)
+    dataset = data.load(config)
+    strategy = tf.distribute.get_strategy()
+    model, *_ = train_lib.build(config, dataset, strategy, 8)
+    teacher = teacher_lib.load(config, dataset, strategy)
+    images, labels = next(iter(data.train_input_fn(dataset, config, 0)(tf.distribute.InputContext())))
+    logits = tf.cast(model(images, training=True), tf.bfloat16)  # As a model without a float32 head gives them.
+    assert tf.keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert all(v.dtype == tf.float32 for v in teacher.variables) and teacher.logits(images).dtype == tf.float32
+    mixed = teacher.mixed_loss(images, logits, tf.cast(tf.ones_like(labels), tf.bfloat16))
+    assert mixed.dtype == tf.float32
+    expected = 0.5 + 0.5 * distill.loss(teacher.logits(images), tf.cast(logits, tf.float32), 1.0)
+    np.testing.assert_allclose(mixed.numpy(), expected.numpy(), rtol=1e-6)
+
+
+def test_a_teacher_of_another_input_size_sees_the_students_view_resized(mock_tfds, tmp_path):
+    run = tmp_path / "teacher32"
+    trainer.train_and_evaluate(make_config(run, image_size="32", train_steps=4, eval_every=4))
+    config = make_config(tmp_path / "student", teacher=str(run), **STUDENT)
+    dataset = data.load(config)
+    teacher = teacher_lib.load(config, dataset, tf.distribute.get_strategy())
+    images, _ = next(iter(data.train_input_fn(dataset, config, 0)(tf.distribute.InputContext())))
+    expected = runs.load_model(str(run)).model(tf.image.resize(images, (32, 32)), training=False)
+    np.testing.assert_allclose(teacher.logits(images).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert trainer.train_and_evaluate(config)["step"] == 8
