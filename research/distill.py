@@ -93,10 +93,10 @@ class Teacher:
         """float32 logits, outside every gradient."""
         return tf.stop_gradient(tf.cast(self._logits_of(inputs), tf.float32))
 
-    def mixed_loss(self, inputs, student_logits, label_losses):
-        """The per-example loss of the student with this teacher (module docstring), for the student's model
-        inputs and logits of one (micro-)batch and its per-example label loss."""
-        distilled = loss(self.logits(inputs), student_logits, self.temperature)
+    def mixed_loss(self, teacher_logits, student_logits, label_losses):
+        """The per-example loss of the student with this teacher (module docstring), from both networks' logits
+        for one (micro-)batch and the student's per-example label loss."""
+        distilled = loss(teacher_logits, student_logits, self.temperature)
         return (1.0 - self.alpha) * tf.cast(label_losses, tf.float32) + self.alpha * distilled
 
     def make_agreement(self, strategy, model):

@@ -1,13 +1,13 @@
 """Finding, building and restoring a run's `--teacher` (research/distill.py): `load(config, dataset, strategy)`.
 
-The teacher is a trained run of this project, rebuilt from its directory as research.evaluate rebuilds one
-(research/runs.py: its flags, its dataset.json, its model computing in float32) inside the strategy's scope, so
-that every replica holds it, restored and frozen. What is refused, in one line each: a path that is not there
-(a moved teacher is named by its new path: the weights are what is checked), a run that has not finished (name
-one of its checkpoints to distill from it as it is now), the run itself, an export (distill from the run it was
-exported from), a teacher of other classes than the dataset's (names or count), and one whose weights do not hash
-to --teacher_sha256 (which the first start records in flags.txt, so that a resume refuses a changed teacher).
-"""
+A teacher is a trained run of this project, rebuilt from its directory as research.evaluate rebuilds one
+(research/runs.py: its flags, its dataset.json, its model computing in float32), or an export of one
+(research/export.py: its serving signature, which carries the run's preprocessing), loaded inside the strategy's
+scope, so that every replica holds it. What is refused, in one line each: a path that is not there (a moved
+teacher is named by its new path: the weights are what is checked), a run that has not finished (name one of its
+checkpoints to distill from it as it is now), the run itself, a teacher of other classes than the dataset's
+(names or count, or order), and one whose weights do not hash to --teacher_sha256 (which the first start records
+in flags.txt, so that a resume refuses a changed teacher)."""
 
 import os
 
@@ -32,8 +32,21 @@ def load(config, dataset, strategy):
         raise UserError(f"{flag} does not exist (a teacher that moved may be named by its new path: a resume "
                         "checks that its weights are the same)")
     if run_dir.exists(run_dir.join(source, EXPORT_FILE)):
-        raise UserError(f"{flag} is an export; distill from the run it was exported from (its directory, or one "
-                        "of its checkpoints), whose flags rebuild the network")
+        logits_of, variables, described = _export_teacher(source, flag, dataset, strategy)
+    else:
+        logits_of, variables, described = _run_teacher(source, run, flag, dataset, strategy)
+    digest = distill.weights_sha256(variables)
+    if config.teacher_sha256 and config.teacher_sha256 != digest:
+        raise UserError(f"{flag}: its weights hash to {digest}, not to --teacher_sha256={config.teacher_sha256}: "
+                        "another teacher than the one named")
+    config.teacher_sha256 = digest
+    print(f"Teacher: {described}, weights sha256 {digest[:16]}...; --distill_alpha={config.distill_alpha} "
+          f"--distill_temperature={config.distill_temperature}")
+    return distill.Teacher(logits_of, variables, config)
+
+
+def _run_teacher(source, run, flag, dataset, strategy):
+    """(logits of student inputs, variables, description) of a run's checkpoint, rebuilt from its flags."""
     paths = checkpoint.named_by(source, "--teacher", "a run directory or a directory of checkpoints")
     if not run_dir.is_run(run):
         raise UserError(f"{flag}: {run} is not a run directory (no {run_dir.FLAGS_FILE}), so the teacher's network "
@@ -42,25 +55,54 @@ def load(config, dataset, strategy):
         raise UserError(f"{flag} has not finished training (no {run_dir.RESULTS_FILE}); name one of its "
                         f"checkpoints ({run_dir.join(run, 'ckpt-N')}) to distill from it as it is now")
     teacher_config, info = runs.read_config(run), runs.read_dataset_info(run)
-    if list(info.class_names) != list(dataset.class_names):
-        raise UserError(f"{flag} classifies {len(info.class_names)} classes ({_listed(info.class_names)}), "
-                        f"{dataset.name} has {dataset.num_classes} ({_listed(dataset.class_names)}): a teacher "
-                        "must know the dataset's classes, in the same order")
+    _check_classes(flag, info.class_names, dataset)
     with strategy.scope():
         model = runs.build_model(teacher_config, info)
     model.trainable = False
     restored = checkpoint.restore_newest_readable(model, paths, average=bool(teacher_config.ema_decay))
-    variables = checkpoint.model_state(model)
-    digest = distill.weights_sha256(variables)
-    if config.teacher_sha256 and config.teacher_sha256 != digest:
-        raise UserError(f"{flag}: its weights ({restored}) hash to {digest}, not to --teacher_sha256="
-                        f"{config.teacher_sha256}: another teacher than the one named")
-    config.teacher_sha256 = digest
-    print(f"Teacher: {restored} (--model={teacher_config.model}, {model.count_params():,} parameters, weights "
-          f"sha256 {digest[:16]}...); --distill_alpha={config.distill_alpha} "
-          f"--distill_temperature={config.distill_temperature}")
-    convert = _input_conversion(dataset.preprocessing, info.preprocessing)
-    return distill.Teacher(lambda inputs: model(convert(inputs), training=False), variables, config)
+    student, teacher = dataset.preprocessing, info.preprocessing
+    same_inputs = (student.image_size, student.channels, student.normalize) == (
+        teacher.image_size, teacher.channels, teacher.normalize)
+
+    def logits_of(inputs):
+        if not same_inputs:  # The student's view, resized whole, normalized as the teacher's inputs are.
+            inputs = teacher.normalized(tf.image.resize(_pixels(student, inputs, teacher.channels), teacher.image_size))
+        return model(inputs, training=False)
+
+    return logits_of, checkpoint.model_state(model), (
+        f"{restored} (--model={teacher_config.model}, {model.count_params():,} parameters)")
+
+
+def _export_teacher(source, flag, dataset, strategy):
+    """(logits of student inputs, variables, description) of an export (research/export.py): its serving_default
+    signature gets the student's view as uint8 pixels and applies the run's own preprocessing; the log of its
+    probabilities are logits (a softmax at any temperature gives back the same distribution as the network's)."""
+    with strategy.scope():
+        loaded = tf.saved_model.load(source)
+    _check_classes(flag, [name.decode() for name in loaded.class_names.numpy()], dataset)
+    serve = loaded.signatures["serving_default"]
+    channels = serve.structured_input_signature[1]["images"].shape[-1]
+
+    def logits_of(inputs):
+        pixels = tf.cast(tf.round(_pixels(dataset.preprocessing, inputs, channels) * 255.0), tf.uint8)
+        return tf.math.log(serve(images=pixels)["probabilities"])
+
+    return logits_of, list(loaded.model_variables), f"{source} (an export)"
+
+
+def _check_classes(flag, names, dataset):
+    if list(names) != list(dataset.class_names):
+        raise UserError(f"{flag} classifies {len(names)} classes ({_listed(names)}), {dataset.name} has "
+                        f"{dataset.num_classes} ({_listed(dataset.class_names)}): a teacher must know the "
+                        "dataset's classes, in the same order")
+
+
+def _pixels(student, inputs, channels):
+    """Student model inputs -> [0, 1] pixels of `channels` channels."""
+    pixels = tf.clip_by_value(student.for_display(tf.cast(inputs, tf.float32)), 0.0, 1.0)
+    if channels == student.channels:
+        return pixels
+    return tf.image.grayscale_to_rgb(pixels) if channels == 3 else tf.image.rgb_to_grayscale(pixels)
 
 
 def _same_path(a, b):
@@ -71,22 +113,3 @@ def _same_path(a, b):
 
 def _listed(names, shown=5):
     return ", ".join(map(str, names[:shown])) + (", ..." if len(names) > shown else "")
-
-
-def _input_conversion(student, teacher):
-    """Student model inputs -> the teacher's (research/data/preprocess.py's Preprocessing of each): the same
-    tensor where both preprocess alike; else back to [0, 1] pixels, to the teacher's channels and size (the
-    student's view, resized whole), and the teacher's normalization."""
-    if (student.image_size, student.channels, student.normalize) == (
-            teacher.image_size, teacher.channels, teacher.normalize):
-        return lambda inputs: inputs
-
-    def convert(inputs):
-        pixels = student.for_display(tf.cast(inputs, tf.float32))
-        if teacher.channels != student.channels:
-            pixels = tf.image.grayscale_to_rgb(pixels) if teacher.channels == 3 else tf.image.rgb_to_grayscale(pixels)
-        if tuple(teacher.image_size) != tuple(student.image_size):
-            pixels = tf.image.resize(pixels, teacher.image_size)
-        return teacher.normalized(pixels)
-
-    return convert

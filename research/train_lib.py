@@ -100,11 +100,12 @@ def make_train_loop(strategy, model, optimizer, step, config, ema=None, teacher=
 
     def forward_backward(images, targets, labels):
         """(loss as a share of the global batch's mean, correct predictions, gradients) of one (micro-)batch."""
+        teacher_logits = None if teacher is None else teacher.logits(images)  # Outside the tape: no gradient.
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             losses = optim.per_example_loss(targets, logits, config.label_smoothing)
             if teacher is not None:
-                losses = teacher.mixed_loss(images, logits, losses)
+                losses = teacher.mixed_loss(teacher_logits, logits, losses)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
             scaled_loss = optimizer.scale_loss(loss) if loss_scaling else loss
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))

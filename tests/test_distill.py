@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import make_config
-from research import UserError, data, distill, distribute, runs, teacher as teacher_lib, train_lib, trainer
+from research import UserError, data, distill, distribute, export, runs, teacher as teacher_lib, train_lib, trainer
 from test_resume import kill_resume_and_compare
 
 STUDENT = dict(hidden_units="8", train_steps=8, eval_every=8, checkpoint_every=4)
@@ -85,7 +85,7 @@ def test_the_students_gradients_do_not_reach_the_teacher(teacher_run, tmp_path):
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([v.value for v in teacher.variables])  # Watched on purpose: only stop_gradient can block them.
         logits = model(images, training=True)
-        loss = tf.reduce_mean(teacher.mixed_loss(images, logits, tf.zeros_like(logits[:, 0])))
+        loss = tf.reduce_mean(teacher.mixed_loss(teacher.logits(images), logits, tf.zeros_like(logits[:, 0])))
     assert all(g is not None for g in tape.gradient(loss, model.trainable_variables))
     assert all(g is None for g in tape.gradient(loss, teacher.variables))
 
@@ -170,10 +170,6 @@ def test_every_teacher_that_cannot_be_one_is_one_line(teacher_run, tmp_path):
     refused("is this run itself", teacher=str(tmp_path / "refused"))
     with pytest.raises(UserError, match="is this run itself"):  # A finished run resumed with itself as teacher.
         trainer.train_and_evaluate(make_config(unfinished, teacher=str(unfinished / "ckpt-8"), **STUDENT))
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "saved_model.pb").write_bytes(b"")
-    refused("is an export; distill from the run it was exported from", teacher=str(export))
     refused(r"hash to [0-9a-f]{64}, not to --teacher_sha256=0{64}", teacher=teacher_run, teacher_sha256="0" * 64)
     fashion = tmp_path / "fashion"
     trainer.train_and_evaluate(make_config(fashion, dataset="fashion_mnist", train_steps=4, eval_every=4))
@@ -197,7 +193,7 @@ def test_under_mixed_precision_the_teacher_and_the_loss_are_float32(teacher_run,
     logits = tf.cast(model(images, training=True), tf.bfloat16)  # As a model without a float32 head gives them.
     assert tf.keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     assert all(v.dtype == tf.float32 for v in teacher.variables) and teacher.logits(images).dtype == tf.float32
-    mixed = teacher.mixed_loss(images, logits, tf.cast(tf.ones_like(labels), tf.bfloat16))
+    mixed = teacher.mixed_loss(teacher.logits(images), logits, tf.cast(tf.ones_like(labels), tf.bfloat16))
     assert mixed.dtype == tf.float32
     expected = 0.5 + 0.5 * distill.loss(teacher.logits(images), tf.cast(logits, tf.float32), 1.0)
     np.testing.assert_allclose(mixed.numpy(), expected.numpy(), rtol=1e-6)
@@ -213,3 +209,18 @@ def test_a_teacher_of_another_input_size_sees_the_students_view_resized(mock_tfd
     expected = runs.load_model(str(run)).model(tf.image.resize(images, (32, 32)), training=False)
     np.testing.assert_allclose(teacher.logits(images).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     assert trainer.train_and_evaluate(config)["step"] == 8
+
+
+def test_an_export_teaches_as_its_run_does_on_two_replicas_too(teacher_run, tmp_path):
+    """Its serving signature gets the student's view as uint8 pixels (mock images are uint8: exact here)."""
+    exported = str(tmp_path / "export")
+    export.export(teacher_run, exported, write_tflite=False)
+    config = make_config(tmp_path / "student", teacher=exported, **STUDENT)
+    dataset = data.load(config)
+    teacher = teacher_lib.load(config, dataset, tf.distribute.get_strategy())
+    images, _ = next(iter(data.train_input_fn(dataset, config, 0)(tf.distribute.InputContext())))
+    expected = tf.nn.softmax(runs.load_model(teacher_run).model(images, training=False)).numpy()
+    np.testing.assert_allclose(tf.nn.softmax(teacher.logits(images)).numpy(), expected, atol=1e-6)
+    results = trainer.train_and_evaluate(make_config(tmp_path / "two", strategy="mirrored", teacher=exported,
+                                                     **STUDENT))
+    assert results["step"] == 8 and 0 <= results["eval"]["teacher_agreement"] <= 1
