@@ -125,6 +125,8 @@ def test_two_replicas_with_a_teacher_train_as_one_device(teacher_run, tmp_path):
         if name.startswith("model_variables/"):
             np.testing.assert_allclose(two.get_tensor(name), one.get_tensor(name), rtol=1e-5, atol=1e-6)
     assert mirrored["eval"]["teacher_kl"] == pytest.approx(single["eval"]["teacher_kl"], rel=1e-4)
+    pinned = [line for d in ("one", "two") for line in open(tmp_path / d / "flags.txt") if "teacher_sha256" in line]
+    assert pinned[0] == pinned[1]  # The teacher's hash does not depend on the replicas holding it.
 
 
 def test_resume_refuses_another_teacher_and_follows_a_moved_one(teacher_run, tmp_path):
