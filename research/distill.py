@@ -2,9 +2,9 @@
 student) inside the train step (Hinton et al. 2015; DeiT's and big_vision's "patient and consistent" teacher).
 
 The teacher sees exactly the (micro-)batch the student trains on, after augmentation and mixing, converted to its
-own input preprocessing where it differs; it runs in inference mode, outside every gradient (its variables are
-frozen and its logits pass through tf.stop_gradient), and never enters the student's checkpoint. Per example the
-student's loss becomes
+own input preprocessing where it differs; it runs in inference mode, outside every gradient (the train step
+computes its logits before the gradient tape, and they pass through tf.stop_gradient), and never enters the
+student's checkpoint. Per example the student's loss becomes
 
     (1 - alpha) * label loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
