@@ -11,6 +11,7 @@ import tensorflow as tf
 from absl import flags
 
 from research import UserError, config as config_lib, data, mix, models, optim, transfer
+from research import distill  # noqa: F401 - its flags are a run's (research/runs.py reads them back through here).
 from research.config import CHECKPOINT, declare
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -71,7 +72,7 @@ def build(config, dataset, strategy, total_steps):
     return model, optimizer, step, ema
 
 
-def make_train_loop(strategy, model, optimizer, step, config, ema=None):
+def make_train_loop(strategy, model, optimizer, step, config, ema=None, teacher=None):
     """`train_loop(iterator, num_steps)` runs `num_steps` train steps inside one tf.function call.
 
     Returns the sums over the steps run of [mean loss, correct, examples, gradient norm], the number of steps run,
@@ -82,6 +83,7 @@ def make_train_loop(strategy, model, optimizer, step, config, ema=None):
     on the soft targets; accuracy is still counted against the unmixed labels. With --grad_accum_steps=K each
     replica's batch (mixed first, so the mixing is the same for any K) is cut into K micro-batches whose gradients
     are summed before the one all-reduce and update.
+    With a `teacher` (research/distill.py) each (micro-)batch's loss mixes in distillation from it.
     The optimizer is switched to apply the gradients it is given as they are (optim.apply_summed_gradients).
     """
     variables = model.trainable_variables
@@ -98,9 +100,12 @@ def make_train_loop(strategy, model, optimizer, step, config, ema=None):
 
     def forward_backward(images, targets, labels):
         """(loss as a share of the global batch's mean, correct predictions, gradients) of one (micro-)batch."""
+        teacher_logits = None if teacher is None else teacher.logits(images)  # Outside the tape: no gradient.
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             losses = optim.per_example_loss(targets, logits, config.label_smoothing)
+            if teacher is not None:
+                losses = teacher.mixed_loss(teacher_logits, logits, losses)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
             scaled_loss = optimizer.scale_loss(loss) if loss_scaling else loss
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))

@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from research import (UserError, checkpoint, config as config_lib, data, distribute, plots, provenance, reporting,
-                      run_dir, train_lib, transfer)
+                      run_dir, teacher as teacher_lib, train_lib, transfer)
 
 
 class Preempted(Exception):
@@ -52,6 +52,7 @@ def train_and_evaluate(config):
         steps_per_epoch, total_steps = train_lib.run_length(config, dataset, strategy)
         eval_every = config.eval_every or steps_per_epoch
         model, optimizer, step, ema = train_lib.build(config, dataset, strategy, total_steps)
+        teacher = teacher_lib.load(config, dataset, strategy) if config.teacher else None  # Sets --teacher_sha256.
         ckpt = tf.train.Checkpoint(step=step, model_variables=checkpoint.model_state(model), optimizer=optimizer,
                                    ema=ema.average if ema else [])
         checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
@@ -96,8 +97,9 @@ def train_and_evaluate(config):
         config_lib.warn_ignored(config)  # Here, once the run is sure to train: never in front of an error line.
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
-        train_loop = train_lib.make_train_loop(strategy, model, optimizer, step, config, ema)
+        train_loop = train_lib.make_train_loop(strategy, model, optimizer, step, config, ema, teacher)
         evaluate = train_lib.make_evaluate(strategy, model, dataset.num_classes)
+        agreement = teacher.make_agreement(strategy, model) if teacher else lambda eval_data: {}
         iterator = iter(strategy.distribute_datasets_from_function(
             data.train_input_fn(dataset, config, int(step.numpy()))))
         eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
@@ -116,7 +118,9 @@ def train_and_evaluate(config):
                     saved_at = checkpoints.save(current)  # The training done so far is not lost with the eval.
                     raise UserError(f"cannot read eval example {bad} (evaluating step {current}); training saved "
                                     f"as {saved_at}; {dataset.eval.advice}") from None
-                metrics = train_lib.summarize_eval(loss, confusion, top_k)
+                teacher_metrics = agreement(eval_data)  # Teacher-student agreement (research/distill.py), if any.
+                reporter.scalars("eval", current, teacher_metrics)
+                metrics = {**train_lib.summarize_eval(loss, confusion, top_k), **teacher_metrics}
                 reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - started, 1),
                                         **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
             return metrics, confusion
