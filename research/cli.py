@@ -32,6 +32,8 @@ TENSORFLOW_NOISE = re.compile(
     # An op's failure as its threads log it (a bad image file met by tf.data's parallel calls, one line each): the
     # program reports it in its own line, or raises it with its message.
     rb"|W\d{4} [\d:. ]+ (?:op_kernel|local_rendezvous)\.cc:\d+\] |\t \[\[.*\]\]\n"
+    # libjpeg's own note on a JPEG it cannot decode, which the program reports as that file's error line.
+    rb"|Improper call to JPEG library in state \d+\n"
     # The TFLite converter's and interpreter's notes on every conversion (research/tflite.py): nothing to act on.
     rb"|W\d{4} [\d:. ]+ [\w.]+:\d+\] (Ignored (output_format|drop_control_dependency)\.|Skipping runtime version "
     rb"metadata in the model\.)|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, "

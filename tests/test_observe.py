@@ -227,11 +227,15 @@ def test_predict_reads_any_image_and_names_each_bad_file(run, tmp_path):
 
 def test_predict_command_prints_the_good_ones_and_fails_for_the_bad(run, tmp_path):
     paths = _write_images(run, tmp_path)
+    jpeg = open(paths["large.jpg"], "rb").read()
+    open(tmp_path / "truncated.jpg", "wb").write(jpeg[:100])  # libjpeg writes a note of its own to stderr.
     done = subprocess.run([sys.executable, "-m", "research.predict", f"--model_dir={run.dir}", "--top_k=2",
-                           paths["digit.png"], paths["empty.png"]], cwd=ROOT, capture_output=True, text=True)
+                           paths["digit.png"], paths["empty.png"], str(tmp_path / "truncated.jpg")], cwd=ROOT,
+                          capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stdout.startswith(f"{paths['digit.png']}: ") and done.stdout.count(", ") == 1
-    assert _one_error_line(done.stderr) == f"error: {paths['empty.png']}: empty file"
+    assert done.stderr.splitlines() == [f"error: {paths['empty.png']}: empty file",
+                                        f"error: {tmp_path / 'truncated.jpg'}: Invalid JPEG data, size 100"]
 
 
 # ---------------------------------------------------------------------------------------------- Export
