@@ -265,7 +265,7 @@ def test_evaluating_a_read_only_run_prints_its_numbers_then_one_error_line(mock_
 @pytest.mark.parametrize("value", ["1e300", "inf", "nan"])
 def test_a_float_flag_beyond_float32_is_one_line_before_any_work(value):
     from research import config as config_lib
-    with pytest.raises(UserError, match=f"--learning_rate=.* is not a finite float32 number"):
+    with pytest.raises(UserError, match="--learning_rate=.* is not a finite float32 number"):
         config_lib.make_config(model_dir="unused", train_steps=1, learning_rate=value)
 
 
