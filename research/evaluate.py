@@ -1,9 +1,13 @@
-"""Evaluate a run's checkpoint on every example of a split:
+"""Evaluate a run's checkpoint on every example of its eval sets:
 `python -m research.evaluate --model_dir=RUN [--checkpoint=latest|best|PATH] [--split=test]`.
 
-Prints the exact accuracy and loss, the accuracy of each class and the confusion matrix, and writes into the run
-directory report.json (all of it), confusion_matrix.png, predictions.png (the first test images with predicted
-class, confidence and true class, red when wrong) and curves.png (the run's learning curves so far).
+Prints, for the run's --eval_split and each --extra_eval split (or only --split where given), the exact accuracy with
+its 95% Wilson interval, the loss (the negative log-likelihood), the expected calibration error (15 bins) and the
+macro/weighted F1, then the first set's per-class precision, recall and F1 and its confusion matrix; writes into the
+run directory report.json (all of it), confusion_matrix.png, reliability.png (the reliability diagram),
+mistakes.png (the most confident mistakes), predictions.png (the first images with predicted class, confidence and
+true class, red when wrong), curves.png (the run's learning curves so far) and each set's per-example record
+(<tag>.examples.npz: label, prediction, confidence), which `research.compare A B` pairs for McNemar's test.
 
 The numbers are computed by research.train's own evaluation function over research.data's own eval pipeline,
 with the run's flags (--data_dir / --tfds_manual_dir override the recorded ones, for a run moved to another
@@ -27,10 +31,11 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, plots, run_dir, runs, train_lib  # noqa: E402
+from research import UserError, data, evaluation, metrics, plots, run_dir, runs  # noqa: E402
 
 PREDICTIONS_SHOWN = 25
 PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not printed.
+SCORES = ("precision", "recall", "f1")  # The per-class table's columns.
 
 
 def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None):
@@ -38,47 +43,33 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
     overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
                  if value is not None}
     restored = runs.load_model(model_dir, checkpoint, **overrides)
-    config, model, info = restored.config, restored.model, restored.dataset
+    model, info = restored.model, restored.dataset
     if split == "":
         raise UserError("--split is empty: give a split such as test or 'train[90%:]'")
-    split = split or config.eval_split
     # No training split: evaluation neither reads the training data nor depends on it being there.
+    sets = {"train_split": None} if split is None else {"train_split": None, "eval_split": split, "extra_eval": ""}
+    config = runs.read_config(model_dir, **overrides, **sets)
     try:
-        dataset = runs.load_dataset(model_dir, restored, **overrides, train_split=None, eval_split=split)
+        dataset = runs.load_dataset(model_dir, restored, **overrides, **sets)
     except UserError as e:  # It names the training flag that --split stands in for.
         raise UserError(str(e).replace(f"--eval_split={split}", f"--split={split}")) from None
 
-    strategy = tf.distribute.get_strategy()
-    evaluation = train_lib.make_evaluate(strategy, model, dataset.num_classes)
-    try:
-        loss, confusion, top_k = (t.numpy() for t in evaluation(
-            strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))))
-    except data.READ_ERRORS:
-        bad = data.unreadable_eval_example(dataset)
-        if bad is None:
-            raise
-        raise UserError(f"cannot read eval example {bad}; {dataset.eval.advice}") from None
-    metrics = train_lib.summarize_eval(loss, confusion, top_k)
-    confusion = confusion.astype(np.int64)
-    correct = np.diag(confusion)
-    per_class = confusion.sum(axis=1)
-    report = {
-        "model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, "split": split,
-        **metrics,
-        "per_class": [{"class": i, "name": name, "examples": int(n), "correct": int(c),
-                       "accuracy": float(c / n) if n else None}
-                      for i, (name, n, c) in enumerate(zip(info.class_names, per_class, correct))],
-        "confusion_matrix": confusion.tolist(),
-    }
+    evaluator = evaluation.Evaluator(tf.distribute.get_strategy(), model, dataset, config)
+    main, *extra = evaluator.evaluate()
+    report = {"model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, **main.scalars,
+              **main.details, "confusion_matrix": main.confusion.astype(np.int64).tolist(),
+              "extra_eval": {r.split: {**r.scalars, **r.details} for r in extra}}
 
-    inputs, labels = data.first_eval_examples(dataset, config, PREDICTIONS_SHOWN)
+    inputs, labels = data.eval_examples(dataset, config, range(min(PREDICTIONS_SHOWN, len(dataset.eval))))
     probabilities = tf.nn.softmax(model(inputs, training=False)).numpy()
     images = np.asarray(dataset.preprocessing.for_display(inputs))
-    files = [run_dir.save_figure(plots.confusion(confusion, info.class_names),
-                                 run_dir.join(model_dir, run_dir.CONFUSION_FILE)),
-             run_dir.save_figure(plots.predictions(images, labels, probabilities, info.class_names,
-                                                   title=f"{split}: first {len(images)} examples"),
-                                 run_dir.join(model_dir, run_dir.PREDICTIONS_FILE))]
+    figures = {run_dir.CONFUSION_FILE: plots.confusion(main.confusion, info.class_names),
+               run_dir.RELIABILITY_FILE: plots.reliability(main.bins, main.split),
+               run_dir.MISTAKES_FILE: evaluator.mistakes_figure(model, main),
+               run_dir.PREDICTIONS_FILE: plots.predictions(images, labels, probabilities, info.class_names,
+                                                           title=f"{main.split}: first {len(images)} examples")}
+    files = [run_dir.save_figure(figure, run_dir.join(model_dir, name)) for name, figure in figures.items()]
+    files += [evaluation.write_per_example(model_dir, result, restored.step, info.name) for result in (main, *extra)]
     if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
     path = run_dir.join(model_dir, run_dir.REPORT_FILE)
@@ -88,15 +79,19 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
 
 
 def format_report(report):
-    """The report as the lines printed: totals, a per-class table and (for few classes) the confusion matrix."""
-    lines = [f"{report['checkpoint']} (step {report['step']}) on split {report['split']}: "
-             f"accuracy {report['accuracy']:.4f} ({sum(c['correct'] for c in report['per_class'])}/"
-             f"{report['examples']}), loss {report['loss']:.4f}"
-             + (f", top-5 accuracy {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""),
-             "", f"{'class':>5}  {'name':<16} {'accuracy':>8} {'examples':>8}"]
-    for c in report["per_class"]:
-        accuracy = "-" if c["accuracy"] is None else f"{c['accuracy']:.4f}"
-        lines.append(f"{c['class']:>5}  {str(c['name'])[:16]:<16} {accuracy:>8} {c['examples']:>8}")
+    """The report as the lines printed: each set's totals, the first set's per-class table and (for few classes)
+    its confusion matrix."""
+    lines = [f"{report['checkpoint']} (step {report['step']}) on split {report['split']}: accuracy "
+             f"{metrics.interval_text(report)} ({sum(c['correct'] for c in report['per_class'])}/"
+             f"{report['examples']}, 95% Wilson interval), loss (NLL) {report['loss']:.4f}"
+             + (f", top-5 accuracy {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else "")
+             + f", ECE {report['ece']:.4f}"]
+    lines += [f"  also {split}: accuracy {metrics.interval_text(extra)}, loss (NLL) {extra['loss']:.4f}, ECE "
+              f"{extra['ece']:.4f} ({extra['examples']} examples)" for split, extra in report["extra_eval"].items()]
+    lines += ["", f"{'class':>5}  {'name':<16} {'precision':>9} {'recall':>8} {'F1':>8} {'examples':>8}"]
+    lines += [_table_row(c["class"], c["name"], [c[key] for key in SCORES], c["examples"]) for c in report["per_class"]]
+    lines += [_table_row("", f"{average} average", [report[f"{average}_{key}"] for key in SCORES], report["examples"])
+              for average in ("macro", "weighted")]
     matrix = np.array(report["confusion_matrix"])
     lines.append("")
     if len(matrix) > PRINTED_MATRIX_MAX_CLASSES:
@@ -107,6 +102,11 @@ def format_report(report):
     lines.append(" " * 6 + "".join(f"{i:>{width}}" for i in range(len(matrix))))
     lines += [f"{i:>5} " + "".join(f"{n:>{width}}" for n in row) for i, row in enumerate(matrix)]
     return "\n".join(lines)
+
+
+def _table_row(number, name, scores, examples):
+    cells = " ".join(f"{'-' if v is None else format(v, '.4f'):>{width}}" for v, width in zip(scores, (9, 8, 8)))
+    return f"{number:>5}  {str(name)[:16]:<16} {cells} {examples:>8}"
 
 
 def _main(argv):

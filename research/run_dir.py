@@ -16,7 +16,8 @@ Layout (research/trainer.py writes it, the tools read it):
   flags_history.jsonl  the flags a resume changed (learning rate, length, ...), one line per such resume
   provenance.jsonl  one JSON line per start or resume: versions, git commit, host, devices, command (provenance.py)
   ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
-  train/, eval/  TensorBoard events           LOCK   the one writer    curves.png, report.json, ...   figures, reports
+  eval.examples.npz, eval_<split>.examples.npz  each example's label, prediction, confidence (research/evaluation.py)
+  train/, eval/, eval_<split>/  TensorBoard events           LOCK   the one writer    curves.png, report.json, ...   figures, reports
 """
 
 import contextlib
@@ -58,6 +59,8 @@ CURVES_FILE = "curves.png"
 REPORT_FILE = "report.json"
 CONFUSION_FILE = "confusion_matrix.png"
 PREDICTIONS_FILE = "predictions.png"
+RELIABILITY_FILE = "reliability.png"
+MISTAKES_FILE = "mistakes.png"
 SWEEP_FILE = "sweep.json"  # In a sweep root (launch/sweep.py), beside its runs...
 COMPARE_FILE = "compare.png"  # ...and research.compare's plot of them.
 LOG_FILE = "train.log"  # In each run of a sweep: its console output.
@@ -106,12 +109,19 @@ def check_filesystem(path, flag="--model_dir"):
 
 
 # ------------------------------------------------------------------------------------------------ Whole files
-def read_text(path):
+def read_bytes(path):
     try:
         with _gfile().GFile(path, "rb") as f:
-            return f.read().decode()
-    except (_tf().errors.OpError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'message', e)}") from None
+            return f.read()
+    except _tf().errors.OpError as e:
+        raise UserError(f"cannot read {path}: {e.message}") from None
+
+
+def read_text(path):
+    try:
+        return read_bytes(path).decode()
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read {path}: {e}") from None
 
 
 def read_json(path):
@@ -320,7 +330,8 @@ def read_results(model_dir):
 
 
 def read_best(model_dir):
-    """best/best.json: the best evaluation's accuracy and step so far ({'accuracy': -1} before the first)."""
+    """best/best.json: the best evaluation's accuracy, step, split and examples so far ({'accuracy': -1} before the
+    first; runs older than eval sets recorded no split)."""
     path = join(model_dir, BEST_DIR, BEST_FILE)
     if not _gfile().exists(path):
         return {"accuracy": -1.0}
@@ -331,8 +342,14 @@ def read_best(model_dir):
     return best
 
 
-def write_best(model_dir, accuracy, step):
-    write_json(join(model_dir, BEST_DIR, BEST_FILE), {"accuracy": accuracy, "step": step}, indent=None)
+def write_best(model_dir, best):
+    write_json(join(model_dir, BEST_DIR, BEST_FILE), best, indent=None)
+
+
+def per_example_path(model_dir, tag):
+    """Where an evaluation of eval set `tag` (eval, eval_<split>) keeps each example's label, prediction and
+    confidence (research/evaluation.py)."""
+    return join(model_dir, f"{tag}.examples.npz")
 
 
 @contextlib.contextmanager
