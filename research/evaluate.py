@@ -31,7 +31,7 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, evaluation, metrics, plots, run_dir, runs  # noqa: E402
+from research import UserError, data, evaluation, metrics, per_example, plots, run_dir, runs  # noqa: E402
 
 PREDICTIONS_SHOWN = 25
 PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not printed.
@@ -54,7 +54,8 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
     except UserError as e:  # It names the training flag that --split stands in for.
         raise UserError(str(e).replace(f"--eval_split={split}", f"--split={split}")) from None
 
-    evaluator = evaluation.Evaluator(tf.distribute.get_strategy(), model, dataset, config)
+    evaluator = evaluation.Evaluator(tf.distribute.get_strategy(), model, dataset, config, "eval" if split in (
+        None, restored.config.eval_split) else evaluation.tag_of(split))  # (Whose records the files are.)
     main, *extra = evaluator.evaluate()
     report = {"model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, **main.scalars,
               **main.details, "confusion_matrix": main.confusion.astype(np.int64).tolist(),
@@ -69,7 +70,7 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
                run_dir.PREDICTIONS_FILE: plots.predictions(images, labels, probabilities, info.class_names,
                                                            title=f"{main.split}: first {len(images)} examples")}
     files = [run_dir.save_figure(figure, run_dir.join(model_dir, name)) for name, figure in figures.items()]
-    files += [evaluation.write_per_example(model_dir, result, restored.step, info.name) for result in (main, *extra)]
+    files += [per_example.write(model_dir, result, restored.step, info.name) for result in (main, *extra)]
     if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
     path = run_dir.join(model_dir, run_dir.REPORT_FILE)

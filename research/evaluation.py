@@ -12,14 +12,12 @@ turns the sums into the reported numbers; the per-example record is what McNemar
 
 import collections
 import dataclasses
-import io
 import re
-import zipfile
 
 import numpy as np
 import tensorflow as tf
 
-from research import UserError, config as config_lib, data, metrics, optim, plots, run_dir
+from research import UserError, config as config_lib, data, metrics, optim, plots
 
 SUM = tf.distribute.ReduceOp.SUM
 MISTAKES_SHOWN = 25  # The most confident mistakes shown of each evaluation.
@@ -56,12 +54,13 @@ class Unreadable(UserError):
 
 
 class Evaluator:
-    """Evaluates `model` on each eval set of `dataset` (main first); `evaluate()` -> [Result]. Built once per run or
-    tool: the distributed datasets and traced passes are reused at every evaluation."""
+    """Evaluates `model` on each eval set of `dataset` (main first, `config.eval_split`, named `main_tag`: 'eval' for
+    the run's own --eval_split); `evaluate()` -> [Result]. Built once per run or tool: the distributed datasets and
+    traced passes are reused at every evaluation."""
 
-    def __init__(self, strategy, model, dataset, config):
+    def __init__(self, strategy, model, dataset, config, main_tag="eval"):
         self.dataset, self.config = dataset, config
-        self.sets = [(config.eval_split, "eval", dataset)] + [
+        self.sets = [(config.eval_split, main_tag, dataset)] + [
             (split, tag_of(split), dataclasses.replace(dataset, eval=source, extra_eval=()))
             for split, source in dataset.extra_eval]
         self.passes = [(make_pass(strategy, model, dataset.num_classes, len(ds.eval)),
@@ -133,29 +132,6 @@ def make_pass(strategy, model, num_classes, num_examples):
         return sums
 
     return run_pass
-
-
-def write_per_example(model_dir, result, step, dataset_name):
-    """`model_dir/<tag>.examples.npz`: each example's label, prediction and confidence at `step`, by index, with the
-    split and dataset they index (research.compare pairs two runs' files for McNemar's test)."""
-    labels, predicted, confidence = result.per_example.T
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, label=labels.astype(np.int32), prediction=predicted.astype(np.int32),
-                        confidence=confidence.astype(np.float32), step=step, split=result.split,
-                        dataset=dataset_name)
-    return run_dir.write(run_dir.per_example_path(model_dir, result.tag), buffer.getvalue())
-
-
-def read_per_example(path):
-    """{label, prediction, confidence, step, split, dataset} of a per-example file; a damaged one is one line."""
-    try:
-        with np.load(io.BytesIO(run_dir.read_bytes(path))) as arrays:
-            record = {key: arrays[key] for key in ("label", "prediction", "confidence", "step", "split", "dataset")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is not a per-example evaluation record ({e}): evaluate the run again to rewrite "
-                        "it") from None
-    record.update({key: record[key].item() for key in ("step", "split", "dataset")})
-    return record
 
 
 def summary_line(result):

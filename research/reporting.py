@@ -48,6 +48,8 @@ class Reporter:
         self.start_step = start_step
         self.inputs_written = False
         self.histograms_at = start_step
+        # Which start of the run this is (0: the first), so that research.compare can add up each one's wall time.
+        self.segment = max(len(run_dir.read_provenance(model_dir)) - 1, 0) if is_chief else 0
         if is_chief:
             self.writers = {name: tf.summary.create_file_writer(run_dir.join(model_dir, name)) for name in
                             ("train", "eval", *(evaluation.tag_of(split) for split in config.extra_eval))}
@@ -99,7 +101,7 @@ class Reporter:
         if self.is_chief:
             main = results[0]
             extra = {result.split: {k: v for k, v in result.scalars.items() if k != "split"} for result in results[1:]}
-            run_dir.append_metrics(self.model_dir, {"step": step, **main.scalars, **fields,
+            run_dir.append_metrics(self.model_dir, {"step": step, **main.scalars, **fields, "segment": self.segment,
                                                     **({"extra_eval": extra} if extra else {})})
             self.image("eval", "confusion_matrix", step, plots.confusion(main.confusion, self.dataset.class_names))
             self.image("eval", "reliability", step, plots.reliability(main.bins, main.split))

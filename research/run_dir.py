@@ -277,13 +277,22 @@ def append_metrics(model_dir, record):
     append_line(join(model_dir, METRICS_FILE), json.dumps(record))
 
 
-def read_metrics(model_dir):
-    """The evaluations of metrics.jsonl, one dict per step in step order ([] if none yet).
+def read_metrics(model_dir, every_line=False):
+    """The evaluations of metrics.jsonl, one dict per step in step order ([] if none yet), or with `every_line`
+    every line as written.
 
     A step evaluated twice (a run resumed from a checkpoint older than its last evaluation) keeps its latest line.
     """
-    by_step = {record["step"]: record for record in _read_records(join(model_dir, METRICS_FILE), "step")}
+    records = _read_records(join(model_dir, METRICS_FILE), "step")
+    if every_line:
+        return records
+    by_step = {record["step"]: record for record in records}
     return [by_step[step] for step in sorted(by_step)]
+
+
+def read_flags_history(model_dir):
+    """flags_history.jsonl's records ({step, time, changes: {name: [old, new]}}), oldest first ([] if none)."""
+    return _read_records(join(model_dir, FLAGS_HISTORY_FILE), "step")
 
 
 def append_provenance(model_dir, record):

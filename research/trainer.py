@@ -13,8 +13,8 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from research import (UserError, checkpoint, config as config_lib, data, distribute, evaluation, metrics, plots,
-                      provenance, reporting, run_dir, train_lib, transfer)
+from research import (UserError, checkpoint, config as config_lib, data, distribute, evaluation, metrics,
+                      per_example, plots, provenance, reporting, run_dir, train_lib, transfer)
 
 
 class Preempted(Exception):
@@ -165,7 +165,7 @@ def train_and_evaluate(config):
         if chief:
             run_dir.write_results(config.model_dir, results)
             for result in (main, *extra):
-                evaluation.write_per_example(config.model_dir, result, current, dataset.name)
+                per_example.write(config.model_dir, result, current, dataset.name)
             plots.write_curves(config.model_dir)
         reporter.finish(results)
         print(f"Done: step {current}, eval accuracy {metrics.interval_text(main.scalars)}, "
