@@ -1,5 +1,6 @@
 """Evaluate a run's checkpoint on every example of its eval sets:
-`python -m research.evaluate --model_dir=RUN [--checkpoint=latest|best|PATH] [--split=test]`.
+`python -m research.evaluate --model_dir=RUN [--checkpoint=latest|best|all|PATH] [--split=test] [--tta=flip]
+[--predictions=FILE.csv]`.
 
 Prints, for the run's --eval_split and each --extra_eval split (or only --split where given), the exact accuracy with
 its 95% Wilson interval, the loss (the negative log-likelihood), the expected calibration error (15 bins) and the
@@ -13,8 +14,11 @@ The numbers are computed by research.train's own evaluation function over resear
 with the run's flags (--data_dir / --tfds_manual_dir override the recorded ones, for a run moved to another
 machine), so evaluating the checkpoint of a training evaluation reproduces that evaluation exactly. (The model
 computes in float32: a --mixed_precision run's own evaluations differ by their half-precision rounding.)
+`--checkpoint=all` evaluates every checkpoint the run keeps, oldest first, one line each; the files are the newest's.
 """
 
+import csv
+import io
 import sys
 
 from research import cli
@@ -23,6 +27,12 @@ PARSER = cli.run_tool_parser("python -m research.evaluate", __doc__)
 PARSER.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
 PARSER.add_argument("--data_dir", help="TFDS data_dir (default: the run's).")
 PARSER.add_argument("--tfds_manual_dir", help="Source files to prepare the dataset from (default: the run's).")
+PARSER.add_argument("--tta", choices=("none", "flip"), default="none",
+                    help="Test-time augmentation: flip averages the class probabilities of each image and its mirror "
+                         "image (left-right).")
+PARSER.add_argument("--predictions", metavar="PATH.csv",
+                    help="Also write one CSV row per example of the first set: index, example (file or record), "
+                         "label, prediction, probability of the prediction.")
 
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
     cli.start()
@@ -38,8 +48,11 @@ PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not 
 SCORES = ("precision", "recall", "f1")  # The per-class table's columns.
 
 
-def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None):
+def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None, tta="none",
+             predictions=None):
     """Evaluates and writes the report files; returns the report dict (also model_dir/report.json)."""
+    if predictions == "":
+        raise UserError("--predictions is empty: give a file name such as predictions.csv")
     overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
                  if value is not None}
     restored = runs.load_model(model_dir, checkpoint, **overrides)
@@ -55,9 +68,10 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
         raise UserError(str(e).replace(f"--eval_split={split}", f"--split={split}")) from None
 
     evaluator = evaluation.Evaluator(tf.distribute.get_strategy(), model, dataset, config, "eval" if split in (
-        None, restored.config.eval_split) else evaluation.tag_of(split))  # (Whose records the files are.)
+        None, restored.config.eval_split) else evaluation.tag_of(split), tta=tta)  # (Whose records the files are.)
     main, *extra = evaluator.evaluate()
-    report = {"model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, **main.scalars,
+    report = {"model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, "tta": tta,
+              **main.scalars,
               **main.details, "confusion_matrix": main.confusion.astype(np.int64).tolist(),
               "extra_eval": {r.split: {**r.scalars, **r.details} for r in extra}}
 
@@ -66,11 +80,13 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
     images = np.asarray(dataset.preprocessing.for_display(inputs))
     figures = {run_dir.CONFUSION_FILE: plots.confusion(main.confusion, info.class_names),
                run_dir.RELIABILITY_FILE: plots.reliability(main.bins, main.split),
-               run_dir.MISTAKES_FILE: evaluator.mistakes_figure(model, main),
+               run_dir.MISTAKES_FILE: evaluator.mistakes_figure(main),
                run_dir.PREDICTIONS_FILE: plots.predictions(images, labels, probabilities, info.class_names,
                                                            title=f"{main.split}: first {len(images)} examples")}
     files = [run_dir.save_figure(figure, run_dir.join(model_dir, name)) for name, figure in figures.items()]
     files += [per_example.write(model_dir, result, restored.step, info.name) for result in (main, *extra)]
+    if predictions:
+        files.append(_write_predictions(predictions, main, dataset))
     if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
     path = run_dir.join(model_dir, run_dir.REPORT_FILE)
@@ -105,6 +121,18 @@ def format_report(report):
     return "\n".join(lines)
 
 
+def _write_predictions(path, result, dataset):
+    """One CSV row per example of `result`'s set: where it is, its label, the prediction and its probability."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["index", "example", "label", "prediction", "probability"])
+    names = dataset.class_names
+    for index, (label, predicted, confidence) in enumerate(result.per_example):
+        writer.writerow([index, dataset.eval.name_of(index), names[int(label)], names[int(predicted)],
+                         f"{confidence:.6f}"])
+    return run_dir.write(path, out.getvalue())
+
+
 def _table_row(number, name, scores, examples):
     cells = " ".join(f"{'-' if v is None else format(v, '.4f'):>{width}}" for v, width in zip(scores, (9, 8, 8)))
     return f"{number:>5}  {str(name)[:16]:<16} {cells} {examples:>8}"
@@ -112,7 +140,15 @@ def _table_row(number, name, scores, examples):
 
 def _main(argv):
     args = PARSER.parse_args(argv)
-    report = evaluate(args.model_dir, args.checkpoint, args.split, args.data_dir, args.tfds_manual_dir)
+    # Oldest first, so that the files left are the newest checkpoint's.
+    checkpoints = runs.checkpoint_paths(args.model_dir)[::-1] if args.checkpoint == "all" else [args.checkpoint]
+    for checkpoint in checkpoints:
+        report = evaluate(args.model_dir, checkpoint, args.split, args.data_dir, args.tfds_manual_dir, args.tta,
+                          args.predictions)
+        if len(checkpoints) > 1:
+            print(format_report(report).split("\n")[0])
+    if len(checkpoints) > 1:
+        print()
     print(format_report(report))
     print(f"\nwrote {', '.join(report['files'])}")
 

@@ -58,12 +58,12 @@ class Evaluator:
     the run's own --eval_split); `evaluate()` -> [Result]. Built once per run or tool: the distributed datasets and
     traced passes are reused at every evaluation."""
 
-    def __init__(self, strategy, model, dataset, config, main_tag="eval"):
+    def __init__(self, strategy, model, dataset, config, main_tag="eval", tta="none"):
         self.dataset, self.config = dataset, config
         self.sets = [(config.eval_split, main_tag, dataset)] + [
             (split, tag_of(split), dataclasses.replace(dataset, eval=source, extra_eval=()))
             for split, source in dataset.extra_eval]
-        self.passes = [(make_pass(strategy, model, dataset.num_classes, len(ds.eval)),
+        self.passes = [(make_pass(strategy, model, dataset.num_classes, len(ds.eval), tta),
                         strategy.distribute_datasets_from_function(data.eval_input_fn(ds, config)))
                        for _, _, ds in self.sets]
 
@@ -87,25 +87,35 @@ class Evaluator:
     def dataset_of(self, result):
         return next(ds for split, _, ds in self.sets if split == result.split)
 
-    def mistakes_figure(self, model, result):
-        """The most confident mistakes of an evaluation, as the Keras tutorial's prediction grid."""
+    def mistakes_figure(self, result):
+        """The most confident mistakes of an evaluation, as the Keras tutorial's prediction grid (captioned with the
+        evaluation's own prediction and confidence)."""
         labels, predicted, confidence = result.per_example.T
         wrong = np.flatnonzero(predicted != labels)
         shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:MISTAKES_SHOWN]
         dataset = self.dataset_of(result)
-        inputs, labels = data.eval_examples(dataset, self.config, shown)
-        probabilities = tf.nn.softmax(model(inputs, training=False)).numpy() if len(shown) else \
-            np.zeros([0, dataset.num_classes])
-        return plots.predictions(np.asarray(dataset.preprocessing.for_display(inputs)), labels, probabilities,
+        inputs, shown_labels = data.eval_examples(dataset, self.config, shown)
+        probabilities = np.zeros([len(shown), dataset.num_classes])
+        probabilities[np.arange(len(shown)), predicted[shown].astype(int)] = confidence[shown]
+        return plots.predictions(np.asarray(dataset.preprocessing.for_display(inputs)), shown_labels, probabilities,
                                  dataset.class_names, title=f"{result.split}: the {len(shown)} most confident of "
                                                             f"{len(wrong)} mistakes")
 
 
-def make_pass(strategy, model, num_classes, num_examples):
-    """`run_pass(distributed eval dataset)` -> the sums of one pass over every example (see the module docstring)."""
+def make_pass(strategy, model, num_classes, num_examples, tta="none"):
+    """`run_pass(distributed eval dataset)` -> the sums of one pass over every example (see the module docstring).
+    With `tta='flip'` the model's class probabilities are the mean of the image's and its mirror image's."""
+
+    def predict(images):
+        """Logits, or with test-time augmentation the log of the averaged probabilities (the same softmax)."""
+        logits = tf.cast(model(images, training=False), tf.float32)
+        if tta == "none":
+            return logits
+        mirrored = tf.cast(model(tf.image.flip_left_right(images), training=False), tf.float32)
+        return tf.math.log((tf.nn.softmax(logits) + tf.nn.softmax(mirrored)) / 2)
 
     def replica_eval(images, labels, indices):
-        logits = tf.cast(model(images, training=False), tf.float32)
+        logits = predict(images)
         probabilities = tf.nn.softmax(logits)
         confidence, predicted = tf.reduce_max(probabilities, -1), tf.argmax(logits, -1)
         correct = tf.cast(tf.equal(predicted, labels), tf.float32)

@@ -88,13 +88,13 @@ def reliability(bins, split):
     count = bins[:, 0]
     edges = np.linspace(0, 1, len(bins) + 1)
     centers, width = (edges[:-1] + edges[1:]) / 2, 1 / len(bins)
-    accuracy = np.divide(bins[:, 2], count, out=np.zeros_like(count), where=count > 0)
-    confidence = np.divide(bins[:, 1], count, out=centers.copy(), where=count > 0)
+    filled = count > 0  # Empty bins have no accuracy to draw.
+    accuracy, confidence = bins[filled, 2] / count[filled], bins[filled, 1] / count[filled]
     figure = Figure(figsize=(9, 4), layout="constrained")
     ax, counts = figure.subplots(1, 2)
-    ax.bar(centers, accuracy, width=width, edgecolor="black", color=CORRECT_COLOR, label="accuracy")
-    ax.bar(centers, confidence - accuracy, bottom=accuracy, width=width, color=WRONG_COLOR, alpha=0.4,
-           label="gap to confidence")
+    ax.bar(centers[filled], accuracy, width=width, edgecolor="black", color=CORRECT_COLOR, label="accuracy")
+    ax.bar(centers[filled], confidence - accuracy, bottom=accuracy, width=width, color=WRONG_COLOR, alpha=0.4,
+           label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
            title=f"{split}: ECE {metrics.calibration(bins):.4f} ({int(count.sum())} examples, {len(bins)} bins)")

@@ -105,7 +105,7 @@ class Reporter:
                                                     **({"extra_eval": extra} if extra else {})})
             self.image("eval", "confusion_matrix", step, plots.confusion(main.confusion, self.dataset.class_names))
             self.image("eval", "reliability", step, plots.reliability(main.bins, main.split))
-            self.image("eval", "misclassified", step, self.evaluator.mistakes_figure(self.model, main))
+            self.image("eval", "misclassified", step, self.evaluator.mistakes_figure(main))
 
     def finish(self, results):
         """At the end of training, with the dict written to results.json."""

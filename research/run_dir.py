@@ -16,8 +16,8 @@ Layout (research/trainer.py writes it, the tools read it):
   flags_history.jsonl  the flags a resume changed (learning rate, length, ...), one line per such resume
   provenance.jsonl  one JSON line per start or resume: versions, git commit, host, devices, command (provenance.py)
   ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
-  eval.examples.npz, eval_<split>.examples.npz  each example's label, prediction, confidence (research/evaluation.py)
-  train/, eval/, eval_<split>/  TensorBoard events           LOCK   the one writer    curves.png, report.json, ...   figures, reports
+  eval.examples.npz, eval_<split>.examples.npz  each example's label, prediction, confidence (per_example.py)
+  train/, eval/, eval_<split>/  TensorBoard events   LOCK  the one writer   curves.png, report.json, ...  figures, reports
 """
 
 import contextlib

@@ -2,7 +2,8 @@
 checkpoint.
 
 Read `train_and_evaluate` top to bottom for the whole run; research/train_lib.py has the train step and the model
-building it calls, research/evaluation.py the evaluation of every eval set; research/train.py is the program (`python -m research.train`).
+building it calls, research/evaluation.py the evaluation of every eval set; research/train.py is the program
+(`python -m research.train`).
 """
 
 import contextlib

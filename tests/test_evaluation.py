@@ -2,17 +2,20 @@
 NumPy on the saved per-example predictions, Wilson intervals and McNemar's test against reference values, and
 best/ that never ranks evaluations of different splits against each other."""
 
+import csv
 import json
 import logging
 import os
+import re
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import make_config
-from research import UserError, compare, data, evaluate, metrics, per_example, run_dir, trainer
+from research import UserError, compare, data, evaluate, evaluation, metrics, per_example, run_dir, trainer
 from test_data_trust import folder_config, write_folder
 
 
@@ -207,3 +210,57 @@ def test_an_unknown_extra_split_is_one_line_and_leaves_no_run(mnist_data_dir, tm
     with pytest.raises(UserError, match=r"^--extra_eval=nosuch is not a split of mnist"):
         trainer.train_and_evaluate(mnist_config(tmp_path / "run", mnist_data_dir, extra_eval="nosuch"))
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ research.evaluate extras
+def test_tta_flip_changes_nothing_for_a_flip_invariant_model_and_averages_two_passes_otherwise(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (20, 6, 6, 1), dtype=np.uint8), rng.integers(0, 3, 20)
+    dataset = data.in_memory("toy", ["a", "b", "c"], (images, labels), (images, labels))
+    config = make_config(tmp_path, batch_size=8)
+    strategy = tf.distribute.get_strategy()
+    pooled = keras.Sequential([keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])  # Mirror-blind.
+    flat = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+    for model in (pooled, flat):
+        model(tf.zeros([1, 6, 6, 1]))
+
+    def sums(model, tta):
+        inputs = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
+        return {k: v.numpy() for k, v in evaluation.make_pass(strategy, model, 3, 20, tta)(inputs).items()}
+
+    plain, flipped = sums(pooled, "none"), sums(pooled, "flip")
+    for key in ("per_example", "loss", "bins"):
+        np.testing.assert_allclose(flipped[key], plain[key], rtol=1e-5, atol=1e-6)
+
+    inputs, _ = data.eval_examples(dataset, config, range(20))
+    expected = (tf.nn.softmax(flat(inputs)) + tf.nn.softmax(flat(inputs[:, :, ::-1]))).numpy() / 2
+    plain, flipped = sums(flat, "none"), sums(flat, "flip")
+    np.testing.assert_allclose(flipped["per_example"][:, 1], expected.argmax(-1))
+    np.testing.assert_allclose(flipped["per_example"][:, 2], expected.max(-1), rtol=1e-5)
+    np.testing.assert_allclose(flipped["loss"], -np.log(expected[np.arange(20), labels]).sum(), rtol=1e-5)
+    assert not np.allclose(flipped["per_example"][:, 2], plain["per_example"][:, 2], rtol=1e-3)
+
+
+def test_evaluate_every_checkpoint_and_a_predictions_file(run, tmp_path, capsys):
+    _, model_dir = run
+    path = tmp_path / "predictions.csv"
+    assert evaluate.main(["--model_dir", model_dir, "--checkpoint", "all", "--predictions", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert [int(step) for step in re.findall(r"ckpt-\d+ \(step (\d+)\) on split", printed)][:3] == [4, 8, 12]
+    rows = list(csv.reader(open(path)))
+    record = per_example.read(run_dir.per_example_path(model_dir, "eval"))
+    assert rows[0] == ["index", "example", "label", "prediction", "probability"] and len(rows) == 501
+    assert record["step"] == 12 and rows[1][1] == "example 0 of mnist test[:500]"
+    assert [row[2:4] for row in rows[1:]] == [[str(a), str(b)] for a, b in zip(record["label"], record["prediction"])]
+    assert [float(row[4]) for row in rows[1:]] == pytest.approx(record["confidence"], abs=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tta", "mirror"], "argument --tta: invalid choice: 'mirror'"),
+    (["--predictions", ""], "--predictions is empty"),
+    (["--predictions", "/nonexistent/dir/p.csv"], "cannot write /nonexistent/dir/p.csv"),
+    (["--split", "test[:500]", "--checkpoint", "nowhere"], "--checkpoint=nowhere is neither"),
+])
+def test_evaluate_mistakes_are_one_line(run, capsys, argv, message):
+    assert evaluate.main(["--model_dir", run[1], *argv]) == 2
+    assert message in capsys.readouterr().err
