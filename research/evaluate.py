@@ -1,6 +1,6 @@
 """Evaluate a run's checkpoint on every example of its eval sets:
 `python -m research.evaluate --model_dir=RUN [--checkpoint=latest|best|all|PATH] [--split=test] [--tta=flip]
-[--predictions=FILE.csv]`.
+[--image_size=N] [--predictions=FILE.csv]`.
 
 Prints, for the run's --eval_split and each --extra_eval split (or only --split where given), the exact accuracy with
 its 95% Wilson interval, the loss (the negative log-likelihood), the expected calibration error (15 bins) and the
@@ -18,6 +18,7 @@ computes in float32: a --mixed_precision run's own evaluations differ by their h
 """
 
 import csv
+import dataclasses
 import io
 import sys
 
@@ -30,6 +31,9 @@ PARSER.add_argument("--tfds_manual_dir", help="Source files to prepare the datas
 PARSER.add_argument("--tta", choices=("none", "flip"), default="none",
                     help="Test-time augmentation: flip averages the class probabilities of each image and its mirror "
                          "image (left-right).")
+PARSER.add_argument("--image_size", type=int, metavar="N",
+                    help="Evaluate at N x N pixels instead of the training size (test-time resolution), for models "
+                         "whose weights do not depend on it (resnets: global pooling).")
 PARSER.add_argument("--predictions", metavar="PATH.csv",
                     help="Also write one CSV row per example of the first set: index, example (file or record), "
                          "label, prediction, probability of the prediction.")
@@ -49,13 +53,17 @@ SCORES = ("precision", "recall", "f1")  # The per-class table's columns.
 
 
 def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None, tta="none",
-             predictions=None):
+             predictions=None, image_size=None):
     """Evaluates and writes the report files; returns the report dict (also model_dir/report.json)."""
-    if predictions == "":
-        raise UserError("--predictions is empty: give a file name such as predictions.csv")
+    if predictions == "" or predictions and run_dir.isdir(predictions):  # Said before the work, not after it.
+        raise UserError(f"--predictions={predictions} is {'a directory' if predictions else 'empty'}: give a file "
+                        "name such as predictions.csv")
     overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
                  if value is not None}
     restored = runs.load_model(model_dir, checkpoint, **overrides)
+    if image_size is not None:
+        restored = _at_size(restored, image_size)
+        overrides["image_size"] = str(image_size)
     model, info = restored.model, restored.dataset
     if split == "":
         raise UserError("--split is empty: give a split such as test or 'train[90%:]'")
@@ -71,6 +79,7 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
         None, restored.config.eval_split) else evaluation.tag_of(split), tta=tta)  # (Whose records the files are.)
     main, *extra = evaluator.evaluate()
     report = {"model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, "tta": tta,
+              "image_size": list(info.image_shape[:2]),
               **main.scalars,
               **main.details, "confusion_matrix": main.confusion.astype(np.int64).tolist(),
               "extra_eval": {r.split: {**r.scalars, **r.details} for r in extra}}
@@ -121,6 +130,27 @@ def format_report(report):
     return "\n".join(lines)
 
 
+def _at_size(restored, size):
+    """`restored` with its model rebuilt for size x size inputs and given the same weights."""
+    if not 0 < size <= 4096:
+        raise UserError(f"--image_size must be in [1, 4096], got {size}")
+    info = restored.dataset
+    info = dataclasses.replace(info, image_shape=(size, size, info.image_shape[2]), preprocessing=dataclasses.replace(
+        info.preprocessing, image_size=(size, size)))
+    try:
+        model = runs.build_model(restored.config, info)
+    except ValueError as e:
+        raise UserError(f"--image_size={size}: --model={restored.config.model} does not take {size}x{size} images "
+                        f"({str(e).splitlines()[0][:150]})") from None
+    for target, source in zip(model.variables, restored.model.variables):
+        if target.shape != source.shape:
+            raise UserError(f"--image_size={size}: --model={restored.config.model}'s weights depend on the input "
+                            f"size ({source.path}: {source.shape.as_list()} at {restored.dataset.image_shape[0]}, "
+                            f"{target.shape.as_list()} at {size})")
+        target.assign(source)
+    return restored._replace(model=model, dataset=info)
+
+
 def _write_predictions(path, result, dataset):
     """One CSV row per example of `result`'s set: where it is, its label, the prediction and its probability."""
     out = io.StringIO()
@@ -144,7 +174,7 @@ def _main(argv):
     checkpoints = runs.checkpoint_paths(args.model_dir)[::-1] if args.checkpoint == "all" else [args.checkpoint]
     for checkpoint in checkpoints:
         report = evaluate(args.model_dir, checkpoint, args.split, args.data_dir, args.tfds_manual_dir, args.tta,
-                          args.predictions)
+                          args.predictions, args.image_size)
         if len(checkpoints) > 1:
             print(format_report(report).split("\n")[0])
     if len(checkpoints) > 1:

@@ -29,9 +29,9 @@ def read(path):
     try:
         with np.load(io.BytesIO(run_dir.read_bytes(path))) as arrays:
             record = {key: arrays[key] for key in FIELDS}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is not a per-example evaluation record ({e}): evaluate the run again to rewrite "
-                        "it") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        raise UserError(f"{path} is not a per-example evaluation record (damaged, or of another version): evaluate "
+                        "the run again to rewrite it") from None
     record.update({key: record[key].item() for key in ("step", "split", "dataset")})
     return record
 

@@ -142,11 +142,12 @@ def test_compare_of_two_runs_on_the_same_examples_runs_mcnemar(run, tmp_path, ca
     changed = np.sum(record["prediction"][:3] == record["label"][:3])
     assert "McNemar's exact test on the same 500 test[:500] examples" in printed
     assert f"p = {metrics.mcnemar_exact(int(changed), 3 - int(changed)):.4g}" in printed
-    assert f"{results_interval(model_dir)}" in printed
+    assert metrics.interval_text(run_dir.read_results(model_dir)["eval"]) in printed
 
-
-def results_interval(model_dir):
-    return metrics.interval_text(run_dir.read_results(model_dir)["eval"])
+    (other / "eval.examples.npz").write_text("not a record\n")
+    with pytest.raises(UserError, match=r"^\S+/other/eval.examples.npz is not a per-example evaluation record "
+                                        r"\(damaged, or of another version\): evaluate the run again"):
+        compare.main([model_dir, str(other)])
 
 
 # ---------------------------------------------------------------------------------------------- Resume and splits
@@ -257,10 +258,25 @@ def test_evaluate_every_checkpoint_and_a_predictions_file(run, tmp_path, capsys)
 
 @pytest.mark.parametrize("argv, message", [
     (["--tta", "mirror"], "argument --tta: invalid choice: 'mirror'"),
-    (["--predictions", ""], "--predictions is empty"),
+    (["--predictions", ""], "--predictions= is empty"),
+    (["--predictions", "/tmp"], "--predictions=/tmp is a directory"),
     (["--predictions", "/nonexistent/dir/p.csv"], "cannot write /nonexistent/dir/p.csv"),
     (["--split", "test[:500]", "--checkpoint", "nowhere"], "--checkpoint=nowhere is neither"),
 ])
 def test_evaluate_mistakes_are_one_line(run, capsys, argv, message):
     assert evaluate.main(["--model_dir", run[1], *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_evaluation_at_another_resolution(mock_tfds, tmp_path, capsys):
+    resnet, mlp = str(tmp_path / "resnet"), str(tmp_path / "mlp")
+    trainer.train_and_evaluate(make_config(resnet, model="resnet_small", widths="4,8", train_steps=4, eval_every=4))
+    trainer.train_and_evaluate(make_config(mlp, train_steps=4, eval_every=4))
+    at_28, at_40 = (evaluate.evaluate(resnet, image_size=size) for size in (28, 40))
+    assert at_28["image_size"] == [28, 28] and at_40["image_size"] == [40, 40]
+    assert at_28["accuracy"] == run_dir.read_results(resnet)["eval"]["accuracy"]
+    assert at_40["loss"] != at_28["loss"]
+    assert evaluate.main(["--model_dir", mlp, "--image_size", "40"]) == 2
+    assert "--image_size=40: --model=mlp's weights depend on the input size" in capsys.readouterr().err
+    assert evaluate.main(["--model_dir", resnet, "--image_size", "0"]) == 2
+    assert "--image_size must be in [1, 4096], got 0" in capsys.readouterr().err
