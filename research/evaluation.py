@@ -4,10 +4,10 @@ second test set).
 
 One tf.function pass per set, inside `strategy.run`, returns sums that are added over replicas: the cross-entropy,
 the confusion matrix, the top-5 hits, the calibration bins (examples, confidence and correct predictions per
-confidence bin) and each example's (label, prediction, confidence) filed at its index, so that nothing but three
-numbers per example leaves the device and the result is the same for any number of replicas. research/metrics.py
-turns the sums into the reported numbers; the per-example record is what McNemar's test between two runs
-(research.compare) and the most-confident-mistakes grid read.
+confidence bin) and each example's (label, prediction, confidence) filed at its index, so that three numbers per
+example, never the logits, leave the replicas and the result is the same for any number of them. research/metrics.py
+turns the sums into the reported numbers; the per-example record (research/per_example.py) is what McNemar's test
+between two runs (research.compare) and the most-confident-mistakes grid read.
 """
 
 import collections
@@ -21,6 +21,7 @@ from research import UserError, config as config_lib, data, metrics, optim, plot
 
 SUM = tf.distribute.ReduceOp.SUM
 MISTAKES_SHOWN = 25  # The most confident mistakes shown of each evaluation.
+
 
 @config_lib.checks
 def _check_flags(config):
