@@ -7,12 +7,16 @@ Each run is an ordinary research.train run directory under --root, named from it
 (`lr=0.001_bs=32_s=0`), with its console output appended to `train.log` in it; so whatever works on one run
 (resuming, TensorBoard, `python -m research.compare`) works on a sweep's runs. Runs are separate processes, so a
 failing one cannot take the others down. The sweep keeps no state that the run directories do not already hold:
-rerunning the same command skips runs that have results.json and resumes the others from their checkpoints
-(research.train does that by itself). `root/sweep.json` records, for the latest invocation, each run's flags,
-command, log and status: pending, running, finished, skipped (finished before), failed or interrupted.
+rerunning the same command skips runs that have results.json of the same settings and resumes the others from
+their checkpoints (research.train does that by itself); a finished run whose length alone changed goes on.
+`root/sweep.json` records, for the latest invocation, each run's flags, the command that produced it, log and
+status: pending, running, finished, skipped (finished before with the same settings), refused (finished before
+with other settings, named: its results are another command's, so nothing is trained or claimed there), failed
+or interrupted.
 
-Exit status: 0 when no run failed, 1 when some failed (each named with its log), 2 for a bad command line (one
-`error: ...` line on stderr), 130 after Ctrl-C (running runs get the SIGINT too, save a checkpoint and stop).
+Exit status: 0 when no run failed, 1 when some failed or were refused (each named with its log or its differences),
+2 for a bad command line (one `error: ...` line on stderr), 130 after Ctrl-C (running runs get the SIGINT too, save
+a checkpoint and stop).
 """
 
 import concurrent.futures
@@ -32,6 +36,8 @@ from research import cli
 
 if __name__ == "__main__":
     cli.start()  # Before TensorFlow may load (train_flag): its start-up lines are held back.
+
+from absl import flags  # noqa: E402
 
 from research import UserError, config as config_lib, run_dir  # noqa: E402
 
@@ -147,18 +153,87 @@ def plan(args, extras):
     else:
         grid.append(("seed", [(str(s), str(s)) for s in range(args.seeds or 1)]))
     short = _short_names([name for name, _ in grid])
-    base = shlex.split(args.train_command) + [f"--flagfile={path}" for path in args.flagfile] + extras
+    earlier = _earlier_commands(args.root)
+    program = shlex.split(args.train_command)
+    base = program + [f"--flagfile={path}" for path in args.flagfile] + extras
     runs = []
     for combination in itertools.product(*(values for _, values in grid)):
         chosen = [(name, text, label) for (name, _), (text, label) in zip(grid, combination)]
         run_name = "_".join(f"{short[name]}={label}" for name, _, label in chosen)
         directory = run_dir.join(args.root, run_name)
         command = base + [f"--{name}={text}" for name, text, _ in chosen] + [f"--model_dir={directory}"]
-        finished = run_dir.exists(run_dir.join(directory, run_dir.RESULTS_FILE))
-        runs.append({"name": run_name, "dir": directory, "flags": {name: text for name, text, _ in chosen},
-                     "command": command, "log": run_dir.join(directory, run_dir.LOG_FILE),
-                     "status": "skipped" if finished else "pending"})
+        run = {"name": run_name, "dir": directory, "flags": {name: text for name, text, _ in chosen},
+               "command": command, "log": run_dir.join(directory, run_dir.LOG_FILE), "status": "pending"}
+        if run_dir.exists(run_dir.join(directory, run_dir.RESULTS_FILE)):
+            run.update(_finished_before(directory, command[len(program):]))
+            if run["status"] == "refused":  # The command that produced it, if known (its flags.txt says all).
+                run.update(command=earlier.get(run_name), refused_command=command)
+            elif run["status"] == "skipped" and run_name in earlier:  # That command, of the same settings.
+                run["command"] = earlier[run_name]
+        runs.append(run)
     return runs
+
+
+def _earlier_commands(root):
+    """{run name: command} of the runs the root's sweep.json records ({} without one, or a damaged one)."""
+    path = run_dir.join(root, run_dir.SWEEP_FILE)
+    try:
+        record = run_dir.read_json(path) if run_dir.exists(path) else {}
+        return {run["name"]: run["command"] for run in record.get("runs", [])
+                if isinstance(run.get("command"), list)}
+    except (UserError, AttributeError, TypeError, KeyError):
+        return {}
+
+
+LENGTH_FLAGS = ("train_steps", "train_epochs")  # Changed, they continue a finished run (research.train resumes it).
+
+
+def _finished_before(directory, train_args):
+    """The status of a run that has results.json, judged against the flags its command gives now: skipped if its
+    flags.txt records the same settings (as the resume guard judges them), pending if only its length changed (it
+    goes on), and refused, with the differences, if anything else did: its results are another command's. Loads
+    TensorFlow (seconds): every flag owner is needed to read a command's flags."""
+    importlib.import_module("research.train_lib")  # (It imports every flag owner.)
+    from research import checkpoint  # noqa: PLC0415 - see above.
+    try:
+        config = _command_config(train_args)
+    except UserError:
+        return {}  # A command research.train rejects: let it say why, in the run's log.
+    try:
+        changes = checkpoint.check_resume_config(directory, config)
+    except checkpoint.SettingsDiffer as e:
+        return {"status": "refused", "reason": "; ".join(e.differences)}
+    changes = {name: change for name, change in changes.items()
+               if config_lib.declared(name).role != config_lib.PATH and _has_effect(name, config)}
+    if not changes:
+        return {"status": "skipped"}
+    if set(changes) <= set(LENGTH_FLAGS):
+        return {}
+    return {"status": "refused", "reason": "; ".join(f"--{name}: {a} -> {b}" for name, (a, b) in changes.items())}
+
+
+def _has_effect(name, config):
+    only_if = config_lib.declared(name).only_if
+    return only_if is None or bool(only_if(config))
+
+
+def _command_config(train_args):
+    """The configuration research.train would build from `train_args` (flagfiles expanded), as research.config's
+    make_config parses it; raises UserError for a command it would reject."""
+    values = {}
+    try:
+        expanded = FLAGS.read_flags_from_files(train_args, force_gnu=False)
+    except flags.Error as e:
+        raise UserError(str(e)) from None
+    for arg in expanded:
+        name, has_value, text = arg[2:].partition("=")
+        if has_value:
+            values[name] = text
+        elif name.startswith("no") and name not in FLAGS:
+            values[name[2:]] = "false"
+        else:
+            values[name] = "true"
+    return config_lib.make_config(**values)
 
 
 def _short_names(names):
@@ -248,21 +323,29 @@ def run_sweep(args, runs, argv):
             interrupted = True
             for future in futures:
                 future.cancel()
+    for run in runs:
+        if run["status"] == "refused":
+            print(f"refused {run['name']}: it finished with other settings ({run['reason']}); use another --root, "
+                  f"or remove {run['dir']} to train it anew", flush=True)
     counts = {status: sum(run["status"] == status for run in runs)
-              for status in ("finished", "skipped", "failed", "interrupted", "pending")}
+              for status in ("finished", "skipped", "refused", "failed", "interrupted", "pending")}
     print("sweep: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
           + f"; statuses in {ledger.path}", flush=True)
-    return 130 if interrupted else 1 if counts["failed"] or counts["interrupted"] else 0
+    return 130 if interrupted else 1 if counts["failed"] or counts["interrupted"] or counts["refused"] else 0
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, extras = parse_args(argv)
     cli.check_lasting(args.root, "--root")
+    if run_dir.is_url(args.root):  # (A local root needs no TensorFlow to check.)
+        run_dir.check_filesystem(args.root, "--root")
     runs = plan(args, extras)
     if args.dry_run:
         for run in runs:
-            print(f"# {run['name']}: finished, skipped" if run["status"] == "skipped" else shlex.join(run["command"]))
+            print(f"# {run['name']}: finished, skipped" if run["status"] == "skipped" else
+                  f"# {run['name']}: finished with other settings ({run['reason']}), refused"
+                  if run["status"] == "refused" else shlex.join(run["command"]))
         return 0
     return run_sweep(args, runs, argv)
 

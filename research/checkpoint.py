@@ -8,12 +8,13 @@ a save leaves the previous checkpoint as latest; a checkpoint that is neverthele
 is skipped with a warning in favour of the one before it.
 """
 
+import posixpath
 import re
 
 import tensorflow as tf
 from absl import logging
 
-from research import UserError, config as config_lib, run_dir
+from research import UserError, cli, config as config_lib, run_dir
 
 def model_state(model):
     """Every variable of the model, by position: what checkpoints hold of it (as `model_variables`).
@@ -23,6 +24,11 @@ def model_state(model):
     statistics, and leaves SeedGenerator states out altogether. `model.variables` has them all, in an order fixed
     by the architecture."""
     return list(model.variables)
+
+
+def is_random_state(variable):
+    """Whether a model variable is a Keras SeedGenerator's state (dropout, stochastic depth), not a weight."""
+    return "seed_generator_state" in variable.path
 
 
 class Checkpoints:
@@ -37,6 +43,8 @@ class Checkpoints:
         self.model_dir = model_dir
         self.is_chief = is_chief
         directory = model_dir if is_chief else run_dir.join(model_dir, f".worker{worker_id}_tmp")
+        if is_chief:
+            _repair_index(model_dir)
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
         self.best_manager = tf.train.CheckpointManager(
             checkpoint, run_dir.join(directory, run_dir.BEST_DIR), max_to_keep=1)
@@ -66,7 +74,7 @@ class Checkpoints:
         self.checkpoint.restore(path).assert_existing_objects_matched()
 
     def save(self, step):
-        path = self.manager.save(checkpoint_number=step)
+        path = _saved(self.manager, step, self.latest())
         self._drop_scratch()
         return path
 
@@ -84,7 +92,7 @@ class Checkpoints:
                             "examples), which is not ranked against it: best/ starts anew at step %d", best["step"],
                             best["accuracy"], best.get("split"), best.get("examples"), measured["split"],
                             measured["examples"], step)
-        self.best_manager.save(checkpoint_number=step)
+        _saved(self.best_manager, step, self.latest())
         self._drop_scratch()
         if self.is_chief:
             run_dir.write_best(self.model_dir, {"accuracy": evaluation["accuracy"], "step": step, **measured})
@@ -93,6 +101,40 @@ class Checkpoints:
     def _drop_scratch(self):
         if not self.is_chief:
             run_dir.remove_tree(self.manager.directory)
+
+
+def _saved(manager, step, latest):
+    """`manager.save(step)`'s path. A save that fails (a full disk, no permission) is one line naming it: what it
+    wrote so far is removed, the `checkpoint` index still names the last whole checkpoint, which a rerun resumes."""
+    try:
+        return manager.save(checkpoint_number=step)
+    except tf.errors.OpError as e:
+        prefix = run_dir.join(manager.directory, f"ckpt-{step}")
+        for leftover in run_dir.glob(f"{prefix}.*") + run_dir.glob(f"{prefix}_temp*"):
+            if run_dir.isdir(leftover):
+                run_dir.remove_tree(leftover)
+            else:
+                run_dir.remove(leftover)
+        raise UserError(f"cannot save checkpoint {prefix}: {cli.op_error_line(e)}; the last checkpoint, "
+                        f"{latest or 'none'}, is intact: rerun the same command to resume from it") from None
+
+
+def _repair_index(directory):
+    """A `checkpoint` index file that TensorFlow cannot read (emptied, overwritten) is rewritten from the checkpoint
+    files it lists: it is derived data, and CheckpointManager would otherwise fail on it with a traceback."""
+    index = run_dir.join(directory, "checkpoint")
+    if not run_dir.exists(index):
+        return
+    try:
+        tf.train.get_checkpoint_state(directory)
+        return
+    except Exception:  # noqa: BLE001 - ValueError, UnicodeDecodeError, a protobuf ParseError, ...
+        pass
+    found = candidates(directory)
+    run_dir.remove(index)
+    if found:
+        tf.compat.v1.train.update_checkpoint_state(directory, found[0], all_model_checkpoint_paths=found[::-1])
+    logging.warning("%s was unreadable: rewritten from the %d checkpoints found beside it", index, len(found))
 
 
 def candidates(directory):
@@ -165,6 +207,7 @@ def restore_init_weights(model, path, average, restore=restore_weights):
 def named_by(path, flag, kind="a run directory"):
     """The checkpoints that `flag`=`path` names, newest first: a checkpoint prefix (RUN/ckpt-300) alone, or those
     in a directory (`kind`: what the flag expects such a directory to be)."""
+    run_dir.check_filesystem(path, flag)
     if run_dir.exists(path + ".index"):
         return [path]
     if not run_dir.isdir(path):
@@ -173,6 +216,15 @@ def named_by(path, flag, kind="a run directory"):
     if not found:
         raise UserError(f"{flag}={path}: that directory holds no checkpoint")
     return found
+
+
+def owner_run(path):
+    """The run directory a checkpoint prefix was saved in (RUN for RUN/ckpt-300 and RUN/best/ckpt-200), or None
+    where that directory holds no run."""
+    directory = posixpath.dirname(path)
+    if posixpath.basename(directory) == run_dir.BEST_DIR:
+        directory = posixpath.dirname(directory)
+    return directory if run_dir.is_run(directory) else None
 
 
 def restore_newest_readable(model, paths, average, restore=restore_weights):
@@ -203,19 +255,47 @@ def first_readable(paths, restore):
     return None
 
 
-def check_resume_config(model_dir, config):
-    """Compares the flags of a resume with those the run recorded (flags.txt): a change of a flag declared
-    CHECKPOINT (research/config.py) is refused, every differing flag listed in one line; returns the changes of the
-    others, {name: (old, new)} as flags.txt spells them, for the run's flags history."""
+def check_resume_config(model_dir, config, without_effect=()):
+    """Compares the flags of a resume (or of a rerun of a run that died before its first checkpoint) with those the
+    run recorded (flags.txt), judging each by its effect, as the fresh run's ignored-flag warning does.
+
+    A change of a flag declared CHECKPOINT (research/config.py) that has an effect, under the recorded flags or the
+    new ones, is refused, every such flag listed in one line; one without effect in either (--momentum with adam)
+    is allowed, and so are the flags in `without_effect`, which the caller found to change nothing here (the
+    trainer: --image_size where the model input is the recorded one, --dataset where a folder moved). A flag
+    unset at the start and set now (--train_steps after --train_epochs) is a change like any other; a flag newer
+    than the run had its default. Returns every allowed change, {name: (old, new)} as flags.txt spells them (None:
+    unset), for the run's flags history."""
     if not run_dir.is_run(model_dir):
         return {}
-    old = run_dir.read_flags(model_dir)
+    recorded = run_dir.read_flags(model_dir)
+    old = {name: recorded.get(name, _spelled_default(name)) for name in config_lib.names_with(*config_lib.RUN_ROLES)}
     new = run_dir.parse_flagfile(config_lib.to_flagfile(config), "the flags")
-    changes = {name: (old.get(name), new.get(name)) for name in config_lib.names_with(*config_lib.RUN_ROLES)
-               if name in old and old.get(name) != new.get(name)}  # (A flag newer than the run has no old value.)
+    changes = {name: (value, new.get(name)) for name, value in old.items() if value != new.get(name)}
+    try:
+        old_config = config_lib.make_config(**{name: value for name, value in old.items() if value is not None})
+    except UserError:  # Flags of an older version of this code: judged by the new flags alone.
+        old_config = config
+    def has_effect(name):
+        only_if = config_lib.declared(name).only_if
+        return name not in without_effect and (only_if is None or only_if(old_config) or only_if(config))
+
     refused = [f"--{name}: {a} -> {b}" for name, (a, b) in changes.items()
-               if config_lib.declared(name).role == config_lib.CHECKPOINT]
+               if config_lib.declared(name).role == config_lib.CHECKPOINT and has_effect(name)]
     if refused:
-        raise UserError(f"{model_dir} holds a run with other settings ({'; '.join(refused)}); "
-                        "use a new --model_dir, or --init_checkpoint to start from its weights")
+        raise SettingsDiffer(refused, model_dir)
     return {name: change for name, change in changes.items() if name != "model_dir"}  # (A moved run is the same.)
+
+
+class SettingsDiffer(UserError):
+    """A run directory holds a run whose settings differ from these: `differences` lists them (--name: old -> new)."""
+
+    def __init__(self, differences, model_dir):
+        super().__init__(f"{model_dir} holds a run with other settings ({'; '.join(differences)}); "
+                         "use a new --model_dir, or --init_checkpoint to start from its weights")
+        self.differences = differences
+
+
+def _spelled_default(name):
+    default = config_lib.FLAGS[name].default
+    return None if default is None else config_lib.spelled(default)

@@ -164,6 +164,14 @@ def run_tool_parser(prog, doc):
     return parser
 
 
+def add_data_location(parser, purpose="the data"):
+    """A tool's flags that say where a run's data is now, when it moved (research/runs.py's data_location)."""
+    parser.add_argument("--dataset", help=f"folder:NEW_PLACE: where the run's folder dataset moved, for {purpose} "
+                                          "(default: the run's).")
+    parser.add_argument("--data_dir", help=f"TFDS data_dir of {purpose} (default: the run's).")
+    parser.add_argument("--tfds_manual_dir", help="Source files to prepare that dataset from (default: the run's).")
+
+
 def parse_args(parser, argv=None):
     """`parser.parse_args(argv)`, a mistake being one error line and exit status 2 (for use before `run`)."""
     try:

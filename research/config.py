@@ -217,6 +217,7 @@ declare(TUNABLE, flags.DEFINE_integer(
         only_if=lambda c: c.on_nonfinite == "restore", when="with --on_nonfinite=restore")
 
 REQUIRED = ("model_dir",)
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def run_flags():
@@ -256,6 +257,9 @@ def validate(config):
     """Checks that hold between flags, then each owner's `@checks`; each failure is one line naming the flag."""
     for name in REQUIRED:
         need(getattr(config, name), f"--{name} is required")
+    for name, value in vars(config).items():  # The step computes in float32: 1e300 would be inf, and NaN never ends.
+        need(not isinstance(value, float) or abs(value) <= FLOAT32_MAX,
+             f"--{name}={value} is not a finite float32 number (at most {FLOAT32_MAX:.4g})")
     need(config.batch_size > 0, f"--batch_size must be positive, got {config.batch_size}")
     need(config.train_steps or config.train_epochs,
          "set the training length with --train_epochs or --train_steps")

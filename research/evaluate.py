@@ -9,10 +9,12 @@ run directory report.json (all of it), confusion_matrix.png, reliability.png (th
 mistakes.png (the most confident mistakes), predictions.png (the first images with predicted class, confidence and
 true class, red when wrong), curves.png (the run's learning curves so far) and each set's per-example record
 (<tag>.examples.npz: label, prediction, confidence), which `research.compare A B` pairs for McNemar's test.
+A run directory it cannot write (read-only, full) still gets the numbers printed, then one error line (exit status
+2).
 
 The numbers are computed by research.train's own evaluation function over research.data's own eval pipeline,
-with the run's flags (--data_dir / --tfds_manual_dir override the recorded ones, for a run moved to another
-machine), so evaluating the checkpoint of a training evaluation reproduces that evaluation exactly. (The model
+with the run's flags (--data_dir / --tfds_manual_dir / --dataset=folder:NEW_PLACE override the recorded ones, for
+data that moved), so evaluating the checkpoint of a training evaluation reproduces that evaluation exactly. (The model
 computes in float32: a --mixed_precision run's own evaluations differ by their half-precision rounding.)
 `--checkpoint=all` evaluates every checkpoint the run keeps, oldest first, one line each; the files are the newest's.
 """
@@ -26,8 +28,7 @@ from research import cli
 
 PARSER = cli.run_tool_parser("python -m research.evaluate", __doc__)
 PARSER.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
-PARSER.add_argument("--data_dir", help="TFDS data_dir (default: the run's).")
-PARSER.add_argument("--tfds_manual_dir", help="Source files to prepare the dataset from (default: the run's).")
+cli.add_data_location(PARSER)
 PARSER.add_argument("--tta", choices=("none", "flip"), default="none",
                     help="Test-time augmentation: flip averages the class probabilities of each image and its mirror "
                          "image (left-right).")
@@ -52,14 +53,14 @@ PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not 
 SCORES = ("precision", "recall", "f1")  # The per-class table's columns.
 
 
-def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None, tta="none",
-             predictions=None, image_size=None):
-    """Evaluates and writes the report files; returns the report dict (also model_dir/report.json)."""
+def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None, dataset=None,
+             tta="none", predictions=None, image_size=None):
+    """Evaluates and writes the report files; returns the report dict (also model_dir/report.json). `data_dir`,
+    `tfds_manual_dir` and `dataset` say where the run's data is now (runs.data_location)."""
     if predictions == "" or predictions and run_dir.isdir(predictions):  # Said before the work, not after it.
         raise UserError(f"--predictions={predictions} is {'a directory' if predictions else 'empty'}: give a file "
                         "name such as predictions.csv")
-    overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
-                 if value is not None}
+    overrides = runs.data_location(model_dir, data_dir=data_dir, tfds_manual_dir=tfds_manual_dir, dataset=dataset)
     restored = runs.load_model(model_dir, checkpoint, **overrides)
     if image_size is not None:
         restored = _at_size(restored, image_size)
@@ -84,6 +85,18 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
               **main.details, "confusion_matrix": main.confusion.astype(np.int64).tolist(),
               "extra_eval": {r.split: {**r.scalars, **r.details} for r in extra}}
 
+    report["files"], report["not_written"] = [], None
+    try:  # A run directory that cannot be written (read-only, full) still gets its numbers printed.
+        report["files"] = _write_files(model_dir, report, restored, dataset, config, evaluator, (main, *extra),
+                                       predictions)
+    except UserError as e:
+        report["not_written"] = str(e)
+    return report
+
+
+def _write_files(model_dir, report, restored, dataset, config, evaluator, results, predictions):
+    """The figures, per-example records, --predictions file and report.json; returns their paths."""
+    main, model, info = results[0], restored.model, restored.dataset
     inputs, labels = data.eval_examples(dataset, config, range(min(PREDICTIONS_SHOWN, len(dataset.eval))))
     probabilities = tf.nn.softmax(model(inputs, training=False)).numpy()
     images = np.asarray(dataset.preprocessing.for_display(inputs))
@@ -93,15 +106,14 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
                run_dir.PREDICTIONS_FILE: plots.predictions(images, labels, probabilities, info.class_names,
                                                            title=f"{main.split}: first {len(images)} examples")}
     files = [run_dir.save_figure(figure, run_dir.join(model_dir, name)) for name, figure in figures.items()]
-    files += [per_example.write(model_dir, result, restored.step, info.name) for result in (main, *extra)]
+    files += [per_example.write(model_dir, result, restored.step, info.name) for result in results]
     if predictions:
         files.append(_write_predictions(predictions, main, dataset))
     if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
     path = run_dir.join(model_dir, run_dir.REPORT_FILE)
-    report["files"] = files + [path]
-    run_dir.write_json(path, report)
-    return report
+    run_dir.write_json(path, {**{k: v for k, v in report.items() if k != "not_written"}, "files": files + [path]})
+    return files + [path]
 
 
 def format_report(report):
@@ -173,13 +185,16 @@ def _main(argv):
     # Oldest first, so that the files left are the newest checkpoint's.
     checkpoints = runs.checkpoint_paths(args.model_dir)[::-1] if args.checkpoint == "all" else [args.checkpoint]
     for checkpoint in checkpoints:
-        report = evaluate(args.model_dir, checkpoint, args.split, args.data_dir, args.tfds_manual_dir, args.tta,
-                          args.predictions, args.image_size)
+        report = evaluate(args.model_dir, checkpoint, args.split, args.data_dir, args.tfds_manual_dir, args.dataset,
+                          args.tta, args.predictions, args.image_size)
         if len(checkpoints) > 1:
             print(format_report(report).split("\n")[0])
     if len(checkpoints) > 1:
         print()
     print(format_report(report))
+    if report["not_written"]:
+        print(f"error: {report['not_written']} (the report above is not saved)", file=sys.stderr)
+        return 2
     print(f"\nwrote {', '.join(report['files'])}")
 
 

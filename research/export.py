@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 
-from research import cli
+from research import UserError, cli
 
 PARSER = cli.run_tool_parser("python -m research.export", __doc__)
 PARSER.add_argument("--output", required=True, help="New directory for the SavedModel and model.keras.")
@@ -38,15 +38,21 @@ PARSER.add_argument("--tflite_quantize", default="none", choices=("none", "float
                          "float32, alone).")
 PARSER.add_argument("--no_tflite", action="store_true",
                     help="Write no TFLite model (converting resnet18 or vit_ti16 takes 10-25 s on a CPU).")
-PARSER.add_argument("--data_dir", help="TFDS data_dir of the data --tflite_quantize reads (default: the run's).")
-PARSER.add_argument("--tfds_manual_dir",
-                    help="Source files to prepare that dataset from (default: the run's).")
+cli.add_data_location(PARSER, "the data --tflite_quantize reads")
+
+def check_output(output):
+    """--output must name a directory to create or an empty one (never, say, the current directory by an empty
+    value), and not one in memory that the program loses."""
+    if not output or not output.strip():
+        raise UserError("--output is empty: give the path of a new directory for the export")
+    cli.check_lasting(output, "--output")
+
 
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
     cli.start()
     _args = cli.parse_args(PARSER)
     cli.check_model_dir(_args.model_dir)
-    cli.before_tensorflow(cli.check_lasting, _args.output, "--output")
+    cli.before_tensorflow(check_output, _args.output)
 
 import collections  # noqa: E402
 
@@ -54,7 +60,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, run_dir, runs, tflite  # noqa: E402
+from research import run_dir, runs, tflite  # noqa: E402
 from research.data import preprocess  # noqa: E402
 
 KERAS_FILE = "model.keras"
@@ -110,27 +116,27 @@ def _captured_variables(*functions):
 
 
 def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write_tflite=True, data_dir=None,
-           tfds_manual_dir=None):
+           tfds_manual_dir=None, dataset=None):
     """Writes the SavedModel, model.keras and the TFLite models to `output` (which must not exist, or be empty);
-    returns Exported(checkpoint path, TFLite files). `data_dir`, `tfds_manual_dir` override the run's, for the
-    data that --tflite_quantize reads."""
+    returns Exported(checkpoint path, TFLite files). `data_dir`, `tfds_manual_dir` and `dataset` say where the
+    data that --tflite_quantize reads is now (runs.data_location)."""
     if tflite_quantize not in tflite.QUANTIZATIONS:
         raise UserError(f"--tflite_quantize={tflite_quantize}: choose from {', '.join(tflite.QUANTIZATIONS)}")
     if tflite_quantize != "none" and not write_tflite:
         raise UserError(f"--tflite_quantize={tflite_quantize} writes a TFLite model, which --no_tflite refuses")
+    check_output(output)
     restored = runs.load_model(model_dir, checkpoint)
     run_dir.check_filesystem(output, "--output")
     if run_dir.exists(output) and not (run_dir.isdir(output) and not run_dir.listdir(output)):
         raise UserError(f"--output={output} already exists; choose a new directory")
-    overrides = {name: value for name, value in (("data_dir", data_dir), ("tfds_manual_dir", tfds_manual_dir))
-                 if value is not None}
+    overrides = runs.data_location(model_dir, data_dir=data_dir, tfds_manual_dir=tfds_manual_dir, dataset=dataset)
     dataset = runs.load_dataset(model_dir, restored, **overrides) if tflite_quantize != "none" else None
     # Staged on local disk: beside `output`, which it then becomes by a rename; for a URL (an object store, where
     # directories cannot be renamed) in a local temporary directory, copied up once verified.
     if run_dir.is_url(output):
         staging = tempfile.mkdtemp(prefix="export")
     else:
-        output = os.path.abspath(output)
+        output = os.path.realpath(output)  # Staged on the filesystem of the directory it fills, even through a link.
         staging = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)  # Left by an export killed with this same process id.
         try:
@@ -138,21 +144,30 @@ def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write
         except OSError as e:
             raise UserError(f"cannot write {os.path.dirname(output)}: {e.strerror}") from None
     try:
-        module = Serving(restored.model, restored.dataset.preprocessing, restored.dataset.class_names)
-        tf.saved_model.save(module, staging, signatures={"serving_default": module.serve,
-                                                         "serving_encoded": module.serve_encoded})
-        _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
-        _verify(staging, restored)
-        written = _write_tflite(staging, module, restored, tflite_quantize, dataset) if write_tflite else []
-        if run_dir.is_url(output):
-            run_dir.copy_tree(staging, output)
-        else:
-            if os.path.isdir(output):
-                os.rmdir(output)
-            os.rename(staging, output)
+        return Exported(restored.checkpoint, _stage(staging, output, restored, tflite_quantize, write_tflite, dataset))
+    except (tf.errors.OpError, OSError) as e:  # A full disk, no permission: whatever was staged goes.
+        reason = cli.op_error_line(e) if isinstance(e, tf.errors.OpError) else f"{e.strerror}: {e.filename}"
+        raise UserError(f"cannot write the export to {output}: {reason}; nothing was written") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Exported(restored.checkpoint, written)
+
+
+def _stage(staging, output, restored, tflite_quantize, write_tflite, dataset):
+    """Writes the export into `staging`, verifies it, and moves or copies it to `output`; returns the TFLite files."""
+    module = Serving(restored.model, restored.dataset.preprocessing, restored.dataset.class_names)
+    tf.saved_model.save(module, staging, signatures={"serving_default": module.serve,
+                                                     "serving_encoded": module.serve_encoded})
+    _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
+    _verify(staging, restored)
+    written = _write_tflite(staging, module, restored, tflite_quantize, dataset) if write_tflite else []
+    if run_dir.is_url(output):
+        run_dir.copy_tree(staging, output)
+    elif os.path.isdir(output):  # An empty directory the user made (or a link to one) stays, and is filled.
+        for name in os.listdir(staging):
+            os.rename(os.path.join(staging, name), os.path.join(output, name))
+    else:
+        os.rename(staging, output)
+    return written
 
 
 def _write_tflite(directory, module, restored, quantize, dataset):
@@ -235,7 +250,7 @@ def _session_outputs(directory, requests):
 def _main(argv):
     args = PARSER.parse_args(argv)
     exported = export(args.model_dir, args.output, args.checkpoint, args.tflite_quantize, not args.no_tflite,
-                      args.data_dir, args.tfds_manual_dir)
+                      args.data_dir, args.tfds_manual_dir, args.dataset)
     print(f"exported {exported.checkpoint} to {args.output} (SavedModel, signatures serving_default and "
           f"serving_encoded) and {run_dir.join(args.output, KERAS_FILE)}")
     for name, size, accuracy, float_accuracy in exported.tflite:

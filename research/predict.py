@@ -1,10 +1,11 @@
 """Classify image files with a run's model: `python -m research.predict --model_dir=RUN [--top_k=3] IMAGE...`.
 
-Prints one line per image, `PATH: NAME PROBABILITY, ...` with the top-k classes. Any image file Pillow reads
-(PNG, JPEG, BMP, GIF, ...), grayscale or colour, of any size, is converted to the model's channels and then
-preprocessed exactly as the run's evaluation preprocesses (research/data/preprocess.py, recorded in the run's
-dataset.json: resized, or resized and centre-cropped, scaled and normalized). The images are taken as they are: a model trained on
-MNIST expects a light digit on a dark background.
+Prints one line per image, `PATH: NAME PROBABILITY, ...` with the top-k classes. Any image file TensorFlow decodes
+(JPEG, PNG, GIF, BMP, WebP, JPEG XL), grayscale, colour or 16-bit, of any size, is decoded to the model's channels
+and preprocessed exactly as the run's evaluation and its export do (research/data/preprocess.py, as recorded in the
+run's dataset.json: resized, or resized and centre-cropped, scaled and normalized), so the probabilities are the
+served model's. The images are taken as they are: a model trained on MNIST expects a light digit on a dark
+background.
 
 An image that cannot be read gets one `error: ...` line on stderr and the others are still classified; the exit
 status is then 1. A problem with the run itself (or the arguments) is one line and exit status 2.
@@ -12,7 +13,6 @@ status is then 1. A problem with the run itself (or the arguments) is one line a
 
 import os
 import sys
-import warnings
 
 from research import cli
 
@@ -26,18 +26,17 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from research import UserError, runs  # noqa: E402
 from research.data import preprocess  # noqa: E402
 
-MODES = {1: "L", 3: "RGB"}  # Model input channels -> the Pillow mode to convert to.
 BATCH = 256
 
 
 def read_image(path, channels):
-    """The file as uint8 [H, W, channels] at its own size; a UserError names what is wrong."""
-    if channels not in MODES:
+    """The file as uint8 [H, W, channels] at its own size, decoded by the very function (research/data/preprocess.py)
+    that evaluation and the exported model decode with; a UserError names what is wrong."""
+    if channels not in (1, 3):
         raise UserError(f"the model takes {channels}-channel images; only 1 (grayscale) or 3 (RGB) can be read")
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
@@ -46,25 +45,9 @@ def read_image(path, channels):
     if os.path.getsize(path) == 0:
         raise UserError(f"{path}: empty file")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns of images over MAX_IMAGE_PIXELS (89 M) and refuses those over twice that (a
-            # decompression bomb): the refusal is this file's error line, the warning no concern of the user's.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
-            if image.width * image.height > preprocess.MAX_IMAGE_PIXELS:  # As training and evaluation refuse it.
-                raise UserError(f"{path}: image of {image.height} x {image.width} pixels (height x width), over the "
-                                f"budget of {preprocess.MAX_IMAGE_PIXELS} pixels: downscale it")
-            if image.mode.startswith("I;16"):  # 16-bit grayscale, which convert() would clip rather than scale.
-                image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-            image = image.convert(MODES[channels])
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file Pillow can read") from None
-    except Image.DecompressionBombError:
-        raise UserError(f"{path}: too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels)") from None
-    except (OSError, ValueError) as e:  # Truncated or corrupt image data.
-        raise UserError(f"{path}: unreadable image ({e})") from None
-    return np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, channels)
+        return preprocess.decode(tf.io.read_file(path), channels).numpy()
+    except tf.errors.InvalidArgumentError as e:  # Not an image, truncated or corrupt, or over the pixel budget.
+        raise UserError(f"{path}: {preprocess.decode_error_line(e)}") from None
 
 
 def top_k(model, inputs, k):

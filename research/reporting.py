@@ -108,13 +108,11 @@ class Reporter:
             self.image("eval", "misclassified", step, self.evaluator.mistakes_figure(main))
 
     def finish(self, results):
-        """At the end of training, with the dict written to results.json."""
-        self.flush()
-
-    def flush(self):
+        """At the end of training, with the dict written to results.json: the event files are closed, not left to
+        the garbage collector (a run directory on a filesystem being unmounted or made read-only must not be busy)."""
         if self.is_chief:
             for writer in self.writers.values():
-                writer.flush()
+                writer.close()
 
     def image(self, kind, tag, step, figure):
         """A matplotlib figure as an image summary."""

@@ -17,12 +17,13 @@ Layout (research/trainer.py writes it, the tools read it):
   provenance.jsonl  one JSON line per start or resume: versions, git commit, host, devices, command (provenance.py)
   ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
   eval.examples.npz, eval_<split>.examples.npz  each example's label, prediction, confidence (per_example.py)
-  train/, eval/, eval_<split>/  TensorBoard events   LOCK  the one writer   curves.png, report.json, ...  figures, reports
+  train/, eval/, eval_<split>/  TensorBoard events   LOCK  the one writer   curves.png, report.json, ...  figures
 """
 
 import contextlib
 import io
 import json
+import math
 import os
 import posixpath
 import socket
@@ -92,6 +93,11 @@ def glob(pattern):
 
 def makedirs(path):
     _gfile().makedirs(path)
+
+
+def remove(path):
+    with contextlib.suppress(_tf().errors.OpError):
+        _gfile().remove(path)
 
 
 def remove_tree(path):
@@ -227,27 +233,82 @@ def record_flag_changes(model_dir, step, changes):
          "changes": {name: list(change) for name, change in sorted(changes.items())}}))
 
 
+STEP_RECORDS = (METRICS_FILE, BEST_DIR, RESULTS_FILE, "train", "eval", CURVES_FILE, REPORT_FILE, CONFUSION_FILE,
+                PREDICTIONS_FILE, RELIABILITY_FILE, MISTAKES_FILE, "eval_*", "*.examples.npz")  # What a run writes of
+# its steps (train/, eval/, eval_<split>/: TensorBoard; <tag>.examples.npz: per-example records), not of its setup.
+
+
+def _step_records(model_dir):
+    """The names of STEP_RECORDS present in `model_dir`, patterns expanded."""
+    return list(dict.fromkeys(posixpath.basename(path) for name in STEP_RECORDS for path in (
+        glob(join(model_dir, name)) if "*" in name else [join(model_dir, name)]) if _gfile().exists(path)))
+
+
+def has_records(model_dir):
+    """Whether `model_dir` holds anything of an earlier attempt at a run: its flags or a record of its steps."""
+    return is_run(model_dir) or bool(_step_records(model_dir))
+
+
+def rewind(model_dir, step, restart=False):
+    """Removes what an earlier attempt recorded of the steps after `step` (it died before checkpointing them), so
+    that no record of it stands in for this attempt's: evaluations in metrics.jsonl, best/ and results.json of later
+    steps, and with `restart` (no checkpoint: the run starts again at step 0) every record of its steps, TensorBoard
+    events and figures included. Returns the names removed."""
+    if restart and not is_run(model_dir) and has_records(model_dir):
+        raise UserError(f"{model_dir} holds records of an earlier run ({', '.join(_step_records(model_dir))}) but "
+                        f"no {FLAGS_FILE} to check its settings against: use a new --model_dir, or remove them")
+    removed = []
+    metrics = read_metrics(model_dir)
+    kept = [record for record in metrics if record["step"] <= step]
+    if len(kept) < len(metrics):
+        write(join(model_dir, METRICS_FILE), "".join(json.dumps(record) + "\n" for record in kept))
+        removed.append(f"{METRICS_FILE} lines of steps {', '.join(str(r['step']) for r in metrics[len(kept):])}")
+    if read_best(model_dir).get("step", -1) > step:
+        remove_tree(join(model_dir, BEST_DIR))
+        removed.append(f"{BEST_DIR}/")
+    if (read_results(model_dir) or {}).get("step", -1) > step:
+        _gfile().remove(join(model_dir, RESULTS_FILE))
+        removed.append(RESULTS_FILE)
+    for name in _step_records(model_dir) if restart else ():
+        if name in STEP_RECORDS[:3]:  # (Those above.)
+            continue
+        path = join(model_dir, name)
+        if _gfile().isdir(path):
+            remove_tree(path)
+            removed.append(f"{name}/")
+        elif _gfile().exists(path):
+            _gfile().remove(path)
+            removed.append(name)
+    return removed
+
+
 def write_dataset_info(model_dir, info):
     write_json(join(model_dir, DATASET_FILE), info, indent=None)
 
 
 def read_dataset_info(model_dir):
     """dataset.json as a dict."""
+    info = recorded_dataset_info(model_dir)
+    if info is None:
+        raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
+    return info
+
+
+def recorded_dataset_info(model_dir):
+    """dataset.json as a dict, or None where the run has none yet; one that lists no class names is an error."""
     path = join(model_dir, DATASET_FILE)
     if not _gfile().exists(path):
-        raise UserError(f"{model_dir} has no {DATASET_FILE}: its training has not got past loading the data")
-    return read_json(path)
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("class_names"), list):
+        raise UserError(f"{path} is unreadable: it lists no class_names")
+    return record
 
 
 def recorded_class_names(model_dir):
     """The class names dataset.json records (the truth on resume), or None where the run has none yet."""
-    path = join(model_dir, DATASET_FILE)
-    if not _gfile().exists(path):
-        return None
-    names = read_json(path).get("class_names")
-    if not isinstance(names, list):
-        raise UserError(f"{path} is unreadable: it lists no class_names")
-    return names
+    record = recorded_dataset_info(model_dir)
+    return None if record is None else record["class_names"]
 
 
 def read_data_files(model_dir):
@@ -335,7 +396,13 @@ def write_results(model_dir, results):
 def read_results(model_dir):
     """results.json, or None for a run that has not finished."""
     path = join(model_dir, RESULTS_FILE)
-    return read_json(path) if _gfile().exists(path) else None
+    if not _gfile().exists(path):
+        return None
+    results = read_json(path)
+    if not isinstance(results, dict) or type(results.get("step")) is not int:
+        raise UserError(f"{path} is not a results record (a JSON object with a whole-number step): delete it, and "
+                        "rerun the run's command to write it anew")
+    return results
 
 
 def read_best(model_dir):
@@ -406,8 +473,8 @@ class Lock:
         if _gfile().exists(self.path):
             holder = self._read()
             if not self._ours(holder) and not self._stale(holder):
-                raise UserError(f"{os.path.dirname(self.path)} is in use by process {holder['pid'] or '?'} on "
-                                f"{holder['host'] or '?'}; wait for it, or remove {self.path} if it is gone")
+                raise UserError(f"{os.path.dirname(self.path)} is in use by process {holder['pid']} on "
+                                f"{holder['host']}; wait for it, or remove {self.path} if it is gone")
         self._write()
         if not self._ours(self._read()):  # Another process wrote its own in the same instant.
             raise UserError(f"{os.path.dirname(self.path)} was just taken by another process")
@@ -432,22 +499,32 @@ class Lock:
 
     def _read(self):
         """The holder {'host', 'pid', 'heartbeat'}. A lock of an older version of this code ('host pid') counts
-        as beating when its file was last written."""
-        text = read_text(self.path).strip()
+        as beating when its file was last written. Any other content is one error line: no run of this code wrote
+        it, so nothing says whether its writer is alive."""
+        try:
+            text = _gfile().GFile(self.path, "rb").read().decode().strip()
+        except (_tf().errors.OpError, UnicodeDecodeError):
+            text = None
         try:
             holder = json.loads(text)
-            return {"host": str(holder["host"]), "pid": int(holder["pid"]), "heartbeat": float(holder["heartbeat"])}
+            holder = {"host": holder["host"], "pid": holder["pid"], "heartbeat": float(holder["heartbeat"])}
         except (ValueError, KeyError, TypeError):
-            host, _, pid = text.partition(" ")
-            return {"host": host, "pid": int(pid) if pid.isdigit() else None,
-                    "heartbeat": _gfile().stat(self.path).mtime_nsec / 1e9}
+            host, _, pid = (text or "").partition(" ")
+            holder = {"host": host, "pid": int(pid) if pid.isdigit() else None, "heartbeat": None}
+        if not (isinstance(holder["host"], str) and holder["host"] and type(holder["pid"]) is int
+                and 0 < holder["pid"] < 2**22 and (holder["heartbeat"] is None or math.isfinite(holder["heartbeat"]))):
+            raise UserError(f"{self.path} is not a lock record of this code ({(text or 'unreadable')[:40]!r}): if no "
+                            f"run is using {os.path.dirname(self.path)}, remove it")
+        if holder["heartbeat"] is None:
+            holder["heartbeat"] = _gfile().stat(self.path).mtime_nsec / 1e9
+        return holder
 
     def _ours(self, holder):
         return (holder["host"], holder["pid"]) == (self.owner["host"], self.owner["pid"])
 
     def _stale(self, holder):
         if holder["host"] == self.owner["host"]:
-            return holder["pid"] is None or not _alive(holder["pid"])
+            return not _alive(holder["pid"])
         silent = time.time() - holder["heartbeat"]
         if silent < self.stale_after_s:
             return False

@@ -9,6 +9,7 @@ command line), and the model is rebuilt by the same registry from those flags. N
 
 import collections
 import contextlib
+import posixpath
 import re
 
 import tensorflow as tf
@@ -33,6 +34,23 @@ def read_config(model_dir, **overrides):
                         "(was the run written by another version of this code?)") from None
 
 
+DATA_LOCATION = ("dataset", "data_dir", "tfds_manual_dir")  # What a tool may say anew of where a run's data is.
+
+
+def data_location(model_dir, **given):
+    """{flag: value} of the DATA_LOCATION flags given (not None) to a tool, to override the run's: where its TFDS
+    data is prepared, or where its folder dataset moved (--dataset=folder:NEW_PLACE, which must hold every file the
+    run recorded; another dataset is refused in one line)."""
+    location = {name: value for name, value in given.items() if value is not None}
+    moved = location.get("dataset")
+    if moved is not None:
+        recorded = read_config(model_dir).dataset
+        if not (moved.startswith("folder:") and recorded.startswith("folder:")):
+            raise UserError(f"--dataset={moved}: a tool reads the data its run trained on ({recorded}); --dataset "
+                            "only says where a folder dataset moved (folder:NEW_PLACE)")
+    return location
+
+
 def read_dataset_info(model_dir):
     """The dataset metadata (research.data.Metadata) that the run recorded in `model_dir/dataset.json`."""
     try:
@@ -53,6 +71,23 @@ def checkpoint_paths(model_dir, checkpoint="latest"):
             raise UserError(f"{model_dir} has no {checkpoint} checkpoint yet ({when})")
         return found
     return checkpoint_lib.named_by(checkpoint, "--checkpoint", "'latest', 'best', a directory of checkpoints")
+
+
+def _check_same_classes(model_dir, dataset, path):
+    """A checkpoint of another run (--checkpoint=OTHER/ckpt-N) must have been trained on this run's classes, or its
+    outputs would be read with the wrong names; its own run's dataset.json says what it was trained on."""
+    owner = checkpoint_lib.owner_run(path)
+    if owner is None or posixpath.normpath(owner) == posixpath.normpath(model_dir):
+        return
+    theirs = run_dir.recorded_class_names(owner)
+    if theirs is not None and theirs != list(dataset.class_names):
+        raise UserError(f"--checkpoint={path} belongs to the run {owner}, trained on other classes "
+                        f"({_classes(theirs)}) than {model_dir} ({_classes(dataset.class_names)}); "
+                        f"use --model_dir={owner}")
+
+
+def _classes(names):
+    return f"{len(names)}: {', '.join(map(str, names[:4]))}{', ...' if len(names) > 4 else ''}"
 
 
 def checkpoint_step(path):
@@ -89,11 +124,12 @@ def load_model(model_dir, checkpoint="latest", **overrides):
     """
     config = read_config(model_dir, **overrides)
     dataset = read_dataset_info(model_dir)
+    paths = checkpoint_paths(model_dir, checkpoint)
+    _check_same_classes(model_dir, dataset, paths[0])
     model = build_model(config, dataset)
     # The weights inference should use: for a run with --ema_decay the moving averages, which the run also
     # evaluated and kept as best. A truncated or corrupt newest checkpoint is skipped, as training skips it.
-    path = checkpoint_lib.restore_newest_readable(model, checkpoint_paths(model_dir, checkpoint),
-                                                  average=bool(config.ema_decay))
+    path = checkpoint_lib.restore_newest_readable(model, paths, average=bool(config.ema_decay))
     return Restored(model, config, dataset, path, checkpoint_step(path))
 
 

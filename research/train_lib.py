@@ -179,6 +179,11 @@ class WeightAverage:
         self.decay = decay
         self.average = [tf.Variable(v, trainable=False, name="ema") for v in variables]
 
+    def restart(self):
+        """The average starts again from the weights as they are now (loaded by --init_checkpoint)."""
+        for average, v in zip(self.average, self.variables):
+            average.assign(v)
+
     def update(self, step):
         t = tf.cast(step, tf.float32)
         decay = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))

@@ -7,6 +7,7 @@ building it calls, research/evaluation.py the evaluation of every eval set; rese
 """
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -36,6 +37,8 @@ def train_and_evaluate(config):
     started = time.time()  # Wall times (metrics.jsonl elapsed_s, results.json) count data loading and tracing.
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+    if config.init_checkpoint:  # A path TensorFlow cannot open is one line before any work, as --model_dir's is.
+        run_dir.check_filesystem(config.init_checkpoint, "--init_checkpoint")
     strategy = distribute.create_strategy(config)
     chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as stack:
@@ -55,16 +58,22 @@ def train_and_evaluate(config):
                                    ema=ema.average if ema else [])
         checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
                                              distribute.worker_id(strategy))
+        resuming, unused_init = bool(checkpoints.candidates()), None
+        if resuming and config.init_checkpoint:
+            unused_init, config = config.init_checkpoint, _with_recorded_init(config)
         flag_changes = {}
-        if checkpoints.candidates():
-            flag_changes = checkpoint.check_resume_config(config.model_dir, config)
+        if resuming or run_dir.has_records(config.model_dir):  # Any earlier attempt: its settings must be these.
+            flag_changes = checkpoint.check_resume_config(config.model_dir, config, _without_effect(config, dataset))
+        if resuming:
             restored = checkpoints.restore_latest(config.model)  # (An error line if none is readable.)
             print(f"Resuming from {restored} at step {int(step.numpy())}" + "".join(
                 f"; --{name}: {old} -> {new}" for name, (old, new) in sorted(flag_changes.items())) + (
-                f"; --init_checkpoint={config.init_checkpoint} is not used (a resume starts from its own weights)"
-                if config.init_checkpoint else ""))
+                f"; --init_checkpoint={unused_init} is not used (a resume starts from its own weights)"
+                if unused_init else ""))
         elif config.init_checkpoint:
-            print(transfer.init_weights(model, config, dataset.image_shape))
+            print(transfer.init_weights(model, config, dataset))
+            if ema:
+                ema.restart()  # The average of a fine-tune starts from the loaded weights, not the random ones.
         finished = run_dir.read_results(config.model_dir)
         if int(step.numpy()) >= total_steps and finished:
             print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in "
@@ -73,6 +82,10 @@ def train_and_evaluate(config):
         if chief:
             run_dir.read_metrics(config.model_dir)  # Every run file this run will read back, read before any write:
             run_dir.read_best(config.model_dir)  # a damaged one refuses the run with nothing changed.
+            removed = run_dir.rewind(config.model_dir, int(step.numpy()), restart=not resuming)
+            if removed:
+                print(f"Removed the records of steps after {int(step.numpy())}, of an earlier attempt that died "
+                      f"before its next checkpoint: {', '.join(removed)}")
             provenance.record(config.model_dir, int(step.numpy()))
             if flag_changes:
                 run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
@@ -173,6 +186,25 @@ def train_and_evaluate(config):
               f"loss {main.scalars['loss']:.4f} "
               f"({results['wall_time_s']} s)")
         return results
+
+
+def _without_effect(config, dataset):
+    """The flags whose change on a resume the loaded data shows to be without effect: --image_size where the model
+    input is the one recorded (28 for MNIST's own 28, recorded as 0), --dataset where a folder moved (its loader
+    found every recorded file under the new root)."""
+    recorded = run_dir.recorded_dataset_info(config.model_dir) or {}
+    loaded = json.loads(json.dumps(dataset.metadata().to_json()))  # (Tuples as lists, as read back from JSON.)
+    same_input = {k: v for k, v in recorded.items() if k != "name"} == {k: v for k, v in loaded.items() if k != "name"}
+    moved = bool(dataset.file_lists) and bool(run_dir.read_data_files(config.model_dir))
+    return {name for name, unchanged in (("image_size", same_input), ("dataset", moved)) if unchanged}
+
+
+def _with_recorded_init(config):
+    """A resume starts from its own weights: the --init_checkpoint flags it was given are not this run's, so the
+    recorded ones stay in flags.txt (and out of the resume guard and the flags history)."""
+    recorded = run_dir.read_flags(config.model_dir) if run_dir.is_run(config.model_dir) else {}
+    return config_lib.make_config(**{**run_dir.parse_flagfile(config_lib.to_flagfile(config), "the flags"),
+                                     **{name: recorded.get(name) for name in transfer.INIT_FLAGS}})
 
 
 def _profiling(config, current, num_steps, total_steps, loops_run):

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from research import UserError, checkpoint, config as config_lib
+from research import UserError, checkpoint, config as config_lib, run_dir
 from research.config import CHECKPOINT, TUNABLE, declare
 
 declare(TUNABLE, flags.DEFINE_enum(
@@ -34,22 +34,39 @@ declare(CHECKPOINT, flags.DEFINE_float(
         only_if=lambda c: c.trainable == "all", when="with --trainable=all")
 
 
+INIT_FLAGS = ("init_checkpoint", "init_from_average", "init_skip")  # What a fresh run starts from; unused on a resume.
+
+
 @config_lib.checks
 def _check_flags(config):
     config_lib.need(0 < config.layer_decay <= 1, f"--layer_decay must be in (0, 1], got {config.layer_decay}")
 
 
-def init_weights(model, config, image_shape):
-    """--init_checkpoint into `model` (built for images of `image_shape`); returns the line that says what was read,
-    what was made fresh and what was adapted."""
+def init_weights(model, config, dataset):
+    """--init_checkpoint into `model` (built for `dataset`, research.data's Dataset or Metadata); returns the line
+    that says what was read, what was made fresh and what was adapted."""
     notes = []
 
     def restore(model, path, average):
-        notes[:] = _restore(model, path, average, config.init_skip == "head", image_shape[-1])
+        notes[:] = _restore(model, path, average, config.init_skip == "head", dataset.image_shape[-1])
 
     path = checkpoint.restore_init_weights(model, config.init_checkpoint, config.init_from_average, restore)
+    if not any(note.startswith("not loaded") for note in notes):
+        notes += _renamed_classes(path, dataset.class_names)
     return (f"Initialised weights from {path}{' (its moving average)' if config.init_from_average else ''}"
             + "".join(f"; {note}" for note in notes))
+
+
+def _renamed_classes(path, class_names):
+    """A note where the head was loaded although the source run's classes have other names (as many, so the head
+    fits): its outputs then mean the source's classes until training relabels them."""
+    owner = checkpoint.owner_run(path)
+    theirs = run_dir.recorded_class_names(owner) if owner else None
+    if theirs is None or theirs == list(class_names):
+        return []
+    differing = [f"{a} -> {b}" for a, b in zip(theirs, class_names) if a != b]
+    return [f"kept its head although its {len(theirs)} classes are named otherwise ({', '.join(differing[:3])}"
+            f"{', ...' if len(differing) > 3 else ''}); --init_skip=head makes it fresh"]
 
 
 def _restore(model, path, average, skip_head, channels):
@@ -57,27 +74,32 @@ def _restore(model, path, average, skip_head, channels):
     the notes on what was not read as it is. Raises checkpoint.Unreadable, or a UserError naming what does not fit."""
     shapes = checkpoint.read_shapes(path)
     variables = checkpoint.model_state(model)
-    held = [shapes.get(_key("model_variables", i)) for i in range(len(variables))]
-    head = [i for i, v in enumerate(variables) if any(v is w for w in model.classifier.variables)]
+    # Random-number states (the Keras SeedGenerators of dropout and stochastic depth) are not weights: the new run
+    # draws its own, so a source with other or no dropout fits. The weights pair up in order on both sides.
+    positions = _weight_positions(path, shapes)
+    mine = [i for i, v in enumerate(variables) if not checkpoint.is_random_state(v)]
+    source = dict(zip(mine, positions))
+    held = {i: shapes.get(_key("model_variables", source[i])) if i in source else None for i in mine}
+    head = [i for i in mine if any(variables[i] is w for w in model.classifier.variables)]
     fresh = head if skip_head or any(held[i] != list(variables[i].shape) for i in head) else []
-    first_kernel = next((i for i, v in enumerate(variables) if v.name == "kernel"), None)
+    first_kernel = next((i for i in mine if variables[i].name == "kernel"), None)
     adapted, misfits = {}, []
-    for i, v in enumerate(variables):
+    for i in mine:
+        v = variables[i]
         if i not in fresh and held[i] != list(v.shape):
             source_channels = _input_channels(held[i], list(v.shape), channels) if i == first_kernel else None
             if source_channels is None:
                 misfits.append(f"#{i} {v.path} {list(v.shape)} vs {held[i]}")
             else:
                 adapted[i] = source_channels
-    count = sum(name.startswith("model_variables/") for name in shapes)
-    if misfits or count != len(variables):
-        raise UserError(f"checkpoint {path} does not fit --model={model.name}: it holds {count} model variables, "
-                        f"the model has {len(variables)}" + (f"; first misfit {misfits[0]}" if misfits else "")
+    if misfits or len(positions) != len(mine):
+        raise UserError(f"checkpoint {path} does not fit --model={model.name}: it holds {len(positions)} model "
+                        f"weights, the model has {len(mine)}" + (f"; first misfit {misfits[0]}" if misfits else "")
                         + " (only the head and the input layer's channels may differ)")
-    sources = _average_sources(model, shapes, path) if average else {}
+    averages = _average_sources(model, shapes, path) if average else {}
     try:
         reader = tf.compat.v1.train.NewCheckpointReader(path)
-        values = {i: reader.get_tensor(sources.get(i, _key("model_variables", i))) for i in range(len(variables))
+        values = {i: reader.get_tensor(averages.get(i, _key("model_variables", source[i]))) for i in mine
                   if i not in fresh}
     except Exception as e:  # noqa: BLE001 - the data files can be damaged while the index is whole.
         raise checkpoint.Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
@@ -90,6 +112,14 @@ def _restore(model, path, average, skip_head, channels):
     notes += [f"adapted over input channels: {variables[i].path} {held[i]} -> {list(variables[i].shape)}, "
               + _how(source, channels) for i, source in adapted.items()]
     return notes
+
+
+def _weight_positions(path, shapes):
+    """The positions of a checkpoint's model_variables that are weights, not random-number states (int64 [2])."""
+    dtypes = tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_dtype_map()
+    count = sum(name.startswith("model_variables/") and name.endswith("/.ATTRIBUTES/VARIABLE_VALUE") for name in shapes)
+    return [j for j in range(count)
+            if not (dtypes.get(_key("model_variables", j)) == tf.int64 and shapes.get(_key("model_variables", j)) == [2])]
 
 
 def _key(collection, index):

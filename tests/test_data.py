@@ -174,14 +174,17 @@ def test_not_image_classification_and_unprepared_datasets_are_one_line(tmp_path,
     assert "has no dataset_info.json" not in capfd.readouterr().err  # TFDS's warning before our message.
 
 
-def test_manual_files_failing_the_checksum_say_so(tmp_path):
+def test_manual_files_failing_the_checksum_say_so_before_tfds_prints_anything(tmp_path, capfd):
     manual = tmp_path / "manual"
     manual.mkdir()
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz"):
         (manual / name).write_bytes(b"not the real file")
-    with pytest.raises(UserError, match=r"does not match the checksum TFDS registers .*fetch it again into"):
+    capfd.readouterr()
+    with pytest.raises(UserError, match=r"holds another or a damaged t10k-images-idx3-ubyte.gz .*fetch it again"):
         data.load(make_config(tmp_path, data_dir=str(tmp_path / "tfds"), tfds_manual_dir=str(manual)))
+    out, err = capfd.readouterr()
+    assert "Downloading and preparing" not in out and "Dl Completed" not in err
 
 
 def test_damaged_prepared_files_name_the_file_and_the_way_out(mnist_data_dir, tmp_path):

@@ -69,7 +69,7 @@ def initialised(config):
     strategy = distribute.create_strategy(config)
     fresh = train_lib.build(config, dataset, strategy, 10)[0]
     model = train_lib.build(config, dataset, strategy, 10)[0]
-    return model, transfer.init_weights(model, config, dataset.image_shape), fresh
+    return model, transfer.init_weights(model, config, dataset), fresh
 
 
 def head_positions(model):

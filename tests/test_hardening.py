@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from PIL import Image
 
 from conftest import make_config
 from research import UserError, checkpoint as checkpoint_lib, cli, evaluate, export, predict, runs, trainer
+from research.data import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What TensorFlow 2.21 writes at start-up on an Intel Xeon with AVX-512 (and on this project's AMD machines too).
@@ -202,7 +202,7 @@ def test_evaluate_names_its_own_split_flag(mnist_data_dir, tmp_path, capsys):
 @pytest.mark.parametrize("init, message", [
     ("{tmp}/nonexistent", "is neither a run directory nor a checkpoint prefix"),
     ("{tmp}/empty", "that directory holds no checkpoint"),
-    ("{run}", "does not fit --model=cnn: it holds 4 model variables, the model has 8"),
+    ("{run}", "does not fit --model=cnn: it holds 4 model weights, the model has 8"),
 ])
 def test_init_checkpoint_mistakes_say_what_is_wrong(finished, tmp_path, caplog, init, message):
     (tmp_path / "empty").mkdir()
@@ -253,12 +253,11 @@ def test_after_a_nonfinite_restore_the_learning_rate_is_the_steps(mock_tfds, tmp
 
 # ---------------------------------------------------------------------------------------------- Images
 def test_an_image_too_large_to_read_is_its_own_line_and_the_others_are_predicted(finished, tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Warns over 1000 pixels, refuses over 2000.
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 1600)  # As training and evaluation refuse it.
     for name, size in (("bomb.png", 50), ("big.png", 40), ("ok.png", 28)):
         Image.new("L", (size, size)).save(tmp_path / name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # Not even Pillow's DecompressionBombWarning for big.png.
-        results, errors = predict.predict(runs.load_model(finished.model_dir),
-                                          [str(tmp_path / n) for n in ("bomb.png", "big.png", "ok.png")])
+    results, errors = predict.predict(runs.load_model(finished.model_dir),
+                                      [str(tmp_path / n) for n in ("bomb.png", "big.png", "ok.png")])
     assert [path for path, _ in results] == [str(tmp_path / "big.png"), str(tmp_path / "ok.png")]
-    assert errors == [f"{tmp_path / 'bomb.png'}: too large to read (over 2,000 pixels)"]
+    assert errors == [f"{tmp_path / 'bomb.png'}: image of 50 x 50 pixels (height x width), over the budget of 1600 "
+                      "pixels: downscale it"]

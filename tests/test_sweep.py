@@ -7,6 +7,7 @@ Each costs seconds of TensorFlow start-up, so one sweep (module fixture) serves 
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import socket
 import sys
@@ -86,6 +87,24 @@ def test_rerun_skips_finished_runs_and_continues_the_others(swept):
     assert os.path.exists(os.path.join(swept.root, LOCKED, "results.json"))
 
 
+def test_rerun_with_other_shared_flags_refuses_the_finished_runs_and_trains_nothing(swept, tmp_path):
+    root = str(tmp_path / "lr")
+    shutil.copytree(swept.root, root)
+    command = [f"--root={root}", *SWEPT_GRID, f"--train_command={MOCK_TRAIN}", *TINY]
+    other = _python("launch.sweep", *[arg.replace("--model=mlp", "--model=cnn") for arg in command])
+    assert other.returncode == 1
+    record = _record(root)
+    assert {run["status"] for run in record.values()} == {"refused"}
+    assert all(run["reason"] == "--model: mlp -> cnn" for run in record.values())
+    assert f"refused {RESUMED}: it finished with other settings (--model: mlp -> cnn)" in other.stdout
+    assert all(_log(root, name) == _log(swept.root, name) for name in record)  # Nothing started.
+    same = _python("launch.sweep", *command)  # The same flags: skipped, recording the command that produced each.
+    assert same.returncode == 0 and {run["status"] for run in _record(root).values()} == {"skipped"}
+    assert _record(root)[RESUMED]["command"] == swept.second_record[RESUMED]["command"]
+    longer = _python("launch.sweep", "--dry_run", *[a.replace("--train_steps=4", "--train_steps=6") for a in command])
+    assert longer.returncode == 0 and longer.stdout.count("--train_steps=6") == 4  # A longer run goes on.
+
+
 def test_compare_averages_seeds_and_matches_results(swept):
     result = _python("research.compare", swept.root, "--json")
     assert result.returncode == 0, result.stderr
@@ -139,6 +158,7 @@ def test_grid_gives_seeds_and_semicolons_separate_list_values(tmp_path, capsys):
     (["--seeds=0"], "--seeds must be at least 1"),
     (["--parallel=0"], "--parallel must be at least 1"),
     (["--root=ram://sweep"], "--root=ram://sweep is in memory (ram://) and would be lost"),
+    (["--root=foo://bucket/sweep"], "--root=foo://bucket/sweep: TensorFlow cannot open it"),
 ])
 def test_bad_command_lines_fail_with_one_line(tmp_path, capsys, argv, message):
     assert cli.run(sweep.main, [f"--root={tmp_path / 'sweep'}", "--dry_run", *argv]) == 2

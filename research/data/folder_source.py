@@ -14,6 +14,8 @@ those files again, saying so when the folder has gained files since, and refusin
 travel in `Dataset.file_lists`; only research.train writes them, once a run has passed its resume checks: loading
 the data never changes the run directory. On resume the run's class names (dataset.json) are the truth: a folder
 whose training classes differ from them is refused, since every label would shift against the checkpoint.
+The lists hold paths within the folder, so a folder that moved is read where it is now, given as
+`--dataset=folder:NEW_PLACE` to the resume or the tools: it must hold every recorded file.
 """
 
 import os
@@ -34,13 +36,12 @@ def open_folder(config, root):
                         "URLs; copy or mount the folder")
     root = os.path.normpath(os.path.abspath(root))
     recorded = run_dir.read_data_files(config.model_dir)
-    if recorded and recorded.get("root") != root:
-        raise UserError(f"{config.model_dir} trained on folder:{recorded.get('root')}, not folder:{root}")
     run_classes = recorded.get("class_names") or run_dir.recorded_class_names(config.model_dir)
     if not os.path.isdir(root):
         if run_classes:
             raise UserError(f"folder:{root} no longer exists, and {config.model_dir} was trained on it: put the "
-                            "folder back there (the run reads the files it recorded)")
+                            "folder back there, or pass --dataset=folder:NEW_PLACE where it moved (the run reads "
+                            "the files it recorded, by their paths within the folder)")
         raise UserError(f"--dataset=folder:{root}: " + ("a file, not a folder of split folders" if os.path.exists(root)
                                                         else "no such directory"))
     prep = preprocess.preprocessing(config, (None, None, CHANNELS), CHANNELS)  # (After: a missing folder first.)
@@ -67,6 +68,9 @@ def open_folder(config, root):
         opened[flag, spec] = sources.FileSource(root, paths, labels, f"folder:{root} {spec}")
     if listing.skipped_line():
         logging.warning("%s", listing.skipped_line())
+    if recorded and recorded["root"] != root:  # Every recorded file was found under the new root (above).
+        print(f"folder:{root}: reading the files {config.model_dir} recorded in folder:{recorded['root']}, "
+              "which moved here")
     train, evaluated = opened.get(("train_split", config.train_split)), opened["eval_split", config.eval_split]
     if train:
         shared = len(set(train.paths) & set(evaluated.paths))

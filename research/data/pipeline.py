@@ -10,12 +10,11 @@ from the source (research/data/sources.py), then decodes and preprocesses them i
 (research/data/preprocess.py). The global batch of a step is the same for any number of replicas or workers.
 """
 
-import re
 
 import numpy as np
 import tensorflow as tf
 
-from research import UserError, cli
+from research import UserError
 from research.data import preprocess
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -173,11 +172,7 @@ def _check(read, source, index, channels):
         if source.encoded:
             preprocess.decode(image, channels).numpy()
     except READ_ERRORS as e:
-        message = cli.op_error_line(e)
-        # An assertion's own text (preprocess.within_pixel_budget), as eager and graph execution word it.
-        asserted = re.search(r"Summarized data: b'(.*)'$|assertion failed: \[(.*)\]$", message)
-        message = next(filter(None, asserted.groups())) if asserted else message
-        return message[:200] or type(e).__name__
+        return preprocess.decode_error_line(e)[:200]
     return None
 
 

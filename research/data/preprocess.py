@@ -13,12 +13,13 @@ Randomness is stateless, seeded by (seed, epoch, position in epoch) as research/
 
 import dataclasses
 import functools
+import re
 
 import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from research import UserError, augment, config as config_lib
+from research import UserError, augment, cli, config as config_lib
 from research.config import CHECKPOINT, TUNABLE, declare
 
 RANDOM_RESIZED_CROP = "random_resized_crop"
@@ -142,6 +143,14 @@ def decode(encoded, channels):
         image = tf.identity(image)
     image.set_shape([None, None, channels])
     return image
+
+
+def decode_error_line(error):
+    """Why `decode` (or reading the file) failed, in one line: TensorFlow's message, or the pixel budget's own text as
+    eager and graph execution word an assertion."""
+    message = cli.op_error_line(error)
+    asserted = re.search(r"Summarized data: b'(.*)'$|assertion failed: \[(.*)\]$", message)
+    return (next(filter(None, asserted.groups())) if asserted else message) or type(error).__name__
 
 
 def within_pixel_budget(size):

@@ -124,8 +124,9 @@ def _prepare(builder, name, config):
 
 def ensure_downloadable(builder, manual_dir):
     """Fails fast, naming the files to fetch, where TFDS would otherwise retry an unreachable download forever."""
+    infos = builder.url_infos or {}
     files = {url: getattr(info, "filename", None) or os.path.basename(urllib.parse.urlparse(url).path)
-             for url, info in (builder.url_infos or {}).items()}
+             for url, info in infos.items()}
     if manual_dir:
         if not os.path.isdir(manual_dir):
             raise UserError(f"--tfds_manual_dir={manual_dir} is not a directory")
@@ -133,6 +134,11 @@ def ensure_downloadable(builder, manual_dir):
         if missing or not files and not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
             raise UserError(f"--tfds_manual_dir={manual_dir} lacks {', '.join(missing) or 'the source files'} "
                             f"needed to prepare {builder.name}")
+        for url, name in files.items():  # Checked here, before TFDS prints its preparation and progress bars.
+            expected = getattr(infos[url], "checksum", None)
+            if expected and _sha256(os.path.join(manual_dir, name)) != expected:
+                raise UserError(f"{builder.name}: --tfds_manual_dir={manual_dir} holds another or a damaged {name} "
+                                f"(its SHA-256 is not the one TFDS registers for it); fetch it again and rerun")
         return
     hosts = sorted({urllib.parse.urlparse(url).hostname for url in files})
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS or not all(map(_reachable, hosts)):
@@ -140,6 +146,14 @@ def ensure_downloadable(builder, manual_dir):
             f"{builder.name} is not prepared in {builder.data_dir} and cannot be downloaded from here: "
             f"put {', '.join(sorted(files.values())) or 'its source files'} in a folder "
             f"and pass --tfds_manual_dir=FOLDER (or --data_dir=DIR where it is already prepared)")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
