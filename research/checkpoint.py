@@ -78,14 +78,24 @@ class Checkpoints:
         self._drop_scratch()
         return path
 
-    def save_best(self, step, accuracy):
-        """Keeps the checkpoint of the highest eval accuracy so far in `model_dir/best`; returns whether it did."""
-        if accuracy <= run_dir.read_best(self.model_dir)["accuracy"]:
+    def save_best(self, step, evaluation):
+        """Keeps the checkpoint of the highest --eval_split accuracy so far in `model_dir/best`; returns whether it
+        did. `evaluation` holds the accuracy, split and examples: best/ only ranks evaluations of the same split and
+        size, so a resume that changed --eval_split (or a folder split that changed) starts best/ anew, saying so."""
+        best = run_dir.read_best(self.model_dir)
+        measured = {key: evaluation[key] for key in ("split", "examples")}
+        comparable = all(best.get(key, value) == value for key, value in measured.items())  # (Older runs: no split.)
+        if comparable and evaluation["accuracy"] <= best["accuracy"]:
             return False
+        if not comparable:
+            logging.warning("best/ held step %s's accuracy %.4f on %s (%s examples); this run now evaluates %s (%d "
+                            "examples), which is not ranked against it: best/ starts anew at step %d", best["step"],
+                            best["accuracy"], best.get("split"), best.get("examples"), measured["split"],
+                            measured["examples"], step)
         _saved(self.best_manager, step, self.latest())
         self._drop_scratch()
         if self.is_chief:
-            run_dir.write_best(self.model_dir, accuracy, step)
+            run_dir.write_best(self.model_dir, {"accuracy": evaluation["accuracy"], "step": step, **measured})
         return True
 
     def _drop_scratch(self):

@@ -8,7 +8,10 @@ Finished runs report results.json; unfinished ones (no results.json) their lates
 status column saying so (failed, interrupted or running where the sweep's sweep.json says so). Where the runs' own
 records of what ran them (provenance.jsonl: research/provenance.py) differ -- Python, TensorFlow, Keras or TFDS
 version, code commit, host, CPU, GPUs -- those are columns too (a resume that changed one shows 'old -> new'; a run
-older than those records '-'); runs of other software are never averaged together. Also saves a plot
+older than those records '-'); runs of other software are never averaged together. A single run's eval accuracy
+shows its 95% Wilson interval; a run's wall time adds up all its starts (a resumed run's segments), and flags
+changed on a resume (flags_history.jsonl) are a column. Given exactly two runs whose final evaluations saw the same
+examples (their eval.examples.npz), McNemar's exact test says whether they differ beyond chance. Also saves a plot
 of the runs' eval accuracy curves: `compare.png` in the sweep root, or --plot=PATH. Every mistake is one
 `error: ...` line on stderr, exit status 2.
 """
@@ -27,7 +30,7 @@ if __name__ == "__main__":
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from research import UserError, config as config_lib, provenance, run_dir  # noqa: E402
+from research import UserError, config as config_lib, per_example, provenance, run_dir  # noqa: E402
 
 ASCENDING = ("eval_loss", "train_loss", "steps", "wall_time_s", "params")
 METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "steps", "wall_time_s", "params",
@@ -91,17 +94,21 @@ def _sweep_statuses(root):
 def read_run(path, name, sweep_status):
     """One run's flags, status, final (or latest) metrics and eval accuracy curve."""
     flags = run_dir.read_flags(path)
+    lines = run_dir.read_metrics(path, every_line=True)
     evals = [line for line in run_dir.read_metrics(path) if "accuracy" in line]
+    changed = [f"--{flag} {old} -> {new} at {record['step']}" for record in run_dir.read_flags_history(path)
+               for flag, (old, new) in record.get("changes", {}).items()]
     run = {"dir": path, "name": name, "seed": flags.get("seed"), "flags": flags,
-           "provenance": provenance.summary(run_dir.read_provenance(path)),
+           "provenance": provenance.summary(run_dir.read_provenance(path)), "changed": "; ".join(changed),
            "curve": [(line["step"], line["accuracy"]) for line in evals]}
     results = run_dir.read_results(path)
     if results is not None:
         try:
             run.update(status="finished", steps=results["step"], eval_accuracy=results["eval"]["accuracy"],
-                       eval_top5_accuracy=results["eval"].get("top5_accuracy"), eval_loss=results["eval"]["loss"], train_accuracy=results["train"].get("accuracy"),
-                       train_loss=results["train"].get("loss"), wall_time_s=results["wall_time_s"],
-                       params=results["params"])
+                       eval_accuracy_95=results["eval"].get("accuracy_95"),
+                       eval_top5_accuracy=results["eval"].get("top5_accuracy"), eval_loss=results["eval"]["loss"],
+                       train_accuracy=results["train"].get("accuracy"), train_loss=results["train"].get("loss"),
+                       wall_time_s=_whole_wall_time(lines, results["wall_time_s"]), params=results["params"])
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{run_dir.join(path, run_dir.RESULTS_FILE)} is not a research.train results file "
                             f"(lacks {e})") from None
@@ -109,9 +116,24 @@ def read_run(path, name, sweep_status):
     latest = evals[-1] if evals else {}
     status = sweep_status if sweep_status in ("failed", "running", "interrupted") else "unfinished"
     run.update(status=status, steps=latest.get("step"), eval_accuracy=latest.get("accuracy"),
-               eval_top5_accuracy=latest.get("top5_accuracy"), eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
-               train_loss=latest.get("train_loss"), wall_time_s=latest.get("elapsed_s"), params=None)
+               eval_accuracy_95=latest.get("accuracy_95"), eval_top5_accuracy=latest.get("top5_accuracy"),
+               eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
+               train_loss=latest.get("train_loss"), wall_time_s=_whole_wall_time(lines, latest.get("elapsed_s")),
+               params=None)
     return _numbers_checked(run, run_dir.join(path, run_dir.METRICS_FILE))
+
+
+def _whole_wall_time(lines, last):
+    """The wall time of all the run's starts: each earlier start's last elapsed_s in metrics.jsonl plus `last`, the
+    latest start's own (results.json's, or its latest line's). Runs older than the `segment` field: `last` alone."""
+    segments = {}
+    for line in lines:
+        if type(line.get("segment")) is int and isinstance(line.get("elapsed_s"), (int, float)):
+            segments[line["segment"]] = max(segments.get(line["segment"], 0), line["elapsed_s"])
+    if last is None or not segments:
+        return last
+    segments[max(segments)] = last
+    return round(sum(segments.values()), 1)
 
 
 def _numbers_checked(run, source):
@@ -160,7 +182,9 @@ def make_rows(runs, per_run):
         row = {"flags": {name: members[0]["flags"].get(name) for name in shown},
                "provenance": {name: " | ".join(dict.fromkeys(run["provenance"].get(name, "-") for run in members))
                               for name in origins},
-               "seeds": [run["seed"] for run in members], "status": members[0]["status"]}
+               "seeds": [run["seed"] for run in members], "status": members[0]["status"],
+               "changed": " | ".join(dict.fromkeys(run["changed"] for run in members if run["changed"])),
+               "eval_accuracy_95": members[0]["eval_accuracy_95"] if len(members) == 1 else None}
         for metric in METRICS:
             values = [run[metric] for run in members if run[metric] is not None]
             row[metric] = statistics.fmean(values) if values else None
@@ -183,11 +207,13 @@ def _row_name(row, per_run):
     return row["runs"][0]["name"] if per_run else " ".join(f"{k}={v}" for k, v in row["flags"].items())
 
 
-def _fmt(metric, value, std=None):
+def _fmt(metric, value, std=None, interval=None):
     if value is None:
         return "-"
     if metric in ("steps", "params", "wall_time_s"):
         return str(value) if isinstance(value, int) else f"{value:.1f}"
+    if interval:
+        return f"{value:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
     return f"{value:.4f}" if std is None else f"{value:.4f} ± {std:.4f}"
 
 
@@ -198,14 +224,15 @@ def format_table(rows, per_run):
     # Top-5 accuracy exists for datasets of more than 5 classes only: a column where some run has it.
     metrics = [m for m in TABLE_METRICS if m != "eval_top5_accuracy" or any(row[m] is not None for row in rows)]
     header = (["run"] if per_run else []) + flag_names + ([] if per_run else ["seeds"]) + ["status", *metrics]
-    header += origin_names
+    changes = any(row["changed"] for row in rows)
+    header += origin_names + (["changed during the run"] if changes else [])
     lines = [header]
     for row in rows:
         cells = [row["runs"][0]["name"]] if per_run else []
         cells += [str(row["flags"][name]) for name in flag_names]
         cells += [] if per_run else [",".join(str(s) for s in row["seeds"])]
-        cells += [row["status"]] + [_fmt(m, row[m], row.get(f"{m}_std")) for m in metrics]
-        cells += [row["provenance"][name] for name in origin_names]
+        cells += [row["status"]] + [_fmt(m, row[m], row.get(f"{m}_std"), row.get(f"{m}_95")) for m in metrics]
+        cells += [row["provenance"][name] for name in origin_names] + ([row["changed"] or "-"] if changes else [])
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
@@ -278,6 +305,8 @@ def main(argv=None):
         write_csv(rows, sys.stdout)
     else:
         print(format_table(rows, args.per_run))
+        if len(runs) == 2:
+            print(per_example.paired_test([run["name"] for run in runs], [run["dir"] for run in runs]))
     plot_path = None if args.no_plot else args.plot or (run_dir.join(roots[0], run_dir.COMPARE_FILE) if len(roots) == 1
                                                         else None)
     if plot_path:

@@ -96,6 +96,12 @@ declare(CHECKPOINT, flags.DEFINE_string(
     "both, e.g. 'train[:90%]'."))
 declare(TUNABLE, flags.DEFINE_string(
     "eval_split", "test", "Split to evaluate on, every example exactly once (e.g. test, val)."))
+declare(TUNABLE, flags.DEFINE_list(
+    "extra_eval", [],
+    "More splits evaluated at every evaluation beside --eval_split (e.g. test,train[:2%]), each with its own "
+    "TensorBoard run (eval_<split>), metrics.jsonl fields and results; best/ is still picked by --eval_split. A "
+    "split that shares only some of its examples with --train_split is refused (a minival carved from training "
+    "must not overlap it); one inside the training split measures accuracy on training examples."))
 declare(PATH, flags.DEFINE_string(
     "data_dir", None, "Where TFDS keeps prepared datasets (TFDS default: ~/tensorflow_datasets)."),
         only_if=lambda c: not c.dataset.startswith("folder:"), when="for TFDS datasets, not folder:PATH")

@@ -104,7 +104,7 @@ class Teacher:
         student's top-1 class is the teacher's, "teacher_kl": mean KL(teacher || student) at temperature 1}, the
         student in inference mode."""
 
-        def replica_agreement(images, labels):
+        def replica_agreement(images, labels, _):  # (Eval batches carry each example's index too.)
             student, teacher = tf.cast(model(images, training=False), tf.float32), self.logits(images)
             agree = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(student, -1), tf.argmax(teacher, -1)), tf.float32))
             return tf.stack([agree, tf.reduce_sum(loss(teacher, student, 1.0)),
@@ -113,8 +113,8 @@ class Teacher:
         @tf.function
         def totals(dist_dataset):
             summed = tf.zeros([3])
-            for images, labels in dist_dataset:
-                summed += strategy.reduce(SUM, strategy.run(replica_agreement, args=(images, labels)), axis=None)
+            for batch in dist_dataset:
+                summed += strategy.reduce(SUM, strategy.run(replica_agreement, args=batch), axis=None)
             return summed
 
         def agreement(dist_dataset):

@@ -1,17 +1,27 @@
-"""Evaluate a run's checkpoint on every example of a split:
-`python -m research.evaluate --model_dir=RUN [--checkpoint=latest|best|PATH] [--split=test]`.
+"""Evaluate a run's checkpoint on every example of its eval sets:
+`python -m research.evaluate --model_dir=RUN [--checkpoint=latest|best|all|PATH] [--split=test] [--tta=flip]
+[--image_size=N] [--predictions=FILE.csv]`.
 
-Prints the exact accuracy and loss, the accuracy of each class and the confusion matrix, and writes into the run
-directory report.json (all of it), confusion_matrix.png, predictions.png (the first test images with predicted
-class, confidence and true class, red when wrong) and curves.png (the run's learning curves so far). A run
-directory it cannot write (read-only, full) still gets the numbers printed, then one error line (exit status 2).
+Prints, for the run's --eval_split and each --extra_eval split (or only --split where given), the exact accuracy with
+its 95% Wilson interval, the loss (the negative log-likelihood), the expected calibration error (15 bins) and the
+macro/weighted F1, then the first set's per-class precision, recall and F1 and its confusion matrix; writes into the
+run directory report.json (all of it), confusion_matrix.png, reliability.png (the reliability diagram),
+mistakes.png (the most confident mistakes), predictions.png (the first images with predicted class, confidence and
+true class, red when wrong), curves.png (the run's learning curves so far) and each set's per-example record
+(<tag>.examples.npz: label, prediction, confidence), which `research.compare A B` pairs for McNemar's test.
+A run directory it cannot write (read-only, full) still gets the numbers printed, then one error line (exit status
+2).
 
 The numbers are computed by research.train's own evaluation function over research.data's own eval pipeline,
 with the run's flags (--data_dir / --tfds_manual_dir / --dataset=folder:NEW_PLACE override the recorded ones, for
 data that moved), so evaluating the checkpoint of a training evaluation reproduces that evaluation exactly. (The model
 computes in float32: a --mixed_precision run's own evaluations differ by their half-precision rounding.)
+`--checkpoint=all` evaluates every checkpoint the run keeps, oldest first, one line each; the files are the newest's.
 """
 
+import csv
+import dataclasses
+import io
 import sys
 
 from research import cli
@@ -19,6 +29,15 @@ from research import cli
 PARSER = cli.run_tool_parser("python -m research.evaluate", __doc__)
 PARSER.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
 cli.add_data_location(PARSER)
+PARSER.add_argument("--tta", choices=("none", "flip"), default="none",
+                    help="Test-time augmentation: flip averages the class probabilities of each image and its mirror "
+                         "image (left-right).")
+PARSER.add_argument("--image_size", type=int, metavar="N",
+                    help="Evaluate at N x N pixels instead of the training size (test-time resolution), for models "
+                         "whose weights do not depend on it (resnets: global pooling).")
+PARSER.add_argument("--predictions", metavar="PATH.csv",
+                    help="Also write one CSV row per example of the first set: index, example (file or record), "
+                         "label, prediction, probability of the prediction.")
 
 if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command line answers at once.
     cli.start()
@@ -27,68 +46,69 @@ if __name__ == "__main__":  # Before TensorFlow loads (seconds): a wrong command
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import UserError, data, plots, run_dir, runs, train_lib  # noqa: E402
+from research import UserError, data, evaluation, metrics, per_example, plots, run_dir, runs  # noqa: E402
 
 PREDICTIONS_SHOWN = 25
 PRINTED_MATRIX_MAX_CLASSES = 20  # A bigger confusion matrix is only drawn, not printed.
+SCORES = ("precision", "recall", "f1")  # The per-class table's columns.
 
 
-def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None, dataset=None):
+def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_manual_dir=None, dataset=None,
+             tta="none", predictions=None, image_size=None):
     """Evaluates and writes the report files; returns the report dict (also model_dir/report.json). `data_dir`,
     `tfds_manual_dir` and `dataset` say where the run's data is now (runs.data_location)."""
+    if predictions == "" or predictions and run_dir.isdir(predictions):  # Said before the work, not after it.
+        raise UserError(f"--predictions={predictions} is {'a directory' if predictions else 'empty'}: give a file "
+                        "name such as predictions.csv")
     overrides = runs.data_location(model_dir, data_dir=data_dir, tfds_manual_dir=tfds_manual_dir, dataset=dataset)
     restored = runs.load_model(model_dir, checkpoint, **overrides)
-    config, model, info = restored.config, restored.model, restored.dataset
+    if image_size is not None:
+        restored = _at_size(restored, image_size)
+        overrides["image_size"] = str(image_size)
+    model, info = restored.model, restored.dataset
     if split == "":
         raise UserError("--split is empty: give a split such as test or 'train[90%:]'")
-    split = split or config.eval_split
     # No training split: evaluation neither reads the training data nor depends on it being there.
+    sets = {"train_split": None} if split is None else {"train_split": None, "eval_split": split, "extra_eval": ""}
+    config = runs.read_config(model_dir, **overrides, **sets)
     try:
-        dataset = runs.load_dataset(model_dir, restored, **overrides, train_split=None, eval_split=split)
+        dataset = runs.load_dataset(model_dir, restored, **overrides, **sets)
     except UserError as e:  # It names the training flag that --split stands in for.
         raise UserError(str(e).replace(f"--eval_split={split}", f"--split={split}")) from None
 
-    strategy = tf.distribute.get_strategy()
-    evaluation = train_lib.make_evaluate(strategy, model, dataset.num_classes)
-    try:
-        loss, confusion, top_k = (t.numpy() for t in evaluation(
-            strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))))
-    except data.READ_ERRORS:
-        bad = data.unreadable_eval_example(dataset)
-        if bad is None:
-            raise
-        raise UserError(f"cannot read eval example {bad}; {dataset.eval.advice}") from None
-    metrics = train_lib.summarize_eval(loss, confusion, top_k)
-    confusion = confusion.astype(np.int64)
-    correct = np.diag(confusion)
-    per_class = confusion.sum(axis=1)
-    report = {
-        "model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, "split": split,
-        **metrics,
-        "per_class": [{"class": i, "name": name, "examples": int(n), "correct": int(c),
-                       "accuracy": float(c / n) if n else None}
-                      for i, (name, n, c) in enumerate(zip(info.class_names, per_class, correct))],
-        "confusion_matrix": confusion.tolist(),
-    }
+    evaluator = evaluation.Evaluator(tf.distribute.get_strategy(), model, dataset, config, "eval" if split in (
+        None, restored.config.eval_split) else evaluation.tag_of(split), tta=tta)  # (Whose records the files are.)
+    main, *extra = evaluator.evaluate()
+    report = {"model_dir": model_dir, "checkpoint": restored.checkpoint, "step": restored.step, "tta": tta,
+              "image_size": list(info.image_shape[:2]),
+              **main.scalars,
+              **main.details, "confusion_matrix": main.confusion.astype(np.int64).tolist(),
+              "extra_eval": {r.split: {**r.scalars, **r.details} for r in extra}}
 
     report["files"] = []
     try:  # A run directory that cannot be written (read-only, full) still gets its numbers printed.
-        report["files"] = _write_files(model_dir, report, model, dataset, config, info, split, confusion)
+        report["files"] = _write_files(model_dir, report, restored, dataset, config, evaluator, (main, *extra),
+                                       predictions)
     except UserError as e:
         report["not_written"] = str(e)
     return report
 
 
-def _write_files(model_dir, report, model, dataset, config, info, split, confusion):
-    """The figures and report.json in the run directory; returns their paths."""
-    inputs, labels = data.first_eval_examples(dataset, config, PREDICTIONS_SHOWN)
+def _write_files(model_dir, report, restored, dataset, config, evaluator, results, predictions):
+    """The figures, per-example records, --predictions file and report.json; returns their paths."""
+    main, model, info = results[0], restored.model, restored.dataset
+    inputs, labels = data.eval_examples(dataset, config, range(min(PREDICTIONS_SHOWN, len(dataset.eval))))
     probabilities = tf.nn.softmax(model(inputs, training=False)).numpy()
     images = np.asarray(dataset.preprocessing.for_display(inputs))
-    files = [run_dir.save_figure(plots.confusion(confusion, info.class_names),
-                                 run_dir.join(model_dir, run_dir.CONFUSION_FILE)),
-             run_dir.save_figure(plots.predictions(images, labels, probabilities, info.class_names,
-                                                   title=f"{split}: first {len(images)} examples"),
-                                 run_dir.join(model_dir, run_dir.PREDICTIONS_FILE))]
+    figures = {run_dir.CONFUSION_FILE: plots.confusion(main.confusion, info.class_names),
+               run_dir.RELIABILITY_FILE: plots.reliability(main.bins, main.split),
+               run_dir.MISTAKES_FILE: evaluator.mistakes_figure(main),
+               run_dir.PREDICTIONS_FILE: plots.predictions(images, labels, probabilities, info.class_names,
+                                                           title=f"{main.split}: first {len(images)} examples")}
+    files = [run_dir.save_figure(figure, run_dir.join(model_dir, name)) for name, figure in figures.items()]
+    files += [per_example.write(model_dir, result, restored.step, info.name) for result in results]
+    if predictions:
+        files.append(_write_predictions(predictions, main, dataset))
     if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
     path = run_dir.join(model_dir, run_dir.REPORT_FILE)
@@ -97,15 +117,19 @@ def _write_files(model_dir, report, model, dataset, config, info, split, confusi
 
 
 def format_report(report):
-    """The report as the lines printed: totals, a per-class table and (for few classes) the confusion matrix."""
-    lines = [f"{report['checkpoint']} (step {report['step']}) on split {report['split']}: "
-             f"accuracy {report['accuracy']:.4f} ({sum(c['correct'] for c in report['per_class'])}/"
-             f"{report['examples']}), loss {report['loss']:.4f}"
-             + (f", top-5 accuracy {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""),
-             "", f"{'class':>5}  {'name':<16} {'accuracy':>8} {'examples':>8}"]
-    for c in report["per_class"]:
-        accuracy = "-" if c["accuracy"] is None else f"{c['accuracy']:.4f}"
-        lines.append(f"{c['class']:>5}  {str(c['name'])[:16]:<16} {accuracy:>8} {c['examples']:>8}")
+    """The report as the lines printed: each set's totals, the first set's per-class table and (for few classes)
+    its confusion matrix."""
+    lines = [f"{report['checkpoint']} (step {report['step']}) on split {report['split']}: accuracy "
+             f"{metrics.interval_text(report)} ({sum(c['correct'] for c in report['per_class'])}/"
+             f"{report['examples']}, 95% Wilson interval), loss (NLL) {report['loss']:.4f}"
+             + (f", top-5 accuracy {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else "")
+             + f", ECE {report['ece']:.4f}"]
+    lines += [f"  also {split}: accuracy {metrics.interval_text(extra)}, loss (NLL) {extra['loss']:.4f}, ECE "
+              f"{extra['ece']:.4f} ({extra['examples']} examples)" for split, extra in report["extra_eval"].items()]
+    lines += ["", f"{'class':>5}  {'name':<16} {'precision':>9} {'recall':>8} {'F1':>8} {'examples':>8}"]
+    lines += [_table_row(c["class"], c["name"], [c[key] for key in SCORES], c["examples"]) for c in report["per_class"]]
+    lines += [_table_row("", f"{average} average", [report[f"{average}_{key}"] for key in SCORES], report["examples"])
+              for average in ("macro", "weighted")]
     matrix = np.array(report["confusion_matrix"])
     lines.append("")
     if len(matrix) > PRINTED_MATRIX_MAX_CLASSES:
@@ -118,9 +142,55 @@ def format_report(report):
     return "\n".join(lines)
 
 
+def _at_size(restored, size):
+    """`restored` with its model rebuilt for size x size inputs and given the same weights."""
+    if not 0 < size <= 4096:
+        raise UserError(f"--image_size must be in [1, 4096], got {size}")
+    info = restored.dataset
+    info = dataclasses.replace(info, image_shape=(size, size, info.image_shape[2]), preprocessing=dataclasses.replace(
+        info.preprocessing, image_size=(size, size)))
+    try:
+        model = runs.build_model(restored.config, info)
+    except ValueError as e:
+        raise UserError(f"--image_size={size}: --model={restored.config.model} does not take {size}x{size} images "
+                        f"({str(e).splitlines()[0][:150]})") from None
+    for target, source in zip(model.variables, restored.model.variables):
+        if target.shape != source.shape:
+            raise UserError(f"--image_size={size}: --model={restored.config.model}'s weights depend on the input "
+                            f"size ({source.path}: {source.shape.as_list()} at {restored.dataset.image_shape[0]}, "
+                            f"{target.shape.as_list()} at {size})")
+        target.assign(source)
+    return restored._replace(model=model, dataset=info)
+
+
+def _write_predictions(path, result, dataset):
+    """One CSV row per example of `result`'s set: where it is, its label, the prediction and its probability."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["index", "example", "label", "prediction", "probability"])
+    names = dataset.class_names
+    for index, (label, predicted, confidence) in enumerate(result.per_example):
+        writer.writerow([index, dataset.eval.name_of(index), names[int(label)], names[int(predicted)],
+                         f"{confidence:.6f}"])
+    return run_dir.write(path, out.getvalue())
+
+
+def _table_row(number, name, scores, examples):
+    cells = " ".join(f"{'-' if v is None else format(v, '.4f'):>{width}}" for v, width in zip(scores, (9, 8, 8)))
+    return f"{number:>5}  {str(name)[:16]:<16} {cells} {examples:>8}"
+
+
 def _main(argv):
     args = PARSER.parse_args(argv)
-    report = evaluate(args.model_dir, args.checkpoint, args.split, args.data_dir, args.tfds_manual_dir, args.dataset)
+    # Oldest first, so that the files left are the newest checkpoint's.
+    checkpoints = runs.checkpoint_paths(args.model_dir)[::-1] if args.checkpoint == "all" else [args.checkpoint]
+    for checkpoint in checkpoints:
+        report = evaluate(args.model_dir, checkpoint, args.split, args.data_dir, args.tfds_manual_dir, args.dataset,
+                          args.tta, args.predictions, args.image_size)
+        if len(checkpoints) > 1:
+            print(format_report(report).split("\n")[0])
+    if len(checkpoints) > 1:
+        print()
     print(format_report(report))
     if "not_written" in report:
         print(f"error: {report['not_written']} (the report above is not saved)", file=sys.stderr)

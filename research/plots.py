@@ -1,4 +1,4 @@
-"""Figures of a run: learning curves, confusion matrix, labelled image grids.
+"""Figures of a run: learning curves, confusion matrix, reliability diagram, labelled image grids.
 
 Shared by TensorBoard (research/reporting.py turns a figure into an image summary through `to_png`) and
 research/evaluate.py (PNG files in the run directory), so both show the same pictures. Figures are built with
@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from research import UserError, run_dir
+from research import UserError, metrics, run_dir
 
 CORRECT_COLOR, WRONG_COLOR = "tab:blue", "tab:red"
 ANNOTATE_MAX_CLASSES = 20  # Above this the counts of a confusion matrix no longer fit in its cells.
@@ -77,6 +77,31 @@ def confusion(matrix, class_names):
             if count:
                 ax.text(col, row, f"{int(count)}", ha="center", va="center", fontsize=7,
                         color="white" if rates[row, col] > 0.5 else "black")
+    return figure
+
+
+def reliability(bins, split):
+    """The reliability diagram of [bins, 3] sums (examples, confidence, correct) per confidence bin
+    (research/evaluation.py): each bin's accuracy against the diagonal of perfect calibration, the bars' gap to it
+    weighted by the share of examples being the expected calibration error, and how many examples each bin holds."""
+    bins = np.asarray(bins, np.float64)
+    count = bins[:, 0]
+    edges = np.linspace(0, 1, len(bins) + 1)
+    centers, width = (edges[:-1] + edges[1:]) / 2, 1 / len(bins)
+    filled = count > 0  # Empty bins have no accuracy to draw.
+    accuracy, confidence = bins[filled, 2] / count[filled], bins[filled, 1] / count[filled]
+    figure = Figure(figsize=(9, 4), layout="constrained")
+    ax, counts = figure.subplots(1, 2)
+    ax.bar(centers[filled], accuracy, width=width, edgecolor="black", color=CORRECT_COLOR, label="accuracy")
+    ax.bar(centers[filled], confidence - accuracy, bottom=accuracy, width=width, color=WRONG_COLOR, alpha=0.4,
+           label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"{split}: ECE {metrics.calibration(bins):.4f} ({int(count.sum())} examples, {len(bins)} bins)")
+    ax.legend(loc="upper left")
+    counts.bar(centers, count, width=width, edgecolor="black", color="tab:gray")
+    counts.set(xlim=(0, 1), xlabel="confidence", ylabel="examples", yscale="log" if count.max() > 0 else "linear",
+               title="examples per bin")
     return figure
 
 

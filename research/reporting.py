@@ -1,7 +1,8 @@
 """What a run tells the researcher: console lines (a Keras progress bar on a terminal), `metrics.jsonl` (one JSON
-line per evaluation), and TensorBoard: scalars under `model_dir/train` and `model_dir/eval`; a grid of training
-inputs as the model sees them (after augmentation); at each evaluation the confusion matrix and the misclassified
-eval examples; weight histograms every --histogram_every steps; and the run's flags as HParams, in `model_dir`
+line per evaluation), and TensorBoard: scalars under `model_dir/train`, `model_dir/eval` (--eval_split) and one
+`model_dir/eval_<split>` per --extra_eval split; a grid of training inputs as the model sees them (after
+augmentation); at each evaluation of --eval_split the confusion matrix, the reliability diagram and the most
+confident mistakes; weight histograms every --histogram_every steps; and the run's flags as HParams, in `model_dir`
 itself, so that TensorBoard pointed at a sweep's parent directory lines its runs up in the HParams dashboard.
 
 Only the chief writes files; every worker still computes the numbers (reading them is a collective).
@@ -14,11 +15,10 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from research import config as config_lib, data, plots, run_dir
+from research import config as config_lib, data, evaluation, plots, run_dir
 
 INPUTS_SHOWN = 36  # Training inputs in the grid.
-MISTAKES_SCANNED = 1000  # Eval examples searched for mistakes at each evaluation...
-MISTAKES_SHOWN = 25  # ...and how many of those found are shown.
+EVAL_SCALARS = ("loss", "accuracy", "top5_accuracy", "ece", "macro_f1")  # Of each eval set, in TensorBoard.
 # The HParams dashboard's metric columns: the last value of these scalars, i.e. of the final evaluation.
 HPARAMS_METRICS = [hp.Metric(tag, group=group, display_name=f"{group} {tag}")
                    for group in ("eval", "train") for tag in ("accuracy", "loss")]
@@ -33,8 +33,8 @@ def _fmt_time(seconds):
 class Reporter:
     """Created by the train loop after the model is built; `dataset` is a research.data.Dataset."""
 
-    def __init__(self, config, dataset, model, total_steps, steps_per_epoch, start_step, is_chief=True):
-        self.config, self.dataset, self.model = config, dataset, model
+    def __init__(self, config, dataset, model, evaluator, total_steps, steps_per_epoch, start_step, is_chief=True):
+        self.config, self.dataset, self.model, self.evaluator = config, dataset, model, evaluator
         model_dir = self.model_dir = config.model_dir
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
@@ -47,11 +47,12 @@ class Reporter:
         self.started = time.time()
         self.start_step = start_step
         self.inputs_written = False
-        self.eval_sample = None
         self.histograms_at = start_step
+        # Which start of the run this is (0: the first), so that research.compare can add up each one's wall time.
+        self.segment = max(len(run_dir.read_provenance(model_dir)) - 1, 0) if is_chief else 0
         if is_chief:
-            self.writers = {name: tf.summary.create_file_writer(run_dir.join(model_dir, name))
-                            for name in ("train", "eval")}
+            self.writers = {name: tf.summary.create_file_writer(run_dir.join(model_dir, name)) for name in
+                            ("train", "eval", *(evaluation.tag_of(split) for split in config.extra_eval))}
             self._write_hparams()
 
     def _new_progbar(self):
@@ -87,28 +88,31 @@ class Reporter:
               + f" lr {metrics['learning_rate']:.3g} {metrics['images_per_sec']:.0f} img/s ETA {_fmt_time(eta)}",
               flush=True)
 
-    def eval(self, step, metrics, confusion):
-        """After each evaluation: console line, eval scalars, one metrics.jsonl line. `confusion` is the
-        [true, predicted] count matrix over the whole eval split."""
-        self.scalars("eval", step, {k: v for k, v in metrics.items() if k in ("loss", "accuracy", "top5_accuracy")})
+    def eval(self, step, results, fields):
+        """After each evaluation, with its evaluation.Result of each eval set (--eval_split first) and the `fields`
+        its metrics.jsonl line adds (time, training means): console lines, TensorBoard, one metrics.jsonl line
+        holding --eval_split's numbers at the top and each --extra_eval split's under `extra_eval`."""
+        for result in results:
+            self.scalars(result.tag, step, {k: v for k, v in result.scalars.items() if k in EVAL_SCALARS})
         if self.tty and step % self.steps_per_epoch:
             print()  # Leave the unfinished progress bar's line.
-        top5 = f" top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
-        print(f"eval step {step}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f}{top5} "
-              f"({metrics['examples']} examples)", flush=True)
+        for result in results:
+            print(f"eval step {step}: {evaluation.summary_line(result)}", flush=True)
         if self.is_chief:
-            run_dir.append_metrics(self.model_dir, {"step": step, **metrics})
-            self.image("eval", "confusion_matrix", step, plots.confusion(confusion, self.dataset.class_names))
-            self.image("eval", "misclassified", step, self._misclassified())
+            main = results[0]
+            extra = {result.split: {k: v for k, v in result.scalars.items() if k != "split"} for result in results[1:]}
+            run_dir.append_metrics(self.model_dir, {"step": step, **main.scalars, **fields, "segment": self.segment,
+                                                    **({"extra_eval": extra} if extra else {})})
+            self.image("eval", "confusion_matrix", step, plots.confusion(main.confusion, self.dataset.class_names))
+            self.image("eval", "reliability", step, plots.reliability(main.bins, main.split))
+            self.image("eval", "misclassified", step, self.evaluator.mistakes_figure(main))
 
     def finish(self, results):
-        """At the end of training, with the dict written to results.json."""
-        self.flush()
-
-    def flush(self):
+        """At the end of training, with the dict written to results.json: the event files are closed, not left to
+        the garbage collector (a run directory on a filesystem being unmounted or made read-only must not be busy)."""
         if self.is_chief:
             for writer in self.writers.values():
-                writer.flush()
+                writer.close()
 
     def image(self, kind, tag, step, figure):
         """A matplotlib figure as an image summary."""
@@ -153,17 +157,3 @@ class Reporter:
             for variable in self.model.weights:
                 if "float" in str(variable.dtype):
                     tf.summary.histogram(f"weights/{variable.path}", variable)
-
-    def _misclassified(self):
-        """The Keras tutorial's prediction grid for the mistakes among the first eval examples."""
-        if self.eval_sample is None:  # Read once through the eval pipeline: the inputs as evaluation sees them.
-            self.eval_sample = data.first_eval_examples(self.dataset, self.config, MISTAKES_SCANNED)
-        inputs, labels = self.eval_sample
-        batch = 250  # Eager calls: few and large.
-        probabilities = np.concatenate([tf.nn.softmax(self.model(inputs[i:i + batch], training=False))
-                                        for i in range(0, len(inputs), batch)])
-        wrong = np.flatnonzero(np.argmax(probabilities, -1) != labels)
-        shown = wrong[:MISTAKES_SHOWN]
-        images = np.asarray(self.dataset.preprocessing.for_display(inputs[shown]))
-        return plots.predictions(images, labels[shown], probabilities[shown], self.dataset.class_names,
-                                 title=f"{len(wrong)} of the first {len(inputs)} eval examples misclassified")

@@ -16,7 +16,8 @@ Layout (research/trainer.py writes it, the tools read it):
   flags_history.jsonl  the flags a resume changed (learning rate, length, ...), one line per such resume
   provenance.jsonl  one JSON line per start or resume: versions, git commit, host, devices, command (provenance.py)
   ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
-  train/, eval/  TensorBoard events           LOCK   the one writer    curves.png, report.json, ...   figures, reports
+  eval.examples.npz, eval_<split>.examples.npz  each example's label, prediction, confidence (per_example.py)
+  train/, eval/, eval_<split>/  TensorBoard events   LOCK  the one writer   curves.png, report.json, ...  figures
 """
 
 import contextlib
@@ -59,6 +60,8 @@ CURVES_FILE = "curves.png"
 REPORT_FILE = "report.json"
 CONFUSION_FILE = "confusion_matrix.png"
 PREDICTIONS_FILE = "predictions.png"
+RELIABILITY_FILE = "reliability.png"
+MISTAKES_FILE = "mistakes.png"
 SWEEP_FILE = "sweep.json"  # In a sweep root (launch/sweep.py), beside its runs...
 COMPARE_FILE = "compare.png"  # ...and research.compare's plot of them.
 LOG_FILE = "train.log"  # In each run of a sweep: its console output.
@@ -112,12 +115,19 @@ def check_filesystem(path, flag="--model_dir"):
 
 
 # ------------------------------------------------------------------------------------------------ Whole files
-def read_text(path):
+def read_bytes(path):
     try:
         with _gfile().GFile(path, "rb") as f:
-            return f.read().decode()
-    except (_tf().errors.OpError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'message', e)}") from None
+            return f.read()
+    except _tf().errors.OpError as e:
+        raise UserError(f"cannot read {path}: {e.message}") from None
+
+
+def read_text(path):
+    try:
+        return read_bytes(path).decode()
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read {path}: {e}") from None
 
 
 def read_json(path):
@@ -224,12 +234,19 @@ def record_flag_changes(model_dir, step, changes):
 
 
 STEP_RECORDS = (METRICS_FILE, BEST_DIR, RESULTS_FILE, "train", "eval", CURVES_FILE, REPORT_FILE, CONFUSION_FILE,
-                PREDICTIONS_FILE)  # What a run writes of its steps (train/, eval/: TensorBoard), as opposed to its setup.
+                PREDICTIONS_FILE, RELIABILITY_FILE, MISTAKES_FILE, "eval_*", "*.examples.npz")  # What a run writes of
+# its steps (train/, eval/, eval_<split>/: TensorBoard; <tag>.examples.npz: per-example records), not of its setup.
+
+
+def _step_records(model_dir):
+    """The names of STEP_RECORDS present in `model_dir`, patterns expanded."""
+    return list(dict.fromkeys(posixpath.basename(path) for name in STEP_RECORDS for path in (
+        glob(join(model_dir, name)) if "*" in name else [join(model_dir, name)]) if _gfile().exists(path)))
 
 
 def has_records(model_dir):
     """Whether `model_dir` holds anything of an earlier attempt at a run: its flags or a record of its steps."""
-    return is_run(model_dir) or any(_gfile().exists(join(model_dir, name)) for name in STEP_RECORDS)
+    return is_run(model_dir) or bool(_step_records(model_dir))
 
 
 def rewind(model_dir, step, restart=False):
@@ -238,9 +255,8 @@ def rewind(model_dir, step, restart=False):
     steps, and with `restart` (no checkpoint: the run starts again at step 0) every record of its steps, TensorBoard
     events and figures included. Returns the names removed."""
     if restart and not is_run(model_dir) and has_records(model_dir):
-        raise UserError(f"{model_dir} holds records of an earlier run ("
-                        f"{', '.join(n for n in STEP_RECORDS if _gfile().exists(join(model_dir, n)))}) but no "
-                        f"{FLAGS_FILE} to check its settings against: use a new --model_dir, or remove them")
+        raise UserError(f"{model_dir} holds records of an earlier run ({', '.join(_step_records(model_dir))}) but "
+                        f"no {FLAGS_FILE} to check its settings against: use a new --model_dir, or remove them")
     removed = []
     metrics = read_metrics(model_dir)
     kept = [record for record in metrics if record["step"] <= step]
@@ -253,7 +269,9 @@ def rewind(model_dir, step, restart=False):
     if (read_results(model_dir) or {}).get("step", -1) > step:
         _gfile().remove(join(model_dir, RESULTS_FILE))
         removed.append(RESULTS_FILE)
-    for name in STEP_RECORDS[3:] if restart else ():  # (Those after the three above.)
+    for name in _step_records(model_dir) if restart else ():
+        if name in STEP_RECORDS[:3]:  # (Those above.)
+            continue
         path = join(model_dir, name)
         if _gfile().isdir(path):
             remove_tree(path)
@@ -320,13 +338,22 @@ def append_metrics(model_dir, record):
     append_line(join(model_dir, METRICS_FILE), json.dumps(record))
 
 
-def read_metrics(model_dir):
-    """The evaluations of metrics.jsonl, one dict per step in step order ([] if none yet).
+def read_metrics(model_dir, every_line=False):
+    """The evaluations of metrics.jsonl, one dict per step in step order ([] if none yet), or with `every_line`
+    every line as written.
 
     A step evaluated twice (a run resumed from a checkpoint older than its last evaluation) keeps its latest line.
     """
-    by_step = {record["step"]: record for record in _read_records(join(model_dir, METRICS_FILE), "step")}
+    records = _read_records(join(model_dir, METRICS_FILE), "step")
+    if every_line:
+        return records
+    by_step = {record["step"]: record for record in records}
     return [by_step[step] for step in sorted(by_step)]
+
+
+def read_flags_history(model_dir):
+    """flags_history.jsonl's records ({step, time, changes: {name: [old, new]}}), oldest first ([] if none)."""
+    return _read_records(join(model_dir, FLAGS_HISTORY_FILE), "step")
 
 
 def append_provenance(model_dir, record):
@@ -379,7 +406,8 @@ def read_results(model_dir):
 
 
 def read_best(model_dir):
-    """best/best.json: the best evaluation's accuracy and step so far ({'accuracy': -1} before the first)."""
+    """best/best.json: the best evaluation's accuracy, step, split and examples so far ({'accuracy': -1} before the
+    first; runs older than eval sets recorded no split)."""
     path = join(model_dir, BEST_DIR, BEST_FILE)
     if not _gfile().exists(path):
         return {"accuracy": -1.0}
@@ -390,8 +418,14 @@ def read_best(model_dir):
     return best
 
 
-def write_best(model_dir, accuracy, step):
-    write_json(join(model_dir, BEST_DIR, BEST_FILE), {"accuracy": accuracy, "step": step}, indent=None)
+def write_best(model_dir, best):
+    write_json(join(model_dir, BEST_DIR, BEST_FILE), best, indent=None)
+
+
+def per_example_path(model_dir, tag):
+    """Where an evaluation of eval set `tag` (eval, eval_<split>) keeps each example's label, prediction and
+    confidence (research/evaluation.py)."""
+    return join(model_dir, f"{tag}.examples.npz")
 
 
 @contextlib.contextmanager

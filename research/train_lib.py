@@ -1,6 +1,6 @@
-"""The train step library: what a training run and the tools that share its computation (research.evaluate,
-research.benchmark) build and call. `build` creates the model, optimizer, step and weight average; `make_train_loop`
-is the train step, run `steps_per_loop` times inside one tf.function call; `make_evaluate` the evaluation pass.
+"""The train step library: what a training run and the tools that share its computation (research.benchmark) build
+and call. `build` creates the model, optimizer, step and weight average; `make_train_loop` is the train step, run
+`steps_per_loop` times inside one tf.function call (the evaluation pass is research/evaluation.py's).
 research/trainer.py strings them into a run.
 """
 
@@ -206,40 +206,3 @@ class WeightAverage:
         finally:
             for value, v in zip(current, self.variables):
                 v.assign(value)
-
-
-TOP_K = 5  # Top-5 accuracy is reported for datasets of more classes than this.
-
-
-def make_evaluate(strategy, model, num_classes):
-    """`evaluate(distributed_dataset)` -> (summed cross-entropy, confusion matrix, examples whose label is among
-    the TOP_K highest logits) over every example once."""
-
-    def replica_eval(images, labels):
-        logits = tf.cast(model(images, training=False), tf.float32)
-        loss = tf.reduce_sum(optim.per_example_loss(labels, logits))
-        confusion = tf.math.confusion_matrix(labels, tf.argmax(logits, -1), num_classes, dtype=tf.float32)
-        in_top_k = tf.math.in_top_k(labels, logits, k=min(TOP_K, num_classes))
-        return loss, confusion, tf.reduce_sum(tf.cast(in_top_k, tf.float32))
-
-    @tf.function
-    def evaluate(dist_dataset):
-        loss, confusion, top_k = tf.constant(0.0), tf.zeros([num_classes, num_classes]), tf.constant(0.0)
-        for images, labels in dist_dataset:
-            replica_loss, replica_confusion, replica_top_k = strategy.run(replica_eval, args=(images, labels))
-            loss += strategy.reduce(SUM, replica_loss, axis=None)
-            confusion += strategy.reduce(SUM, replica_confusion, axis=None)
-            top_k += strategy.reduce(SUM, replica_top_k, axis=None)
-        return loss, confusion, top_k
-
-    return evaluate
-
-
-def summarize_eval(loss, confusion, top_k):
-    """The numbers of one evaluation: mean loss, accuracy, examples, and top-5 accuracy if there are > 5 classes."""
-    examples = int(confusion.sum())
-    metrics = {"loss": float(loss / examples), "accuracy": float(confusion.trace() / examples),
-               "examples": examples}
-    if len(confusion) > TOP_K:
-        metrics["top5_accuracy"] = float(top_k / examples)
-    return metrics

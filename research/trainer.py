@@ -1,8 +1,9 @@
 """A training run from start to end: `train_and_evaluate(config)`, resuming from the run directory's latest
 checkpoint.
 
-Read `train_and_evaluate` top to bottom for the whole run; research/train_lib.py has the train step, the evaluation
-and the model building it calls; research/train.py is the program (`python -m research.train`).
+Read `train_and_evaluate` top to bottom for the whole run; research/train_lib.py has the train step and the model
+building it calls, research/evaluation.py the evaluation of every eval set; research/train.py is the program
+(`python -m research.train`).
 """
 
 import contextlib
@@ -14,8 +15,8 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from research import (UserError, checkpoint, config as config_lib, data, distribute, plots, provenance, reporting,
-                      run_dir, teacher as teacher_lib, train_lib, transfer)
+from research import (UserError, checkpoint, config as config_lib, data, distribute, evaluation, metrics,
+                      per_example, plots, provenance, reporting, run_dir, teacher as teacher_lib, train_lib, transfer)
 
 
 class Preempted(Exception):
@@ -47,8 +48,9 @@ def train_and_evaluate(config):
 
         # -------------------------------------------------------------- Data, model, optimizer, checkpoint
         dataset = data.load(config)
-        print(f"Data: {dataset.name}, {dataset.num_train} training and {len(dataset.eval)} eval examples, "
-              f"{dataset.reading}; model input {dataset.image_shape}")
+        print(f"Data: {dataset.name}, {dataset.num_train} training and {len(dataset.eval)} eval examples"
+              + "".join(f", {len(source)} in {split}" for split, source in dataset.extra_eval)
+              + f", {dataset.reading}; model input {dataset.image_shape}")
         steps_per_epoch, total_steps = train_lib.run_length(config, dataset, strategy)
         eval_every = config.eval_every or steps_per_epoch
         model, optimizer, step, ema = train_lib.build(config, dataset, strategy, total_steps)
@@ -98,32 +100,30 @@ def train_and_evaluate(config):
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
         train_loop = train_lib.make_train_loop(strategy, model, optimizer, step, config, ema, teacher)
-        evaluate = train_lib.make_evaluate(strategy, model, dataset.num_classes)
+        evaluator = evaluation.Evaluator(strategy, model, dataset, config)
         agreement = teacher.make_agreement(strategy, model) if teacher else lambda eval_data: {}
         iterator = iter(strategy.distribute_datasets_from_function(
             data.train_input_fn(dataset, config, int(step.numpy()))))
-        eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
-        reporter = reporting.Reporter(config, dataset, model, total_steps, steps_per_epoch, int(step.numpy()), chief)
+        reporter = reporting.Reporter(config, dataset, model, evaluator, total_steps, steps_per_epoch,
+                                      int(step.numpy()), chief)
         stop_signal = stack.enter_context(_catch_stop_signals())  # Before this, a signal just ends the process.
         restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
 
         def run_eval(current):
+            """The evaluation.Result of each eval set, --eval_split first."""
             with ema.swapped_in() if ema else contextlib.nullcontext():  # The reporter's pictures see them too.
                 try:
-                    loss, confusion, top_k = (t.numpy() for t in evaluate(eval_data))
-                except data.READ_ERRORS:
-                    bad = data.unreadable_eval_example(dataset)
-                    if bad is None:
-                        raise
+                    results = evaluator.evaluate()
+                except evaluation.Unreadable as e:
                     saved_at = checkpoints.save(current)  # The training done so far is not lost with the eval.
-                    raise UserError(f"cannot read eval example {bad} (evaluating step {current}); training saved "
-                                    f"as {saved_at}; {dataset.eval.advice}") from None
-                teacher_metrics = agreement(eval_data)  # Teacher-student agreement (research/distill.py), if any.
+                    raise UserError(f"{e.what} (evaluating step {current}); training saved as {saved_at}; "
+                                    f"{e.advice}") from None
+                teacher_metrics = agreement(evaluator.passes[0][1])  # Teacher-student agreement (distill.py), if any.
                 reporter.scalars("eval", current, teacher_metrics)
-                metrics = {**train_lib.summarize_eval(loss, confusion, top_k), **teacher_metrics}
-                reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - started, 1),
-                                        **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
-            return metrics, confusion
+                results[0].scalars.update(teacher_metrics)
+                reporter.eval(current, results, {"elapsed_s": round(time.time() - started, 1),
+                                                 **{f"train_{k}": v for k, v in train_metrics.items()}})
+            return results
 
         current = int(step.numpy())
         while current < total_steps:
@@ -162,7 +162,7 @@ def train_and_evaluate(config):
             reporter.train(current, train_metrics)
             if current % eval_every == 0 or current == total_steps:
                 last_eval = run_eval(current)
-                checkpoints.save_best(current, last_eval[0]["accuracy"])
+                checkpoints.save_best(current, last_eval[0].scalars)
             saved = current % config.checkpoint_every == 0 or current == total_steps
             if saved:
                 checkpoints.save(current)
@@ -174,15 +174,21 @@ def train_and_evaluate(config):
                 raise Preempted(stop_signal[0] if stop_signal else signal.SIGTERM, current)
 
         # -------------------------------------------------------------- Results
-        eval_metrics, confusion = last_eval or run_eval(current)
-        results = {"step": current, "eval": eval_metrics, "train": train_metrics,
+        main, *extra = last_eval or run_eval(current)
+        results = {"step": current, "eval": {**main.scalars, **main.details}, "train": train_metrics,
                    "wall_time_s": round(time.time() - started, 1), "params": int(model.count_params()),
-                   "dataset": config.dataset, "model": config.model, "confusion_matrix": confusion.astype(int).tolist()}
+                   "dataset": config.dataset, "model": config.model,
+                   "confusion_matrix": main.confusion.astype(int).tolist(),
+                   "extra_eval": {r.split: {**r.scalars, **r.details,
+                                            "confusion_matrix": r.confusion.astype(int).tolist()} for r in extra}}
         if chief:
             run_dir.write_results(config.model_dir, results)
+            for result in (main, *extra):
+                per_example.write(config.model_dir, result, current, dataset.name)
             plots.write_curves(config.model_dir)
         reporter.finish(results)
-        print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
+        print(f"Done: step {current}, eval accuracy {metrics.interval_text(main.scalars)}, "
+              f"loss {main.scalars['loss']:.4f} "
               f"({results['wall_time_s']} s)")
         return results
 

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import UserError, config as config_lib, distribute, trainer
+from research import UserError, config as config_lib, distribute, per_example, run_dir, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_TRAIN = [sys.executable, os.path.join(REPO, "tests", "mock_train.py")]
@@ -55,6 +55,13 @@ def test_mirrored_matches_one_device_and_evaluates_every_example_once(mock_tfds,
     for name in expected:
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert mirrored["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-5)
+    # Each example's prediction is filed at its own index whichever replica computed it.
+    records = [per_example.read(run_dir.per_example_path(str(tmp_path / run), "eval"))
+               for run in ("default", "mirrored")]
+    np.testing.assert_array_equal(records[0]["label"], records[1]["label"])
+    np.testing.assert_array_equal(records[0]["prediction"], records[1]["prediction"])
+    np.testing.assert_allclose(records[0]["confidence"], records[1]["confidence"], rtol=1e-5)
+    assert mirrored["eval"]["ece"] == pytest.approx(single["eval"]["ece"], abs=1e-6)
 
 
 @pytest.mark.parametrize("jobs, task_type, task_id, chief, worker_id", [

@@ -20,7 +20,7 @@ from research import UserError, run_dir  # noqa: E402
 from research.data import pipeline, preprocess, sources  # noqa: E402
 from research.data.dataset import Dataset, Metadata  # noqa: E402
 from research.data.pipeline import (READ_ERRORS,  # noqa: E402
-                                    eval_input_fn, first_eval_examples, train_input_fn,
+                                    eval_examples, eval_input_fn, train_input_fn,
                                     unreadable_eval_example, unreadable_example)
 from research.data.preprocess import to_float  # noqa: E402
 
@@ -42,12 +42,27 @@ def load(config):
             raise UserError(f"--{flag} is empty: name a split (e.g. --{flag}={example})")
     opener, argument = sources.opener_of(config.dataset)
     dataset = opener(config, argument)
+    _check_apart(config, dataset)
     recorded = run_dir.recorded_class_names(config.model_dir) if run_dir.is_run(config.model_dir) else None
     if recorded is not None and list(recorded) != list(dataset.class_names):
         raise UserError(f"{config.dataset} has {len(dataset.class_names)} classes ({_few(dataset.class_names)}), not "
                         f"the {len(recorded)} {config.model_dir} was trained on ({_few(recorded)}): every label would "
                         "shift against its checkpoint; use a new --model_dir")
     return dataset
+
+
+def _check_apart(config, dataset):
+    """Refuses an eval split that shares some but not all of its examples with the training split: a minival carved
+    from training that overlaps it. One wholly inside training measures training accuracy, as asked."""
+    if dataset.train is None:
+        return
+    for flag, split, source in [("eval_split", config.eval_split, dataset.eval),
+                                *(("extra_eval", split, source) for split, source in dataset.extra_eval)]:
+        shared = sources.shared_examples(dataset.train, source)
+        if shared and shared < len(source):
+            raise UserError(f"--{flag}={split} shares {shared} of its {len(source)} examples with --train_split="
+                            f"{config.train_split}: a held-out split must not overlap training (e.g. "
+                            f"--train_split=train[:98%] with train[98%:])")
 
 
 def _few(names, shown=5):
@@ -62,5 +77,5 @@ def in_memory(name, class_names, train, eval):
                    sources.ArraySource(*eval, f"{name} eval"), prep, shape)
 
 
-__all__ = ["READ_ERRORS", "Dataset", "Metadata", "eval_input_fn", "first_eval_examples", "in_memory", "load",
+__all__ = ["READ_ERRORS", "Dataset", "Metadata", "eval_examples", "eval_input_fn", "in_memory", "load",
            "pipeline", "preprocess", "to_float", "train_input_fn", "unreadable_eval_example", "unreadable_example"]

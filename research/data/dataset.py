@@ -48,6 +48,7 @@ class Dataset:
     stored_shape: tuple  # The images as stored: [H, W, C], None where sizes vary.
     reading: str = "in memory"  # How the examples are read, for the log line that names the source.
     file_lists: dict = None  # What research.train records in data_files.json when a run starts (folder datasets).
+    extra_eval: tuple = ()  # (split, source) of each --extra_eval split (research/evaluation.py).
 
     @property
     def num_classes(self):

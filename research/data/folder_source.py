@@ -56,8 +56,8 @@ def open_folder(config, root):
         raise UserError(f"folder:{root} has one class ({class_names[0]}/): a classifier needs at least two class "
                         f"folders in each split folder")
     opened = {}
-    for flag in ("train_split", "eval_split"):
-        spec = getattr(config, flag)
+    for flag, spec in [("train_split", config.train_split), ("eval_split", config.eval_split),
+                       *(("extra_eval", split) for split in config.extra_eval)]:
         if not spec:
             continue
         if spec in lists:
@@ -65,21 +65,23 @@ def open_folder(config, root):
         else:
             lists[spec] = _list_split(listing, spec, flag, class_names)
         paths, labels = zip(*lists[spec])
-        opened[flag] = sources.FileSource(root, paths, labels, f"folder:{root} {spec}")
+        opened[flag, spec] = sources.FileSource(root, paths, labels, f"folder:{root} {spec}")
     if listing.skipped_line():
         logging.warning("%s", listing.skipped_line())
     if recorded and recorded["root"] != root:  # Every recorded file was found under the new root (above).
         print(f"folder:{root}: reading the files {config.model_dir} recorded in folder:{recorded['root']}, "
               "which moved here")
-    if config.train_split:
-        shared = len(set(opened["train_split"].paths) & set(opened["eval_split"].paths))
+    train, evaluated = opened.get(("train_split", config.train_split)), opened["eval_split", config.eval_split]
+    if train:
+        shared = len(set(train.paths) & set(evaluated.paths))
         if shared:
             logging.warning("--eval_split=%s shares %d of its %d files with --train_split=%s: its accuracy is "
                             "measured on images the model trains on", config.eval_split, shared,
-                            len(opened["eval_split"]), config.train_split)
-    return Dataset(f"folder:{root}", (*prep.image_size, CHANNELS), class_names, opened.get("train_split"),
-                   opened["eval_split"], prep, (None, None, CHANNELS), f"streamed from the image files in {root}",
-                   file_lists={"root": root, "class_names": class_names, "splits": lists})
+                            len(evaluated), config.train_split)
+    return Dataset(f"folder:{root}", (*prep.image_size, CHANNELS), class_names, train, evaluated, prep,
+                   (None, None, CHANNELS), f"streamed from the image files in {root}",
+                   file_lists={"root": root, "class_names": class_names, "splits": lists},
+                   extra_eval=tuple((split, opened["extra_eval", split]) for split in config.extra_eval))
 
 
 def _training_classes(listing, spec, run_classes, model_dir):
@@ -116,7 +118,7 @@ def _list_split(listing, spec, flag, class_names):
     if absent:
         logging.warning("--%s=%s of folder:%s has no images of %d of the %d classes (%s)%s", flag, spec, listing.root,
                         len(absent), len(class_names), ", ".join(absent[:10]) + (", ..." if len(absent) > 10 else ""),
-                        ": they are trained on, never measured" if flag == "eval_split" else
+                        ": they are trained on, never measured" if flag != "train_split" else
                         ": the model never sees them")
     return listed
 

@@ -71,33 +71,39 @@ def train_input_fn(dataset, config, start_step):
     return input_fn
 
 
-def eval_input_fn(dataset, config):
-    """Every eval example exactly once across all pipelines; the last batch may be partial (or empty on a replica)."""
+def eval_input_fn(dataset, config, indices=None):
+    """Every eval example exactly once across all pipelines (or those at `indices`), as (model inputs, labels,
+    example indices): the index is where evaluation files each example's prediction. The last batch may be partial
+    (or empty on a replica)."""
     source, transform = dataset.eval, dataset.transform(config)
 
     def input_fn(ctx):
         per_replica = ctx.get_per_replica_batch_size(config.batch_size)
-        ds = tf.data.Dataset.range(len(source)).shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-        ds = ds.batch(per_replica).map(source.reader(), num_parallel_calls=AUTOTUNE)
+        ds = tf.data.Dataset.range(len(source)) if indices is None else \
+            tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
+        read = source.reader()
+        ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id).batch(per_replica).map(
+            lambda at: (*read(at), at), num_parallel_calls=AUTOTUNE)
         if source.encoded or not transform.stored_at_size or transform.prep.eval_crop_fraction is not None:
-            ds = ds.unbatch().map(lambda image, label: (transform.eval_example(source.fetch(image), source.encoded), label),
-                                  num_parallel_calls=AUTOTUNE).batch(per_replica)
+            ds = ds.unbatch().map(lambda image, label, at: (
+                transform.eval_example(source.fetch(image), source.encoded), label, at),
+                num_parallel_calls=AUTOTUNE).batch(per_replica)
         else:
-            ds = ds.map(lambda images, labels: (transform.train_batch(images), labels), num_parallel_calls=AUTOTUNE)
+            ds = ds.map(lambda images, labels, at: (transform.train_batch(images), labels, at),
+                        num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE).with_options(options())
 
     return input_fn
 
 
-def first_eval_examples(dataset, config, count):
-    """(model inputs, labels) of the first `count` eval examples, through the eval pipeline (for pictures)."""
-    images, labels = [], []
-    for x, y in eval_input_fn(dataset, config)(tf.distribute.InputContext()):
-        images.append(x.numpy())
-        labels.append(y.numpy())
-        if sum(len(y) for y in labels) >= count:
-            break
-    return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+def eval_examples(dataset, config, indices):
+    """(model inputs, labels) of the eval examples at `indices`, in that order, through the eval pipeline (for
+    pictures)."""
+    batches = [(x.numpy(), y.numpy()) for x, y, _ in eval_input_fn(dataset, config, indices)(
+        tf.distribute.InputContext())]
+    if not batches:
+        return np.zeros([0, *dataset.image_shape], np.float32), np.zeros([0], np.int64)
+    return tuple(np.concatenate(parts) for parts in zip(*batches))
 
 
 def images_at_size(source, prep, indices):

@@ -16,6 +16,8 @@ Where datasets come from is a registry of openers by `--dataset` prefix (`folder
 adding a kind of dataset is one new module in this package with an `@register("prefix")` opener.
 """
 
+import collections
+
 import numpy as np
 import tensorflow as tf
 
@@ -43,6 +45,18 @@ def opener_of(dataset_flag):
     return _OPENERS[DEFAULT], dataset_flag
 
 
+def shared_examples(a, b):
+    """How many examples sources `a` and `b` have in common, from their `spans` ((where, start, stop) ranges of
+    stored examples); None where either does not know where its examples come from (arrays made in memory)."""
+    if a.spans is None or b.spans is None:
+        return None
+    ranges = collections.defaultdict(list)
+    for where, start, stop in a.spans:
+        ranges[where].append((start, stop))
+    return sum(max(0, min(stop, b_stop) - max(start, b_start))
+               for where, b_start, b_stop in b.spans for start, stop in ranges.get(where, ()))
+
+
 def _as_read(stored):
     return stored
 
@@ -53,9 +67,9 @@ class ArraySource:
     fetch = staticmethod(_as_read)
     advice = "the decoded arrays are in memory"
 
-    def __init__(self, images, labels, description):
+    def __init__(self, images, labels, description, spans=None):
         self.images, self.labels = images, np.asarray(labels, np.int64)
-        self.description = description
+        self.description, self.spans = description, spans
 
     def __len__(self):
         return len(self.labels)
@@ -82,6 +96,10 @@ class FileSource:
     def __len__(self):
         return len(self.labels)
 
+    @property
+    def spans(self):
+        return [(path, 0, 1) for path in self.paths]
+
     def reader(self):
         paths = tf.constant([f"{self.root}/{p}" for p in self.paths], tf.string)
         labels = tf.constant(self.labels)
@@ -101,8 +119,8 @@ class RecordSource:
     encoded = True
     fetch = staticmethod(_as_read)
 
-    def __init__(self, records, description, prepared_dir, image_key="image", label_key="label"):
-        self.records, self.description = records, description
+    def __init__(self, records, description, prepared_dir, image_key="image", label_key="label", spans=None):
+        self.records, self.description, self.spans = records, description, spans
         self.advice = f"if the prepared files are damaged, delete {prepared_dir} and run again to prepare it anew"
         self.features = {image_key: tf.io.FixedLenFeature([], tf.string),
                          label_key: tf.io.FixedLenFeature([], tf.int64)}

@@ -64,7 +64,8 @@ def open_tfds(config, name):
     train = open_split(config.train_split, "train_split") if config.train_split else None
     return Dataset(name, (*prep.image_size, channels), list(features["label"].names), train,
                    open_split(config.eval_split, "eval_split"), prep, stored_shape,
-                   "in memory" if in_memory else f"streamed by index from ArrayRecord files in {builder.data_dir}")
+                   "in memory" if in_memory else f"streamed by index from ArrayRecord files in {builder.data_dir}",
+                   extra_eval=tuple((split, open_split(split, "extra_eval")) for split in config.extra_eval))
 
 
 def _builder(name, data_dir, **kwargs):
@@ -209,7 +210,7 @@ def _record_source(builder, split, flag):
         raise _damaged(builder, e, split) from None
     if not len(records):
         raise UserError(f"--{flag}={split} of {builder.name} is empty")
-    return sources.RecordSource(records, f"{builder.name} {split}", builder.data_dir)
+    return sources.RecordSource(records, f"{builder.name} {split}", builder.data_dir, spans=_spans(builder, split))
 
 
 def _array_source(builder, split, flag, channels):
@@ -226,7 +227,8 @@ def _array_source(builder, split, flag, channels):
         try:
             with np.load(cache) as arrays:
                 if str(arrays["fingerprint"]) == fingerprint:
-                    return sources.ArraySource(arrays["images"], arrays["labels"], f"{builder.name} {split}")
+                    return sources.ArraySource(arrays["images"], arrays["labels"], f"{builder.name} {split}",
+                                               _spans(builder, split))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # Absent, stale or damaged: decode the split again below and rewrite the cache.
     try:
@@ -238,7 +240,17 @@ def _array_source(builder, split, flag, channels):
     images, labels = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
     if cache and len(labels) == builder.info.splits[split].num_examples:
         _write_cache(cache, images=images, labels=labels, fingerprint=fingerprint)
-    return sources.ArraySource(images, labels, f"{builder.name} {split}")
+    return sources.ArraySource(images, labels, f"{builder.name} {split}", _spans(builder, split))
+
+
+def _spans(builder, split):
+    """(shard file, first, end) of the stored examples a split reads (sources.shared_examples), or None where TFDS
+    does not say (mocked data)."""
+    try:
+        return [(os.path.basename(i.filename), i.skip, i.skip + i.take)
+                for i in builder.info.splits[split].file_instructions]
+    except (KeyError, ValueError, TypeError, AttributeError, AssertionError):
+        return None
 
 
 def _decoded(source, channels):
