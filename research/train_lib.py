@@ -89,7 +89,7 @@ def make_train_loop(strategy, model, optimizer, step, config, ema=None):
     loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
     mixing = config.mixup_alpha or config.cutmix_alpha
     optim.apply_summed_gradients(optimizer)
-    if (config.jit_compile and config.sync_batchnorm and config_lib.declared("sync_batchnorm").only_if(config)
+    if (config.jit_compile and config.sync_batchnorm and models.has(config, "batch_norm")
             and isinstance(strategy, tf.distribute.MirroredStrategy) and num_replicas > 1
             and not all("GPU" in device.upper() for device in strategy.extended.worker_devices)):
         # MirroredStrategy synchronises non-GPU replicas by merge calls, which an XLA-compiled function cannot hold.

@@ -83,6 +83,26 @@ def test_vit_position_embeddings_are_resized_for_another_image_size():
     np.testing.assert_allclose(constant.numpy(), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", models.names())
+def test_every_model_has_what_its_registration_declares(shallow_models, capsys, name):
+    """The declaration (research/models/_registry.py Capabilities) is what flags, checks and tests read: it must
+    match the model built with every capability switched on that its flags switch on; --list shows it."""
+    overrides = dict(dropout="0.1", stochastic_depth="0.1", **{"conv_layers": "8c3,d"} if name == "convnet" else {})
+    config, model = make_config("unused", model=name, **overrides), _build(name, **overrides)
+    layers = list(model._flatten_layers())
+    dropouts = [layer for layer in layers if isinstance(layer, tf.keras.layers.Dropout)]
+    assert models.has(config, "batch_norm") == any(isinstance(layer, tf.keras.layers.BatchNormalization)
+                                                   for layer in layers)
+    assert models.has(config, "dropout") == any(layer.noise_shape is None for layer in dropouts)
+    assert models.has(config, "stochastic_depth") == any(layer.noise_shape is not None for layer in dropouts)
+    assert models.has(config, "blocks") == bool(getattr(model, "blocks", None))
+    assert models.has(config, "head") == isinstance(getattr(model, "classifier", None), tf.keras.layers.Dense)
+    assert models.capabilities(name).channels is None  # Every family here takes any channels.
+    summary.main(["--list"])
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.split()[0] == name]
+    assert line.endswith(f"[{models.capabilities(name).summary()}]")
+
+
 NEW_RECIPES = ["imagenet_resnet50", "imagenet_vit_s16", "smoke_resnet18", "smoke_vit_ti16"]
 
 
