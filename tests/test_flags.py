@@ -68,7 +68,7 @@ def test_a_value_without_effect_is_one_warning_line(mock_tfds, tmp_path, caplog)
     config = make_config(tmp_path / "run", crop_scale="0.5,1", randaugment_magnitude="5", conv_layers="8c3",
                          momentum="0.9", train_steps=4)
     assert config_lib.ignored(config) == [
-        "--momentum=0.9 (only with --optimizer=sgd or rmsprop)",
+        "--momentum=0.9 (only with --optimizer=rmsprop or sgd)",
         "--randaugment_magnitude=5.0 (only with --augment=randaugment)",
         "--crop_scale=0.5,1.0 (only with --augment=random_resized_crop)",
         "--conv_layers=8c3 (only with --model=convnet)"]
