@@ -1,11 +1,14 @@
 """A training run from start to end: `train_and_evaluate(config)`, resuming from the run directory's latest
 checkpoint.
 
-Read `train_and_evaluate` top to bottom for the whole run; research/train_lib.py has the train step, the evaluation
-and the model building it calls; research/train.py is the program (`python -m research.train`).
+Read `train_and_evaluate` top to bottom for the whole run, then its sections below it: `_train` (the loops of steps,
+evaluations and saves), `_loop_of_steps`, `_restore_after_nonfinite`, `_evaluate` and `_finish` (the results);
+research/train_lib.py has the train step, the evaluation and the model building they call; research/train.py is the
+program (`python -m research.train`).
 """
 
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -83,91 +86,143 @@ def train_and_evaluate(config):
         config_lib.warn_ignored(config)  # Here, once the run is sure to train: never in front of an error line.
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
-        train_loop = train_lib.make_train_loop(strategy, model, optimizer, step, config, ema)
-        evaluate = train_lib.make_evaluate(strategy, model, dataset.num_classes)
-        iterator = iter(strategy.distribute_datasets_from_function(
-            data.train_input_fn(dataset, config, int(step.numpy()))))
-        eval_data = strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config))
-        reporter = reporting.Reporter(config, dataset, model, total_steps, steps_per_epoch, int(step.numpy()), chief)
-        stop_signal = stack.enter_context(_catch_stop_signals())  # Before this, a signal just ends the process.
-        restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
+        run = _Run(
+            config, dataset, strategy, model, optimizer, step, ema, checkpoints, started, total_steps, steps_per_epoch,
+            eval_every, train_loop=train_lib.make_train_loop(strategy, model, optimizer, step, config, ema),
+            evaluate=train_lib.make_evaluate(strategy, model, dataset.num_classes),
+            iterator=iter(strategy.distribute_datasets_from_function(
+                data.train_input_fn(dataset, config, int(step.numpy())))),
+            eval_data=strategy.distribute_datasets_from_function(data.eval_input_fn(dataset, config)),
+            reporter=reporting.Reporter(config, dataset, model, total_steps, steps_per_epoch, int(step.numpy()),
+                                        chief),
+            stop_signal=stack.enter_context(_catch_stop_signals()))  # Before this, a signal just ends the process.
+        current, train_metrics, last_eval = _train(run)
+        return _finish(run, current, train_metrics, last_eval, chief)
 
-        def run_eval(current):
-            with ema.swapped_in() if ema else contextlib.nullcontext():  # The reporter's pictures see them too.
-                try:
-                    loss, confusion, top_k = (t.numpy() for t in evaluate(eval_data))
-                except data.READ_ERRORS:
-                    bad = data.unreadable_eval_example(dataset)
-                    if bad is None:
-                        raise
-                    saved_at = checkpoints.save(current)  # The training done so far is not lost with the eval.
-                    raise UserError(f"cannot read eval example {bad} (evaluating step {current}); training saved "
-                                    f"as {saved_at}; {dataset.eval.advice}") from None
-                metrics = train_lib.summarize_eval(loss, confusion, top_k)
-                reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - started, 1),
-                                        **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
-            return metrics, confusion
 
-        current = int(step.numpy())
-        while current < total_steps:
-            # A loop of steps ends at every event boundary: epoch (progress), evaluation, checkpoint, the end.
-            num_steps = min([config.steps_per_loop, total_steps - current] + [
-                every - current % every for every in (steps_per_epoch, eval_every, config.checkpoint_every)])
-            loop_start = time.time()
-            with _profiling(config, current, num_steps, total_steps, loops_run):
-                try:
-                    totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
-                except data.READ_ERRORS:
-                    bad = data.unreadable_example(dataset, config, current, num_steps)
-                    if bad is None:
-                        raise
-                    raise UserError(f"cannot read training example {bad} (a step in {current + 1}-"
-                                    f"{current + num_steps}); last checkpoint {checkpoints.latest() or 'none'} "
-                                    f"left intact; {dataset.train.advice}") from None
-            loops_run += 1
-            (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step.numpy())
-            if not finite:
-                last_good = checkpoints.latest()
-                if config.on_nonfinite != "restore" or restores >= config.max_nonfinite_restores or not last_good:
-                    raise UserError(f"non-finite loss or gradient at step {current}; last good checkpoint: "
-                                    f"{last_good or 'none'} (left intact)")
-                restores += 1
-                logging.warning("non-finite loss or gradient at step %d: restoring %s (%d/%d) and going on "
-                                "with the next batch", current, last_good, restores, config.max_nonfinite_restores)
-                checkpoints.restore(last_good)
-                step.assign(current)
-                optimizer.iterations.assign(current)  # The learning-rate schedule counts these: it is step `current`'s.
-                continue
-            train_metrics = {"loss": loss / steps_run, "accuracy": correct / examples, "grad_norm": norm / steps_run,
-                             "learning_rate": tf.convert_to_tensor(optimizer.learning_rate),
-                             "images_per_sec": examples / (time.time() - loop_start)}
-            train_metrics = {k: float(v) for k, v in train_metrics.items()}
-            reporter.train(current, train_metrics)
-            if current % eval_every == 0 or current == total_steps:
-                last_eval = run_eval(current)
-                checkpoints.save_best(current, last_eval[0]["accuracy"])
-            saved = current % config.checkpoint_every == 0 or current == total_steps
-            if saved:
-                checkpoints.save(current)
-            # A signal may reach only some workers, or reach them in different loops: all stop when any got one,
-            # so that they save the same step (a collective on every process; cheap on one).
-            if distribute.any_worker(strategy, stop_signal):
-                if not saved:
-                    checkpoints.save(current)
-                raise Preempted(stop_signal[0] if stop_signal else signal.SIGTERM, current)
+@dataclasses.dataclass
+class _Run:
+    """What the training loop of one run works with, built by train_and_evaluate."""
+    config: object
+    dataset: object
+    strategy: object
+    model: object
+    optimizer: object
+    step: object
+    ema: object
+    checkpoints: object
+    started: float  # time.time() at the start: wall times count data loading and tracing.
+    total_steps: int
+    steps_per_epoch: int
+    eval_every: int
+    train_loop: object  # train_lib.make_train_loop's.
+    evaluate: object  # train_lib.make_evaluate's.
+    iterator: object  # Of the distributed training stream, from the step the run starts at.
+    eval_data: object
+    reporter: object
+    stop_signal: list  # The signals received (_catch_stop_signals).
 
-        # -------------------------------------------------------------- Results
-        eval_metrics, confusion = last_eval or run_eval(current)
-        results = {"step": current, "eval": eval_metrics, "train": train_metrics,
-                   "wall_time_s": round(time.time() - started, 1), "params": int(model.count_params()),
-                   "dataset": config.dataset, "model": config.model, "confusion_matrix": confusion.astype(int).tolist()}
-        if chief:
-            run_dir.write_results(config.model_dir, results)
-            plots.write_curves(config.model_dir)
-        reporter.finish(results)
-        print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
-              f"({results['wall_time_s']} s)")
-        return results
+
+def _train(run):
+    """Loops of steps up to the last step, each ending at an event (epoch end, evaluation, checkpoint, the end);
+    returns (the last step, the last loop's train metrics, the last (eval metrics, confusion) or None)."""
+    config = run.config
+    restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
+    current = int(run.step.numpy())
+    while current < run.total_steps:
+        num_steps = min([config.steps_per_loop, run.total_steps - current] + [
+            every - current % every for every in (run.steps_per_epoch, run.eval_every, config.checkpoint_every)])
+        loop_start = time.time()
+        totals, steps_run, finite = _loop_of_steps(run, current, num_steps, loops_run)
+        loops_run += 1
+        (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(run.step.numpy())
+        if not finite:
+            restores += 1
+            _restore_after_nonfinite(run, current, restores)
+            continue
+        train_metrics = {"loss": loss / steps_run, "accuracy": correct / examples, "grad_norm": norm / steps_run,
+                         "learning_rate": tf.convert_to_tensor(run.optimizer.learning_rate),
+                         "images_per_sec": examples / (time.time() - loop_start)}
+        train_metrics = {k: float(v) for k, v in train_metrics.items()}
+        run.reporter.train(current, train_metrics)
+        if current % run.eval_every == 0 or current == run.total_steps:
+            last_eval = _evaluate(run, current, train_metrics)
+            run.checkpoints.save_best(current, last_eval[0]["accuracy"])
+        saved = current % config.checkpoint_every == 0 or current == run.total_steps
+        if saved:
+            run.checkpoints.save(current)
+        # A signal may reach only some workers, or reach them in different loops: all stop when any got one,
+        # so that they save the same step (a collective on every process; cheap on one).
+        if distribute.any_worker(run.strategy, run.stop_signal):
+            if not saved:
+                run.checkpoints.save(current)
+            raise Preempted(run.stop_signal[0] if run.stop_signal else signal.SIGTERM, current)
+    return current, train_metrics, last_eval
+
+
+def _loop_of_steps(run, current, num_steps, loops_run):
+    """One call of the train loop: `num_steps` steps from step `current`; an unreadable training example is one
+    error line naming it (the last checkpoint left intact)."""
+    with _profiling(run.config, current, num_steps, run.total_steps, loops_run):
+        try:
+            return run.train_loop(run.iterator, tf.constant(num_steps))
+        except data.READ_ERRORS:
+            bad = data.unreadable_example(run.dataset, run.config, current, num_steps)
+            if bad is None:
+                raise
+            raise UserError(f"cannot read training example {bad} (a step in {current + 1}-"
+                            f"{current + num_steps}); last checkpoint {run.checkpoints.latest() or 'none'} "
+                            f"left intact; {run.dataset.train.advice}") from None
+
+
+def _restore_after_nonfinite(run, current, restores):
+    """A non-finite loss or gradient at step `current`: an error line, or with --on_nonfinite=restore the last
+    checkpoint restored (the `restores`-th time) and the run going on at this step with the next batch."""
+    config, last_good = run.config, run.checkpoints.latest()
+    if config.on_nonfinite != "restore" or restores > config.max_nonfinite_restores or not last_good:
+        raise UserError(f"non-finite loss or gradient at step {current}; last good checkpoint: "
+                        f"{last_good or 'none'} (left intact)")
+    logging.warning("non-finite loss or gradient at step %d: restoring %s (%d/%d) and going on "
+                    "with the next batch", current, last_good, restores, config.max_nonfinite_restores)
+    run.checkpoints.restore(last_good)
+    run.step.assign(current)
+    run.optimizer.iterations.assign(current)  # The learning-rate schedule counts these: it is step `current`'s.
+
+
+def _evaluate(run, current, train_metrics):
+    """(eval metrics, confusion matrix) of the model at step `current` (its weight average with --ema_decay),
+    reported; an unreadable eval example saves the training done and is one error line naming it."""
+    with run.ema.swapped_in() if run.ema else contextlib.nullcontext():  # The reporter's pictures see them too.
+        try:
+            loss, confusion, top_k = (t.numpy() for t in run.evaluate(run.eval_data))
+        except data.READ_ERRORS:
+            bad = data.unreadable_eval_example(run.dataset)
+            if bad is None:
+                raise
+            saved_at = run.checkpoints.save(current)  # The training done so far is not lost with the eval.
+            raise UserError(f"cannot read eval example {bad} (evaluating step {current}); training saved "
+                            f"as {saved_at}; {run.dataset.eval.advice}") from None
+        metrics = train_lib.summarize_eval(loss, confusion, top_k)
+        run.reporter.eval(current, {**metrics, "elapsed_s": round(time.time() - run.started, 1),
+                                    **{f"train_{k}": v for k, v in train_metrics.items()}}, confusion)
+    return metrics, confusion
+
+
+def _finish(run, current, train_metrics, last_eval, chief):
+    """The results (written to results.json by the chief, with the curves), evaluating the last step if no loop
+    did."""
+    config = run.config
+    eval_metrics, confusion = last_eval or _evaluate(run, current, train_metrics)
+    results = {"step": current, "eval": eval_metrics, "train": train_metrics,
+               "wall_time_s": round(time.time() - run.started, 1), "params": int(run.model.count_params()),
+               "dataset": config.dataset, "model": config.model, "confusion_matrix": confusion.astype(int).tolist()}
+    if chief:
+        run_dir.write_results(config.model_dir, results)
+        plots.write_curves(config.model_dir)
+    run.reporter.finish(results)
+    print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
+          f"({results['wall_time_s']} s)")
+    return results
 
 
 def _profiling(config, current, num_steps, total_steps, loops_run):
