@@ -101,11 +101,8 @@ class Reporter:
             self.image("eval", "confusion_matrix", step, plots.confusion(confusion, self.dataset.class_names))
             self.image("eval", "misclassified", step, self._misclassified())
 
-    def finish(self, results):
-        """At the end of training, with the dict written to results.json."""
-        self.flush()
-
     def flush(self):
+        """Writes out what the summary writers hold (at the end of training)."""
         if self.is_chief:
             for writer in self.writers.values():
                 writer.flush()

@@ -219,7 +219,7 @@ def _finish(run, current, train_metrics, last_eval, chief):
     if chief:
         run_dir.write_results(config.model_dir, results)
         plots.write_curves(config.model_dir)
-    run.reporter.finish(results)
+    run.reporter.flush()
     print(f"Done: step {current}, eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f} "
           f"({results['wall_time_s']} s)")
     return results
