@@ -8,8 +8,9 @@ configuration is written to `model_dir/flags.txt` and is itself a valid `--flagf
 This module defines the flags every run has (dataset, splits and where data is, model name, learning rate and its
 schedule, loss, length, devices). A module that owns a setting defines its flag itself, with `declare`, and checks it
 in a `@checks` function: each model family (research/models), the optimizers (research/optim.py), the augmentations
-(research/augment/, research/mix.py), preprocessing and TFDS reading (research/data). This module imports none of them (absl only): it sits at the bottom of the import graph, and a
-run's flags are those of the modules its program imported (research/train_lib.py imports them all).
+(research/augment/, research/mix.py), preprocessing and TFDS reading (research/data). This module imports none of
+them (absl only): it sits at the bottom of the import graph, and a run's flags are those of the modules its program
+imported (research/train_lib.py imports them all).
 
 Roles: every flag says what it is to the rest of the code, and every consumer reads it from here.
   CHECKPOINT  changes what a checkpoint means: its variables, the data stream or the loss being optimised. A resume

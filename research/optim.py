@@ -1,9 +1,9 @@
 """Optimizer, learning-rate schedule and loss, from flags.
 
 The optimizers are one table, OPTIMIZERS: a name, its Keras class, the flags of this module it reads beyond the
-rate and weight decay, and its own weight decay when --weight_decay is left at 0. The --optimizer choices, its
-help, and the `only_if` of --momentum, --nesterov and --exclude_bias_and_norm_from_weight_decay are made from it, so
-adding an optimizer is one line here.
+rate and weight decay, and its own weight decay when --weight_decay is left at 0. The --optimizer choices (checked
+against the table, as --model against its registry), its help, and the `only_if` of --momentum, --nesterov and
+--exclude_bias_and_norm_from_weight_decay are made from it, so adding an optimizer is one line here.
 """
 
 import dataclasses
@@ -39,17 +39,18 @@ OPTIMIZERS = {
 def _only_for(flag):
     """The `only_if` and `when` of a flag that only the optimizers whose entry `reads` it take."""
     names = [name for name, entry in OPTIMIZERS.items() if flag in entry.reads]
-    return dict(only_if=lambda c: c.optimizer in names, when=f"with --optimizer={' or '.join(names)}")
+    return dict(only_if=lambda c: flag in OPTIMIZERS[c.optimizer].reads,
+                when=f"with --optimizer={' or '.join(names)}")
 
 
 def _with_own_weight_decay():
     return {name: entry.weight_decay for name, entry in OPTIMIZERS.items() if entry.weight_decay}
 
 
-declare(CHECKPOINT, flags.DEFINE_enum(
-    "optimizer", "rmsprop", list(OPTIMIZERS), "Optimizer (Keras' class of that name): " + ", ".join(
-        name + (f" (--{', --'.join(entry.reads)})" if entry.reads else "") for name, entry in OPTIMIZERS.items())
-    + "."))
+declare(CHECKPOINT, flags.DEFINE_string(
+    "optimizer", "rmsprop", "Optimizer, one of research/optim.py's OPTIMIZERS (Keras' class of that name): "
+    + ", ".join(name + (f" (--{', --'.join(entry.reads)})" if entry.reads else "")
+                for name, entry in OPTIMIZERS.items()) + "."))
 declare(CHECKPOINT, flags.DEFINE_float("momentum", 0.0, "Momentum, of the optimizers that take it (--optimizer)."),
         **_only_for("momentum"))
 declare(TUNABLE, flags.DEFINE_boolean("nesterov", False, "Nesterov momentum, where --optimizer takes it."),
@@ -62,12 +63,14 @@ declare(TUNABLE, flags.DEFINE_boolean(
     "Decay only the weights of rank >= 2 (kernels, embeddings), skipping biases, batch/layer-norm "
     "scales and offsets, and what a model lists in no_weight_decay() (ViT's class token and position "
     "embeddings), as ImageNet recipes do."),
-        only_if=lambda c: c.weight_decay > 0 or c.optimizer in _with_own_weight_decay(),
+        only_if=lambda c: c.weight_decay > 0 or OPTIMIZERS[c.optimizer].weight_decay is not None,
         when=f"with --weight_decay or {' or '.join(_with_own_weight_decay())}")
 
 
 @config_lib.checks
 def _check_flags(config):
+    config_lib.need(config.optimizer in OPTIMIZERS,
+                    f"--optimizer={config.optimizer} is unknown; choose from {', '.join(OPTIMIZERS)}")
     config_lib.need(0 <= config.momentum < 1, "--momentum must be in [0, 1)")
     config_lib.need(config.weight_decay >= 0, "--weight_decay must be >= 0")
 

@@ -48,6 +48,7 @@ def _probabilities(restored, images):
     return tf.nn.softmax(restored.model(prep.eval_images(images), training=False)).numpy()
 
 
+@pytest.mark.slow
 def test_saved_model_cli_serves_an_export_of_every_model_family(mock_tfds, shallow_models, tmp_path):
     """Each family trained two steps on 32 px mock CIFAR-10 (the deep ones made shallow, those of blocks in
     bfloat16), exported in this

@@ -110,6 +110,7 @@ def test_vit_needs_sides_that_are_multiples_of_its_patches(mock_tfds, tmp_path):
         trainer.train_and_evaluate(make_config(tmp_path / "run", model="vit_ti16", image_size="24"))
 
 
+@pytest.mark.slow
 def test_a_sweep_plans_and_dry_runs_without_tensorflow(tmp_path):
     code = ("import sys; from research import cli; from launch import sweep; "
             f"status = cli.run(sweep.main, ['--root={tmp_path}', '--flagfile=configs/mlp_mnist.cfg', "

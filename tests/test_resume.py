@@ -78,6 +78,7 @@ def kill_resume_and_compare(tmp_path, *flags):
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path):
     """With every source of randomness a step has: dropout and augmentation drawn per example, and per micro-batch
     of four accumulated ones (the plain case is the other SIGKILL tests': folder, streamed, fine-tuning)."""
@@ -95,6 +96,7 @@ def test_interrupted_mirrored_run_equals_uninterrupted(mock_tfds, tmp_path):
     assert straight["eval"] == resumed["eval"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_nonzero_then_resumes(tmp_path):
     proc = _train_process(tmp_path, "--train_steps=100000")
     _wait_for_checkpoint(tmp_path, 4, proc)
@@ -148,6 +150,7 @@ def test_resume_with_a_conflicting_flag_is_refused_listing_the_flags(mock_tfds, 
     assert trainer.train_and_evaluate(make_config(tmp_path, train_steps=16, eval_every=16))["step"] == 16
 
 
+@pytest.mark.slow
 def test_a_live_writer_locks_the_run_dir_and_a_dead_one_does_not(mock_tfds, tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     (tmp_path / "LOCK").write_text(f"{os.uname().nodename} {holder.pid}")

@@ -68,6 +68,7 @@ def _lock_file(directory, host, pid, heartbeat):
     run_dir.write_json(run_dir.join(str(directory), "LOCK"), {"host": host, "pid": pid, "heartbeat": heartbeat})
 
 
+@pytest.mark.slow
 def test_a_live_writer_on_this_host_keeps_its_lock(tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     try:

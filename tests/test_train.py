@@ -136,6 +136,7 @@ def _cli(*args, cwd=REPO):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_bad_input_gets_one_line_and_a_nonzero_exit(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -13,7 +13,7 @@ class Op:
     function: object  # (image, seed, config) -> image; an `affine` op's: (seed, config) -> its share of the warp.
     stream: int  # Which of the example's seeds is its own, for good.
     stage: str  # One of STAGES: when it applies.
-    affine: bool = False  # Returns {"angle"|"zoom"|"shift": tensor}: all such ops are one resampling (research.augment._warp).
+    affine: bool = False  # Returns {"angle"|"zoom"|"shift": tensor}: one resampling of them all (augment._warp).
     probability: str = None  # The flag of the probability that it changes an image; None: it always does.
 
 

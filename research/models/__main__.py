@@ -20,7 +20,8 @@ from research import UserError, cli, config as config_lib, data, models
 def main(argv=None):
     parser = cli.Parser(prog="python -m research.models", allow_abbrev=False,
                         description="Parameters and multiply-adds of a registered model.")
-    parser.add_argument("--list", action="store_true", help="name every model with one line each: its description and capabilities")
+    parser.add_argument("--list", action="store_true",
+                        help="name every model with one line each: its description and capabilities")
     parser.add_argument("--model", help="a registered model name")
     parser.add_argument("--image_size", type=int, default=224, help="square input images of this side (224)")
     parser.add_argument("--num_classes", type=int, default=1000, help="classes of the head (1000)")
