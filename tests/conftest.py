@@ -3,8 +3,9 @@ marker.
 
 Two tiers: `pytest -m "not slow"` is the fast one (minutes: the real loop on tiny mock data for every model family,
 optimizer and augmentation op, from their registries), the whole suite adds the slow tests: real data (every test
-that uses the real MNIST files, marked here by its fixture), subprocesses, kills and multi-worker runs (each marked
-`@pytest.mark.slow` where it is defined)."""
+that uses the real MNIST files, marked here by its fixture), subprocesses, kills and multi-worker runs, and the
+longest in-process runs whose code the fast tier still trains on tiny data (every recipe flagfile, resume
+equivalences, full-size models, the benchmark), each marked `@pytest.mark.slow` where it is defined."""
 
 import fcntl
 import os
@@ -25,8 +26,8 @@ MNIST_FILES = os.environ.get(
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: real data, subprocesses, kills or multi-worker runs (not in the fast "
-                                       "tier, `-m 'not slow'`)")
+    config.addinivalue_line("markers", "slow: real data, subprocesses, kills, multi-worker or the longest runs (not "
+                                       "in the fast tier, `-m 'not slow'`)")
 
 
 def pytest_collection_modifyitems(items):

@@ -117,6 +117,7 @@ def test_randaugment_reads_its_flags_and_is_seeded_the_same_eagerly_and_in_datas
     assert not np.array_equal(weak, eager)  # The same ops drawn, at another magnitude.
 
 
+@pytest.mark.slow
 def test_erase_resumes_exactly(mock_tfds, tmp_path):
     """6 steps with random erasing in one go, and 3 + 3 with a resume between: the same weights, bit for bit."""
     run = dict(augment="erase", erase_prob="0.5", deterministic=True, eval_every=6, checkpoint_every=3)

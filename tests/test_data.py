@@ -110,6 +110,7 @@ def test_sigkill_on_a_streamed_tfds_dataset_then_rerun_equals_uninterrupted(tmp_
     assert "streamed by index" in out
 
 
+@pytest.mark.slow
 def test_two_replicas_equal_one_on_the_streaming_path_and_count_each_eval_example_once(digits, tmp_path):
     one = trainer.train_and_evaluate(folder_config(tmp_path / "one", digits, strategy="default"))
     two = trainer.train_and_evaluate(folder_config(tmp_path / "two", digits, strategy="mirrored"))
@@ -120,6 +121,7 @@ def test_two_replicas_equal_one_on_the_streaming_path_and_count_each_eval_exampl
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset, overrides", [
     ("tf_flowers", dict(image_size="24", model="cnn_rgb", augment="random_resized_crop,flip", normalize="imagenet",
                         eval_split="train[:20]")),

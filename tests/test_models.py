@@ -39,6 +39,7 @@ def _trainable(model):
     return sum(int(tf.size(v)) for v in model.trainable_variables)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, flags, params", [
     ("resnet18", {}, 11_689_512),  # torchvision.models.resnet18().
     ("resnet50", {}, 25_557_032),
@@ -50,6 +51,7 @@ def test_parameter_counts_equal_the_reference_implementations(name, flags, param
     assert _trainable(_build(name, (224, 224, 3), 1000, call_shape=(32, 32, 3), **flags)) == params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STANDARD)
 def test_forward_and_backward_at_a_small_image_size(name):
     flags = {"stochastic_depth": "0.1"}  # Both families drop residual branches.
@@ -114,6 +116,7 @@ def test_every_family_trains_the_real_loop(mock_tfds, shallow_models, tmp_path, 
 NEW_RECIPES = ["imagenet_resnet50", "imagenet_vit_s16", "smoke_resnet18", "smoke_vit_ti16"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NEW_RECIPES)
 def test_new_recipes_train_on_small_mock_images(mock_tfds, shallow_models, tmp_path, monkeypatch, name):
     """Each recipe as written (its crop, normalization, RandAugment, mixup), on 32 px mock CIFAR-10 in place of

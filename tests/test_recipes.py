@@ -114,6 +114,7 @@ def test_mixed_targets_sum_to_one_match_the_images_and_are_seeded(mixup_alpha, c
     assert not np.array_equal(other.numpy(), targets.numpy())
 
 
+@pytest.mark.slow
 def test_mixed_training_resumes_exactly(mock_tfds, tmp_path):
     """8 steps with mixup and cutmix in one go, and 4 + 4 with a resume between: the same weights, bit for bit."""
     run = dict(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1, deterministic=True, eval_every=4)

@@ -85,6 +85,7 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path):
     kill_resume_and_compare(tmp_path, "--dropout=0.3", "--augment=translate,rotate,cutout", "--grad_accum_steps=4")
 
 
+@pytest.mark.slow
 def test_interrupted_mirrored_run_equals_uninterrupted(mock_tfds, tmp_path):
     """Two replicas, dropout, augmentation and EMA: stop at step 10 (mid-epoch), resume to 24."""
     # (No --deterministic: it switches TF op determinism on for the whole test process, for good.)
@@ -163,6 +164,7 @@ def test_a_live_writer_locks_the_run_dir_and_a_dead_one_does_not(mock_tfds, tmp_
     assert not (tmp_path / "LOCK").exists()
 
 
+@pytest.mark.slow
 def test_best_checkpoint_tracks_the_highest_eval_accuracy(mock_tfds, tmp_path):
     trainer.train_and_evaluate(make_config(tmp_path, train_steps=24, eval_every=4))
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

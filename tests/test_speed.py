@@ -74,6 +74,7 @@ def test_benchmark_bad_input_is_one_error_line(mock_tfds, parse_flags, capsys, a
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_benchmark_compares_precisions_on_synthetic_data(parse_flags, capsys, caplog):
     parse_flags("--model=mlp", "--hidden_units=16", "--synthetic_data", "--dataset=cifar10", "--image_size=8",
                 "--synthetic_classes=4",

@@ -43,7 +43,7 @@ def test_flag_values_are_checked_before_any_work():
         make_config("unused", augment="translate,spin")
     with pytest.raises(UserError, match="unknown flag --learning_rat"):
         make_config("unused", learning_rat=0.1)
-    with pytest.raises(UserError, match="--optimizer='adagrad'"):
+    with pytest.raises(UserError, match="--optimizer=adagrad is unknown; choose from adam"):
         make_config("unused", optimizer="adagrad")
     with pytest.raises(UserError, match="--conv_layers: cannot read '32x3'"):
         make_config("unused", model="convnet", conv_layers="32c3,32x3")
