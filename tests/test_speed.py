@@ -43,6 +43,7 @@ def parse_flags():
     FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end(mock_tfds, parse_flags, capsys):
     parse_flags("--model=cnn", "--optimizer=rmsprop", "--batch_size=8", "--steps_per_loop=4", "--benchmark_steps=4",
                 "--benchmark_warmup_steps=2", "--benchmark_rounds=1", "--input_steps=8", "--json")

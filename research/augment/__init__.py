@@ -25,7 +25,7 @@ from absl import flags
 
 from research import config as config_lib
 from research.augment._registry import (  # noqa: F401 - the package's API.
-    STAGES, Op, decoding, names, only_with, ops, register, register_decoding)
+    STAGES, decoding, names, only_with, ops, register, register_decoding)
 from research.config import CHECKPOINT, declare
 
 DECODING_SEED_SALT = 0x5EED  # Folded into the example's seed for the op made while decoding, apart from the others.
