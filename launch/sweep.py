@@ -47,7 +47,7 @@ FLAGS = config_lib.FLAGS
 def train_flag(name):
     """research.train's flag `name`, or None. research.config's own flags are known without TensorFlow, so a sweep
     over them (learning rate, batch size, seeds, ...) plans and dry-runs in a fraction of a second; any other name
-    (a model family's, a data source's or an augmentation's flag, or a misspelling) imports the modules
+    (an optimizer's, a model family's, a data source's or an augmentation's flag, or a misspelling) imports the modules
     research.train imports, and TensorFlow with them, to find it."""
     if name not in config_lib.names_with(*config_lib.RUN_ROLES):
         importlib.import_module("research.train_lib")

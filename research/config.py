@@ -5,12 +5,12 @@ command line and flagfiles; tests and other programs build it with `make_config(
 override through the same flag parser, so both paths accept and reject exactly the same values. The resolved
 configuration is written to `model_dir/flags.txt` and is itself a valid `--flagfile`.
 
-This module defines the flags every run has (dataset, splits and where data is, model name, optimization, length,
-devices). A module that
-owns a setting defines its flag itself, with `declare`, and checks it in a `@checks` function: each model family
-(research/models), the augmentations (research/augment.py, research/mix.py), preprocessing and TFDS reading
-(research/data). This module imports none of them (absl only): it sits at the bottom of the import graph, and a
-run's flags are those of the modules its program imported (research/train_lib.py imports them all).
+This module defines the flags every run has (dataset, splits and where data is, model name, learning rate and its
+schedule, loss, length, devices). A module that owns a setting defines its flag itself, with `declare`, and checks it
+in a `@checks` function: each model family (research/models), the optimizers (research/optim.py), the augmentations
+(research/augment/, research/mix.py), preprocessing and TFDS reading (research/data). This module imports none of
+them (absl only): it sits at the bottom of the import graph, and a run's flags are those of the modules its program
+imported (research/train_lib.py imports them all).
 
 Roles: every flag says what it is to the rest of the code, and every consumer reads it from here.
   CHECKPOINT  changes what a checkpoint means: its variables, the data stream or the loss being optimised. A resume
@@ -117,8 +117,6 @@ declare(CHECKPOINT, flags.DEFINE_string(
     "--list`); each model module defines its own flags, e.g. --hidden_units in mlp.py."))
 
 # --- optimization -----------------------------------------------------------------------------------------------------
-declare(CHECKPOINT, flags.DEFINE_enum(
-    "optimizer", "rmsprop", ["adam", "adamax", "rmsprop", "sgd", "adamw"], "Optimizer."))
 declare(TUNABLE, flags.DEFINE_float(
     "learning_rate", 1e-3, "Peak learning rate (the initial one for exponential decay)."))
 declare(TUNABLE, flags.DEFINE_enum(
@@ -137,20 +135,6 @@ declare(TUNABLE, flags.DEFINE_boolean(
 declare(TUNABLE, flags.DEFINE_integer(
     "warmup_steps", 0, "cosine: steps of linear warmup from 0 to --learning_rate."),
         only_if=lambda c: c.lr_schedule == "cosine", when="with --lr_schedule=cosine")
-declare(CHECKPOINT, flags.DEFINE_float(
-    "momentum", 0.0, "sgd and rmsprop: momentum."),
-        only_if=lambda c: c.optimizer in ("sgd", "rmsprop"), when="with --optimizer=sgd or rmsprop")
-declare(TUNABLE, flags.DEFINE_boolean(
-    "nesterov", False, "sgd: Nesterov momentum."),
-        only_if=lambda c: c.optimizer == "sgd", when="with --optimizer=sgd")
-declare(TUNABLE, flags.DEFINE_float(
-    "weight_decay", 0.0, "Decoupled weight decay for any optimizer (adamw: 0.004 if left at 0)."))
-declare(TUNABLE, flags.DEFINE_boolean(
-    "exclude_bias_and_norm_from_weight_decay", False,
-    "Decay only the weights of rank >= 2 (kernels, embeddings), skipping biases, batch/layer-norm "
-    "scales and offsets, and what a model lists in no_weight_decay() (ViT's class token and position "
-    "embeddings), as ImageNet recipes do."),
-        only_if=lambda c: c.weight_decay > 0 or c.optimizer == "adamw", when="with --weight_decay or adamw")
 declare(CHECKPOINT, flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the cross-entropy loss."))
 declare(TUNABLE, flags.DEFINE_float(
     "clip_grad_norm", 0.0,
@@ -281,9 +265,7 @@ def validate(config):
     need(config.learning_rate > 0, "--learning_rate must be positive")
     need(0 <= config.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     need(config.clip_grad_norm >= 0, "--clip_grad_norm must be >= 0")
-    need(0 <= config.momentum < 1, "--momentum must be in [0, 1)")
     need(0 <= config.ema_decay < 1, "--ema_decay must be in [0, 1)")
-    need(config.weight_decay >= 0, "--weight_decay must be >= 0")
     need(config.decay_steps > 0, "--decay_steps must be positive")
     need(config.decay_rate > 0, "--decay_rate must be positive")
     need(config.warmup_steps >= 0, "--warmup_steps must be >= 0")

@@ -29,7 +29,9 @@ import tempfile
 from research import UserError, cli
 
 PARSER = cli.run_tool_parser("python -m research.export", __doc__)
-PARSER.add_argument("--output", required=True, help="New directory for the SavedModel and model.keras.")
+PARSER.add_argument("--output", required=True,
+                    help="New directory for the SavedModel, model.keras and the TFLite models (model.tflite unless "
+                         "--no_tflite, and the quantised one of --tflite_quantize).")
 # The choices are research/tflite.py's QUANTIZATIONS (which imports TensorFlow, not yet loaded here).
 PARSER.add_argument("--tflite_quantize", default="none", choices=("none", "float16", "int8"),
                     help="Also write a quantised model.float16.tflite (half-precision weights) or model.int8.tflite "

@@ -1,12 +1,78 @@
-"""Optimizer, learning-rate schedule and loss, from flags."""
+"""Optimizer, learning-rate schedule and loss, from flags.
 
+The optimizers are one table, OPTIMIZERS: a name, its Keras class, the flags of this module it reads beyond the
+rate and weight decay, and its own weight decay when --weight_decay is left at 0. The --optimizer choices (checked
+against the table, as --model against its registry), its help, and the `only_if` of --momentum, --nesterov and
+--exclude_bias_and_norm_from_weight_decay are made from it, so adding an optimizer is one line here.
+"""
+
+import dataclasses
 import types
 
 import tensorflow as tf
+from absl import flags
 
-from research import transfer
+from research import config as config_lib, transfer
+from research.config import CHECKPOINT, TUNABLE, declare
 
 keras = tf.keras
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    keras_class: type  # Built with the learning-rate schedule, its weight decay and the `reads` flags' values.
+    reads: tuple = ()  # Names of the flags below it takes as constructor arguments (momentum, nesterov).
+    weight_decay: float = None  # Its decoupled weight decay when --weight_decay is 0 (None: none).
+
+
+OPTIMIZERS = {
+    "adam": Optimizer(keras.optimizers.Adam),
+    "adamax": Optimizer(keras.optimizers.Adamax),
+    "adamw": Optimizer(keras.optimizers.AdamW, weight_decay=0.004),  # Keras' default.
+    "lamb": Optimizer(keras.optimizers.Lamb),  # You et al. 2020: Adam with a per-layer trust ratio.
+    "lion": Optimizer(keras.optimizers.Lion),  # Chen et al. 2023: sign updates; takes a rate 3-10x lower than Adam's.
+    "rmsprop": Optimizer(keras.optimizers.RMSprop, reads=("momentum",)),
+    "sgd": Optimizer(keras.optimizers.SGD, reads=("momentum", "nesterov")),
+}
+
+
+def _only_for(flag):
+    """The `only_if` and `when` of a flag that only the optimizers whose entry `reads` it take."""
+    names = [name for name, entry in OPTIMIZERS.items() if flag in entry.reads]
+    return dict(only_if=lambda c: flag in OPTIMIZERS[c.optimizer].reads,
+                when=f"with --optimizer={' or '.join(names)}")
+
+
+def _with_own_weight_decay():
+    return {name: entry.weight_decay for name, entry in OPTIMIZERS.items() if entry.weight_decay}
+
+
+declare(CHECKPOINT, flags.DEFINE_string(
+    "optimizer", "rmsprop", "Optimizer, one of research/optim.py's OPTIMIZERS (Keras' class of that name): "
+    + ", ".join(name + (f" (--{', --'.join(entry.reads)})" if entry.reads else "")
+                for name, entry in OPTIMIZERS.items()) + "."))
+declare(CHECKPOINT, flags.DEFINE_float("momentum", 0.0, "Momentum, of the optimizers that take it (--optimizer)."),
+        **_only_for("momentum"))
+declare(TUNABLE, flags.DEFINE_boolean("nesterov", False, "Nesterov momentum, where --optimizer takes it."),
+        **_only_for("nesterov"))
+declare(TUNABLE, flags.DEFINE_float(
+    "weight_decay", 0.0, "Decoupled weight decay for any optimizer (" + ", ".join(
+        f"{name}: {decay} if left at 0" for name, decay in _with_own_weight_decay().items()) + ")."))
+declare(TUNABLE, flags.DEFINE_boolean(
+    "exclude_bias_and_norm_from_weight_decay", False,
+    "Decay only the weights of rank >= 2 (kernels, embeddings), skipping biases, batch/layer-norm "
+    "scales and offsets, and what a model lists in no_weight_decay() (ViT's class token and position "
+    "embeddings), as ImageNet recipes do."),
+        only_if=lambda c: c.weight_decay > 0 or OPTIMIZERS[c.optimizer].weight_decay is not None,
+        when=f"with --weight_decay or {' or '.join(_with_own_weight_decay())}")
+
+
+@config_lib.checks
+def _check_flags(config):
+    config_lib.need(config.optimizer in OPTIMIZERS,
+                    f"--optimizer={config.optimizer} is unknown; choose from {', '.join(OPTIMIZERS)}")
+    config_lib.need(0 <= config.momentum < 1, "--momentum must be in [0, 1)")
+    config_lib.need(config.weight_decay >= 0, "--weight_decay must be >= 0")
 
 
 class Constant(keras.optimizers.schedules.LearningRateSchedule):
@@ -77,14 +143,10 @@ def weight_decay_exempt(model):
 
 
 def _optimizer(config, total_steps, rate_scales):
-    decay = config.weight_decay or None
-    optimizer_class, options = {
-        "adam": (keras.optimizers.Adam, dict(weight_decay=decay)),
-        "adamw": (keras.optimizers.AdamW, dict(weight_decay=config.weight_decay or 0.004)),
-        "adamax": (keras.optimizers.Adamax, dict(weight_decay=decay)),
-        "rmsprop": (keras.optimizers.RMSprop, dict(momentum=config.momentum, weight_decay=decay)),
-        "sgd": (keras.optimizers.SGD, dict(momentum=config.momentum, nesterov=config.nesterov, weight_decay=decay)),
-    }[config.optimizer]
+    entry = OPTIMIZERS[config.optimizer]
+    optimizer_class = entry.keras_class
+    options = dict(weight_decay=config.weight_decay or entry.weight_decay,
+                   **{flag: getattr(config, flag) for flag in entry.reads})
     if rate_scales is None:
         return optimizer_class(learning_rate(config, total_steps), **options)
     optimizer_class = type(f"{optimizer_class.__name__}WithRateScales", (RateScales, optimizer_class), {})

@@ -107,9 +107,9 @@ class Reporter:
             self.image("eval", "reliability", step, plots.reliability(main.bins, main.split))
             self.image("eval", "misclassified", step, self.evaluator.mistakes_figure(main))
 
-    def finish(self, results):
-        """At the end of training, with the dict written to results.json: the event files are closed, not left to
-        the garbage collector (a run directory on a filesystem being unmounted or made read-only must not be busy)."""
+    def close(self):
+        """At the end of training: the event files are closed, not left to the garbage collector (a run directory
+        on a filesystem being unmounted or made read-only must not be busy)."""
         if self.is_chief:
             for writer in self.writers.values():
                 writer.close()

@@ -1,10 +1,14 @@
-"""The train step library: what a training run and the tools that share its computation (research.benchmark) build
-and call. `build` creates the model, optimizer, step and weight average; `make_train_loop` is the train step, run
-`steps_per_loop` times inside one tf.function call (the evaluation pass is research/evaluation.py's).
-research/trainer.py strings them into a run.
+"""The train step library: what a training run and the tools that share its computation (research.benchmark)
+build and call. `build` creates the model, optimizer, step and weight average; the step is flat
+functions that a test can call alone, as flax's `train_step`: `loss_fn` (the loss of a batch), `forward_backward`
+(its gradients), `accumulated` (over micro-batches), `train_step` (one replica's step: mixing, the all-reduce,
+clipping, the update) and `run_steps` (steps in a loop on every replica); `make_train_loop` binds them to a run's
+model and optimizer in one tf.function (the evaluation pass is research/evaluation.py's). research/trainer.py
+strings them into a run.
 """
 
 import contextlib
+import functools
 import re
 
 import tensorflow as tf
@@ -73,103 +77,133 @@ def build(config, dataset, strategy, total_steps):
 
 
 def make_train_loop(strategy, model, optimizer, step, config, ema=None, teacher=None):
-    """`train_loop(iterator, num_steps)` runs `num_steps` train steps inside one tf.function call.
+    """`train_loop(iterator, num_steps)` runs `num_steps` train steps (`train_step` on every replica) inside one
+    tf.function call; with a `teacher` (research/distill.py) each (micro-)batch's loss mixes in distillation.
 
     Returns the sums over the steps run of [mean loss, correct, examples, gradient norm], the number of steps run,
     and whether all were finite: at the first non-finite loss or gradient it stops (that step's update is applied,
     and the caller never saves such a state: it stops or restores the last checkpoint). Under mixed_float16 a
     non-finite gradient is instead the loss scaler's business (it skips the update and lowers the scale).
-    With --mixup_alpha or --cutmix_alpha each replica mixes its batch, seeded by (seed, step, replica), and trains
-    on the soft targets; accuracy is still counted against the unmixed labels. With --grad_accum_steps=K each
-    replica's batch (mixed first, so the mixing is the same for any K) is cut into K micro-batches whose gradients
-    are summed before the one all-reduce and update.
-    With a `teacher` (research/distill.py) each (micro-)batch's loss mixes in distillation from it.
     The optimizer is switched to apply the gradients it is given as they are (optim.apply_summed_gradients).
     """
-    variables = model.trainable_variables
-    num_replicas = strategy.num_replicas_in_sync
-    loss_scaling = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
-    mixing = config.mixup_alpha or config.cutmix_alpha
     optim.apply_summed_gradients(optimizer)
-    if (config.jit_compile and config.sync_batchnorm and config_lib.declared("sync_batchnorm").only_if(config)
-            and isinstance(strategy, tf.distribute.MirroredStrategy) and num_replicas > 1
+    _check_sync_batchnorm_under_xla(strategy, config)
+    replica_step = functools.partial(train_step, make_gradients(model, optimizer, config, teacher), model, optimizer,
+                                     step, config)
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        return run_steps(strategy, replica_step, step, ema, iterator, num_steps)
+
+    return train_loop
+
+
+def _check_sync_batchnorm_under_xla(strategy, config):
+    if (config.jit_compile and config.sync_batchnorm and models.has(config, "batch_norm")
+            and isinstance(strategy, tf.distribute.MirroredStrategy) and strategy.num_replicas_in_sync > 1
             and not all("GPU" in device.upper() for device in strategy.extended.worker_devices)):
         # MirroredStrategy synchronises non-GPU replicas by merge calls, which an XLA-compiled function cannot hold.
         raise UserError("--sync_batchnorm with --jit_compile needs GPU replicas under --strategy=mirrored; "
                         "drop one of the two")
 
-    def forward_backward(images, targets, labels):
-        """(loss as a share of the global batch's mean, correct predictions, gradients) of one (micro-)batch."""
-        teacher_logits = None if teacher is None else teacher.logits(images)  # Outside the tape: no gradient.
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            losses = optim.per_example_loss(targets, logits, config.label_smoothing)
-            if teacher is not None:
-                losses = teacher.mixed_loss(teacher_logits, logits, losses)
-            loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
-            scaled_loss = optimizer.scale_loss(loss) if loss_scaling else loss
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
-        return loss, correct, tape.gradient(scaled_loss, variables)
 
-    if config.jit_compile:
-        forward_backward = tf.function(forward_backward, jit_compile=True)
+def loss_fn(model, images, targets, config, teacher=None, teacher_logits=None):
+    """(logits, the loss of one (micro-)batch as a share of the global batch's mean): what the step minimises; with
+    a `teacher`, each example's label loss mixed with distillation from `teacher_logits` (research/distill.py)."""
+    logits = model(images, training=True)
+    losses = optim.per_example_loss(targets, logits, config.label_smoothing)
+    if teacher is not None:
+        losses = teacher.mixed_loss(teacher_logits, logits, losses)
+    return logits, tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
 
-    def accumulated(images, targets, labels):
-        """forward_backward's results summed over --grad_accum_steps equal slices of the batch, run one after
-        another: each slice waits for the previous one's gradients (a control dependency), so that only one
-        slice's activations are alive at a time, which is what saves the memory. Unrolled, not a tf.while_loop:
-        a batch-norm all-reduce (--sync_batchnorm) cannot run inside control flow under MirroredStrategy."""
-        if config.grad_accum_steps == 1:
-            return forward_backward(images, targets, labels)
-        total = None
-        for micro_batch in zip(*(tf.split(t, config.grad_accum_steps) for t in (images, targets, labels))):
-            if total is not None:
-                with tf.control_dependencies(total[2]):
-                    micro_batch = [tf.identity(t) for t in micro_batch]
-            results = forward_backward(*micro_batch)
-            total = results if total is None else (
-                total[0] + results[0], total[1] + results[1], [a + b for a, b in zip(total[2], results[2])])
-        return total
 
-    def replica_step(images, labels):
-        targets = labels
-        if mixing:
-            seed = mix.batch_seed(config.seed, step, tf.distribute.get_replica_context().replica_id_in_sync_group)
-            images, targets = mix.mix(images, labels, model.num_classes, config.mixup_alpha, config.cutmix_alpha, seed)
-        loss, correct, grads = accumulated(images, targets, labels)
-        # The step's one all-reduce: the gradient summed over replicas here, so that its norm (for clipping and the
-        # NaN check) is the global batch's, identical on every replica; for the same reason the loss scaler's
-        # finiteness check, which looks at one replica only, sees every replica's overflow. The optimizer applies
-        # the sum as it is (apply_summed_gradients above), without all-reducing it again.
-        grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
-        scale = optimizer.dynamic_scale if loss_scaling else 1.0
-        norm = tf.linalg.global_norm(grads) / scale
-        if config.clip_grad_norm:
-            grads, _ = tf.clip_by_global_norm(grads, config.clip_grad_norm * scale, use_norm=norm * scale)
-        optimizer.apply_gradients(zip(grads, variables))
-        examples = tf.cast(tf.shape(labels)[0], tf.float32)
-        if loss_scaling:
-            norm = tf.where(tf.math.is_finite(norm), norm, 0.0)  # An overflow step is skipped, not an error.
-        return tf.stack([loss, correct, examples, norm / num_replicas])  # Summed over replicas by the caller.
+def forward_backward(model, optimizer, config, teacher, images, targets, labels):
+    """(loss as a share of the global batch's mean, correct predictions, gradients) of one (micro-)batch."""
+    teacher_logits = None if teacher is None else teacher.logits(images)  # Outside the tape: no gradient.
+    with tf.GradientTape() as tape:
+        logits, loss = loss_fn(model, images, targets, config, teacher, teacher_logits)
+        scaled_loss = optimizer.scale_loss(loss) if _loss_scaling(optimizer) else loss
+    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
+    return loss, correct, tape.gradient(scaled_loss, model.trainable_variables)
 
-    @tf.function
-    def train_loop(iterator, num_steps):
-        totals = tf.zeros([4])
-        steps_run = tf.constant(0)
-        finite = tf.constant(True)
-        for _ in tf.range(num_steps):
-            stats = strategy.reduce(SUM, strategy.run(replica_step, args=next(iterator)), axis=None)
-            step.assign_add(1)
-            if ema is not None:
-                ema.update(step)
-            totals += stats
-            steps_run += 1
-            finite = tf.reduce_all(tf.math.is_finite(stats))
-            if not finite:
-                break
-        return totals, steps_run, finite
 
-    return train_loop
+def make_gradients(model, optimizer, config, teacher=None):
+    """`forward_backward` of this model (and teacher) as a function of (images, targets, labels), XLA-compiled
+    with --jit_compile."""
+    gradients = functools.partial(forward_backward, model, optimizer, config, teacher)
+    return tf.function(gradients, jit_compile=True) if config.jit_compile else gradients
+
+
+def accumulated(gradients, config, images, targets, labels):
+    """`gradients`' results summed over --grad_accum_steps equal slices of the batch, run one after another: each
+    slice waits for the previous one's gradients (a control dependency), so that only one slice's activations are
+    alive at a time, which is what saves the memory. Unrolled, not a tf.while_loop: a batch-norm all-reduce
+    (--sync_batchnorm) cannot run inside control flow under MirroredStrategy."""
+    if config.grad_accum_steps == 1:
+        return gradients(images, targets, labels)
+    total = None
+    for micro_batch in zip(*(tf.split(t, config.grad_accum_steps) for t in (images, targets, labels))):
+        if total is not None:
+            with tf.control_dependencies(total[2]):
+                micro_batch = [tf.identity(t) for t in micro_batch]
+        results = gradients(*micro_batch)
+        total = results if total is None else (
+            total[0] + results[0], total[1] + results[1], [a + b for a, b in zip(total[2], results[2])])
+    return total
+
+
+def train_step(gradients, model, optimizer, step, config, images, labels):
+    """One replica's share of one train step (in a replica context: `strategy.run`); returns [loss, correct,
+    examples, gradient norm / replicas], to be summed over the replicas.
+
+    With --mixup_alpha or --cutmix_alpha the replica mixes its batch, seeded by (seed, step, replica), and trains
+    on the soft targets; accuracy is still counted against the unmixed labels. With --grad_accum_steps=K the batch
+    (mixed first, so the mixing is the same for any K) is cut into K micro-batches whose gradients are summed before
+    the one all-reduce and update. `gradients`: make_gradients(model, optimizer, config)."""
+    replica = tf.distribute.get_replica_context()
+    targets = labels
+    if config.mixup_alpha or config.cutmix_alpha:
+        seed = mix.batch_seed(config.seed, step, replica.replica_id_in_sync_group)
+        images, targets = mix.mix(images, labels, model.num_classes, config.mixup_alpha, config.cutmix_alpha, seed)
+    loss, correct, grads = accumulated(gradients, config, images, targets, labels)
+    # The step's one all-reduce: the gradient summed over replicas here, so that its norm (for clipping and the
+    # NaN check) is the global batch's, identical on every replica; for the same reason the loss scaler's
+    # finiteness check, which looks at one replica only, sees every replica's overflow. The optimizer applies
+    # the sum as it is (apply_summed_gradients), without all-reducing it again.
+    grads = replica.all_reduce(SUM, grads)
+    loss_scaling = _loss_scaling(optimizer)
+    scale = optimizer.dynamic_scale if loss_scaling else 1.0
+    norm = tf.linalg.global_norm(grads) / scale
+    if config.clip_grad_norm:
+        grads, _ = tf.clip_by_global_norm(grads, config.clip_grad_norm * scale, use_norm=norm * scale)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    examples = tf.cast(tf.shape(labels)[0], tf.float32)
+    if loss_scaling:
+        norm = tf.where(tf.math.is_finite(norm), norm, 0.0)  # An overflow step is skipped, not an error.
+    return tf.stack([loss, correct, examples, norm / replica.num_replicas_in_sync])
+
+
+def run_steps(strategy, replica_step, step, ema, iterator, num_steps):
+    """`num_steps` steps of `replica_step(images, labels)` on every replica (in a tf.function): the step counter
+    and weight average advanced after each; stops after the first non-finite one. See make_train_loop."""
+    totals = tf.zeros([4])
+    steps_run = tf.constant(0)
+    finite = tf.constant(True)
+    for _ in tf.range(num_steps):
+        stats = strategy.reduce(SUM, strategy.run(replica_step, args=next(iterator)), axis=None)
+        step.assign_add(1)
+        if ema is not None:
+            ema.update(step)
+        totals += stats
+        steps_run += 1
+        finite = tf.reduce_all(tf.math.is_finite(stats))
+        if not finite:
+            break
+    return totals, steps_run, finite
+
+
+def _loss_scaling(optimizer):
+    return isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
 
 
 class WeightAverage:

@@ -1,12 +1,14 @@
 """A training run from start to end: `train_and_evaluate(config)`, resuming from the run directory's latest
 checkpoint.
 
-Read `train_and_evaluate` top to bottom for the whole run; research/train_lib.py has the train step and the model
-building it calls, research/evaluation.py the evaluation of every eval set; research/train.py is the program
-(`python -m research.train`).
+Read `train_and_evaluate` top to bottom for the whole run, then its sections below it: `_train` (the loops of steps,
+evaluations and saves), `_loop_of_steps`, `_restore_after_nonfinite`, `_evaluate` and `_finish` (the results);
+research/train_lib.py has the train step and the model building they call, research/evaluation.py the evaluation of
+every eval set; research/train.py is the program (`python -m research.train`).
 """
 
 import contextlib
+import dataclasses
 import json
 import signal
 import threading
@@ -99,98 +101,149 @@ def train_and_evaluate(config):
         config_lib.warn_ignored(config)  # Here, once the run is sure to train: never in front of an error line.
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
-        train_loop = train_lib.make_train_loop(strategy, model, optimizer, step, config, ema, teacher)
         evaluator = evaluation.Evaluator(strategy, model, dataset, config)
-        agreement = teacher.make_agreement(strategy, model) if teacher else lambda eval_data: {}
-        iterator = iter(strategy.distribute_datasets_from_function(
-            data.train_input_fn(dataset, config, int(step.numpy()))))
-        reporter = reporting.Reporter(config, dataset, model, evaluator, total_steps, steps_per_epoch,
-                                      int(step.numpy()), chief)
-        stop_signal = stack.enter_context(_catch_stop_signals())  # Before this, a signal just ends the process.
-        restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
+        run = _Run(
+            config, dataset, strategy, model, optimizer, step, ema, checkpoints, started, total_steps, steps_per_epoch,
+            eval_every, train_loop=train_lib.make_train_loop(strategy, model, optimizer, step, config, ema, teacher),
+            evaluator=evaluator,
+            agreement=teacher.make_agreement(strategy, model) if teacher else lambda eval_data: {},
+            iterator=iter(strategy.distribute_datasets_from_function(
+                data.train_input_fn(dataset, config, int(step.numpy())))),
+            reporter=reporting.Reporter(config, dataset, model, evaluator, total_steps, steps_per_epoch,
+                                        int(step.numpy()), chief),
+            stop_signal=stack.enter_context(_catch_stop_signals()))  # Before this, a signal just ends the process.
+        current, train_metrics, last_eval = _train(run)
+        return _finish(run, current, train_metrics, last_eval, chief)
 
-        def run_eval(current):
-            """The evaluation.Result of each eval set, --eval_split first."""
-            with ema.swapped_in() if ema else contextlib.nullcontext():  # The reporter's pictures see them too.
-                try:
-                    results = evaluator.evaluate()
-                except evaluation.Unreadable as e:
-                    saved_at = checkpoints.save(current)  # The training done so far is not lost with the eval.
-                    raise UserError(f"{e.what} (evaluating step {current}); training saved as {saved_at}; "
-                                    f"{e.advice}") from None
-                teacher_metrics = agreement(evaluator.passes[0][1])  # Teacher-student agreement (distill.py), if any.
-                reporter.scalars("eval", current, teacher_metrics)
-                results[0].scalars.update(teacher_metrics)
-                reporter.eval(current, results, {"elapsed_s": round(time.time() - started, 1),
-                                                 **{f"train_{k}": v for k, v in train_metrics.items()}})
-            return results
 
-        current = int(step.numpy())
-        while current < total_steps:
-            # A loop of steps ends at every event boundary: epoch (progress), evaluation, checkpoint, the end.
-            num_steps = min([config.steps_per_loop, total_steps - current] + [
-                every - current % every for every in (steps_per_epoch, eval_every, config.checkpoint_every)])
-            loop_start = time.time()
-            with _profiling(config, current, num_steps, total_steps, loops_run):
-                try:
-                    totals, steps_run, finite = train_loop(iterator, tf.constant(num_steps))
-                except data.READ_ERRORS:
-                    bad = data.unreadable_example(dataset, config, current, num_steps)
-                    if bad is None:
-                        raise
-                    raise UserError(f"cannot read training example {bad} (a step in {current + 1}-"
-                                    f"{current + num_steps}); last checkpoint {checkpoints.latest() or 'none'} "
-                                    f"left intact; {dataset.train.advice}") from None
-            loops_run += 1
-            (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(step.numpy())
-            if not finite:
-                last_good = checkpoints.latest()
-                if config.on_nonfinite != "restore" or restores >= config.max_nonfinite_restores or not last_good:
-                    raise UserError(f"non-finite loss or gradient at step {current}; last good checkpoint: "
-                                    f"{last_good or 'none'} (left intact)")
-                restores += 1
-                logging.warning("non-finite loss or gradient at step %d: restoring %s (%d/%d) and going on "
-                                "with the next batch", current, last_good, restores, config.max_nonfinite_restores)
-                checkpoints.restore(last_good)
-                step.assign(current)
-                optimizer.iterations.assign(current)  # The learning-rate schedule counts these: it is step `current`'s.
-                continue
-            train_metrics = {"loss": loss / steps_run, "accuracy": correct / examples, "grad_norm": norm / steps_run,
-                             "learning_rate": tf.convert_to_tensor(optimizer.learning_rate),
-                             "images_per_sec": examples / (time.time() - loop_start)}
-            train_metrics = {k: float(v) for k, v in train_metrics.items()}
-            reporter.train(current, train_metrics)
-            if current % eval_every == 0 or current == total_steps:
-                last_eval = run_eval(current)
-                checkpoints.save_best(current, last_eval[0].scalars)
-            saved = current % config.checkpoint_every == 0 or current == total_steps
-            if saved:
-                checkpoints.save(current)
-            # A signal may reach only some workers, or reach them in different loops: all stop when any got one,
-            # so that they save the same step (a collective on every process; cheap on one).
-            if distribute.any_worker(strategy, stop_signal):
-                if not saved:
-                    checkpoints.save(current)
-                raise Preempted(stop_signal[0] if stop_signal else signal.SIGTERM, current)
+@dataclasses.dataclass
+class _Run:
+    """What the training loop of one run works with, built by train_and_evaluate."""
+    config: object
+    dataset: object
+    strategy: object
+    model: object
+    optimizer: object
+    step: object
+    ema: object
+    checkpoints: object
+    started: float  # time.time() at the start: wall times count data loading and tracing.
+    total_steps: int
+    steps_per_epoch: int
+    eval_every: int
+    train_loop: object  # train_lib.make_train_loop's.
+    evaluator: object  # evaluation.Evaluator: every eval set.
+    agreement: object  # A --teacher's agreement with the model on the main eval set (research/distill.py), or {}.
+    iterator: object  # Of the distributed training stream, from the step the run starts at.
+    reporter: object
+    stop_signal: list  # The signals received (_catch_stop_signals).
 
-        # -------------------------------------------------------------- Results
-        main, *extra = last_eval or run_eval(current)
-        results = {"step": current, "eval": {**main.scalars, **main.details}, "train": train_metrics,
-                   "wall_time_s": round(time.time() - started, 1), "params": int(model.count_params()),
-                   "dataset": config.dataset, "model": config.model,
-                   "confusion_matrix": main.confusion.astype(int).tolist(),
-                   "extra_eval": {r.split: {**r.scalars, **r.details,
-                                            "confusion_matrix": r.confusion.astype(int).tolist()} for r in extra}}
-        if chief:
-            run_dir.write_results(config.model_dir, results)
-            for result in (main, *extra):
-                per_example.write(config.model_dir, result, current, dataset.name)
-            plots.write_curves(config.model_dir)
-        reporter.finish(results)
-        print(f"Done: step {current}, eval accuracy {metrics.interval_text(main.scalars)}, "
-              f"loss {main.scalars['loss']:.4f} "
-              f"({results['wall_time_s']} s)")
-        return results
+
+def _train(run):
+    """Loops of steps up to the last step, each ending at an event (epoch end, evaluation, checkpoint, the end);
+    returns (the last step, the last loop's train metrics, the last evaluation's results (_evaluate) or None)."""
+    config = run.config
+    restores, loops_run, train_metrics, last_eval = 0, 0, {}, None
+    current = int(run.step.numpy())
+    while current < run.total_steps:
+        num_steps = min([config.steps_per_loop, run.total_steps - current] + [
+            every - current % every for every in (run.steps_per_epoch, run.eval_every, config.checkpoint_every)])
+        loop_start = time.time()
+        totals, steps_run, finite = _loop_of_steps(run, current, num_steps, loops_run)
+        loops_run += 1
+        (loss, correct, examples, norm), steps_run, current = totals.numpy(), int(steps_run), int(run.step.numpy())
+        if not finite:
+            restores += 1
+            _restore_after_nonfinite(run, current, restores)
+            continue
+        train_metrics = {"loss": loss / steps_run, "accuracy": correct / examples, "grad_norm": norm / steps_run,
+                         "learning_rate": tf.convert_to_tensor(run.optimizer.learning_rate),
+                         "images_per_sec": examples / (time.time() - loop_start)}
+        train_metrics = {k: float(v) for k, v in train_metrics.items()}
+        run.reporter.train(current, train_metrics)
+        if current % run.eval_every == 0 or current == run.total_steps:
+            last_eval = _evaluate(run, current, train_metrics)
+            run.checkpoints.save_best(current, last_eval[0].scalars)
+        saved = current % config.checkpoint_every == 0 or current == run.total_steps
+        if saved:
+            run.checkpoints.save(current)
+        # A signal may reach only some workers, or reach them in different loops: all stop when any got one,
+        # so that they save the same step (a collective on every process; cheap on one).
+        if distribute.any_worker(run.strategy, run.stop_signal):
+            if not saved:
+                run.checkpoints.save(current)
+            raise Preempted(run.stop_signal[0] if run.stop_signal else signal.SIGTERM, current)
+    return current, train_metrics, last_eval
+
+
+def _loop_of_steps(run, current, num_steps, loops_run):
+    """One call of the train loop: `num_steps` steps from step `current`; an unreadable training example is one
+    error line naming it (the last checkpoint left intact)."""
+    with _profiling(run.config, current, num_steps, run.total_steps, loops_run):
+        try:
+            return run.train_loop(run.iterator, tf.constant(num_steps))
+        except data.READ_ERRORS:
+            bad = data.unreadable_example(run.dataset, run.config, current, num_steps)
+            if bad is None:
+                raise
+            raise UserError(f"cannot read training example {bad} (a step in {current + 1}-"
+                            f"{current + num_steps}); last checkpoint {run.checkpoints.latest() or 'none'} "
+                            f"left intact; {run.dataset.train.advice}") from None
+
+
+def _restore_after_nonfinite(run, current, restores):
+    """A non-finite loss or gradient at step `current`: an error line, or with --on_nonfinite=restore the last
+    checkpoint restored (the `restores`-th time) and the run going on at this step with the next batch."""
+    config, last_good = run.config, run.checkpoints.latest()
+    if config.on_nonfinite != "restore" or restores > config.max_nonfinite_restores or not last_good:
+        raise UserError(f"non-finite loss or gradient at step {current}; last good checkpoint: "
+                        f"{last_good or 'none'} (left intact)")
+    logging.warning("non-finite loss or gradient at step %d: restoring %s (%d/%d) and going on "
+                    "with the next batch", current, last_good, restores, config.max_nonfinite_restores)
+    run.checkpoints.restore(last_good)
+    run.step.assign(current)
+    run.optimizer.iterations.assign(current)  # The learning-rate schedule counts these: it is step `current`'s.
+
+
+def _evaluate(run, current, train_metrics):
+    """The evaluation.Result of each eval set (--eval_split first) of the model at step `current` (its weight
+    average with --ema_decay), reported; an unreadable eval example saves the training done and is one error line
+    naming it."""
+    with run.ema.swapped_in() if run.ema else contextlib.nullcontext():  # The reporter's pictures see them too.
+        try:
+            results = run.evaluator.evaluate()
+        except evaluation.Unreadable as e:
+            saved_at = run.checkpoints.save(current)  # The training done so far is not lost with the eval.
+            raise UserError(f"{e.what} (evaluating step {current}); training saved as {saved_at}; "
+                            f"{e.advice}") from None
+        teacher_metrics = run.agreement(run.evaluator.passes[0][1])  # With a --teacher: its agreement.
+        run.reporter.scalars("eval", current, teacher_metrics)
+        results[0].scalars.update(teacher_metrics)
+        run.reporter.eval(current, results, {"elapsed_s": round(time.time() - run.started, 1),
+                                             **{f"train_{k}": v for k, v in train_metrics.items()}})
+    return results
+
+
+def _finish(run, current, train_metrics, last_eval, chief):
+    """The results (written to results.json by the chief, with each eval set's per-example records and the
+    curves), evaluating the last step if no loop did."""
+    config = run.config
+    main, *extra = last_eval or _evaluate(run, current, train_metrics)
+    results = {"step": current, "eval": {**main.scalars, **main.details}, "train": train_metrics,
+               "wall_time_s": round(time.time() - run.started, 1), "params": int(run.model.count_params()),
+               "dataset": config.dataset, "model": config.model,
+               "confusion_matrix": main.confusion.astype(int).tolist(),
+               "extra_eval": {r.split: {**r.scalars, **r.details,
+                                        "confusion_matrix": r.confusion.astype(int).tolist()} for r in extra}}
+    if chief:
+        run_dir.write_results(config.model_dir, results)
+        for result in (main, *extra):
+            per_example.write(config.model_dir, result, current, run.dataset.name)
+        plots.write_curves(config.model_dir)
+    run.reporter.close()
+    print(f"Done: step {current}, eval accuracy {metrics.interval_text(main.scalars)}, loss {main.scalars['loss']:.4f} "
+          f"({results['wall_time_s']} s)")
+    return results
 
 
 def _without_effect(config, dataset):

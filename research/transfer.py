@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from research import UserError, checkpoint, config as config_lib, run_dir
+from research import UserError, checkpoint, config as config_lib, models, run_dir
 from research.config import CHECKPOINT, TUNABLE, declare
 
 declare(TUNABLE, flags.DEFINE_enum(
@@ -28,9 +28,9 @@ declare(CHECKPOINT, flags.DEFINE_enum(
     "included, keeps the value it starts with, its batch norm running in inference mode)."))
 declare(CHECKPOINT, flags.DEFINE_float(
     "layer_decay", 1.0,
-    "Layer-wise learning-rate decay (BEiT/MAE), for models built of blocks (resnet*, vit_*): the head and what "
-    "follows the last block at the full rate, each block below it this factor lower, the stem or embeddings the "
-    "lowest; weight decay follows each variable's rate (1 = off)."),
+    "Layer-wise learning-rate decay (BEiT/MAE), for models built of blocks (" + ", ".join(models.having("blocks"))
+    + "): the head and what follows the last block at the full rate, each block below it this factor lower, the "
+    "stem or embeddings the lowest; weight decay follows each variable's rate (1 = off)."),
         only_if=lambda c: c.trainable == "all", when="with --trainable=all")
 
 
@@ -40,6 +40,13 @@ INIT_FLAGS = ("init_checkpoint", "init_from_average", "init_skip")  # What a fre
 @config_lib.checks
 def _check_flags(config):
     config_lib.need(0 < config.layer_decay <= 1, f"--layer_decay must be in (0, 1], got {config.layer_decay}")
+    if config.model in models.names():  # (An unknown name is research.models' error line.)
+        config_lib.need(config.layer_decay == 1 or config.trainable != "all" or models.has(config, "blocks"),
+                        f"--layer_decay needs a model built of blocks ({', '.join(models.having('blocks'))}); "
+                        f"--model={config.model} has none")
+        config_lib.need(models.has(config, "head") or (config.trainable == "all" and not config.init_checkpoint),
+                        f"--trainable=head and --init_checkpoint need a model with a head; --model={config.model} "
+                        "declares none")
 
 
 def init_weights(model, config, dataset):
@@ -198,10 +205,7 @@ def layer_rate_scales(model, config):
     convention (timm's param_groups_layer_decay): with N blocks, the head and what follows the last block at 1,
     block i of 1..N at F ** (N + 1 - i), what precedes the first block (stem, patch and position embeddings, class
     token) at F ** (N + 1)."""
-    blocks = getattr(model, "blocks", None)
-    if not blocks:
-        raise UserError(f"--layer_decay needs a model built of blocks (resnet*, vit_*); --model={config.model} "
-                        "has none")
+    blocks = model.blocks  # Declared by the model's registration (research.config checked it).
     layer_of = {id(v): i + 1 for i, block in enumerate(blocks) for v in block.variables}
     trainable = {id(v) for v in model.trainable_variables}
     scales, layer = [], 0

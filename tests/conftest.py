@@ -1,4 +1,11 @@
-"""Shared fixtures: mocked TFDS datasets for fast tests, the real MNIST files for integration tests."""
+"""Shared fixtures: mocked TFDS datasets for fast tests, the real MNIST files for integration tests; the `slow`
+marker.
+
+Two tiers: `pytest -m "not slow"` is the fast one (minutes: the real loop on tiny mock data for every model family,
+optimizer and augmentation op, from their registries), the whole suite adds the slow tests: real data (every test
+that uses the real MNIST files, marked here by its fixture), subprocesses, kills and multi-worker runs, and the
+longest in-process runs whose code the fast tier still trains on tiny data (every recipe flagfile, resume
+equivalences, full-size models, the benchmark), each marked `@pytest.mark.slow` where it is defined."""
 
 import fcntl
 import os
@@ -16,6 +23,17 @@ from mock_train import mocked  # noqa: E402
 
 MNIST_FILES = os.environ.get(
     "MNIST_FILES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real data, subprocesses, kills, multi-worker or the longest runs (not "
+                                       "in the fast tier, `-m 'not slow'`)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "mnist_data_dir" in item.fixturenames:  # Real data.
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

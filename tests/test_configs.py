@@ -18,6 +18,7 @@ def _flagfile_values(path):
     return run_dir.parse_flagfile("\n".join(lines), path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_recipe_parses_documents_itself_and_trains(mock_tfds, tmp_path, monkeypatch, path):
     name = os.path.basename(path)

@@ -95,12 +95,14 @@ def test_folder_slices_and_split_folders(digits, tmp_path):
     assert not set(train_part.train.paths) & set(train_part.eval.paths)
 
 
+@pytest.mark.slow
 def test_sigkill_on_a_folder_then_rerun_equals_uninterrupted(digits, tmp_path):
     """Augmented (random resized crops of JPEGs and PNGs, flips), killed at a random checkpoint, resumed."""
     kill_resume_and_compare(tmp_path, f"--dataset=folder:{digits}", "--image_size=16",
                             "--augment=random_resized_crop,flip", "--normalize=imagenet")
 
 
+@pytest.mark.slow
 def test_sigkill_on_a_streamed_tfds_dataset_then_rerun_equals_uninterrupted(tmp_path):
     """tf_flowers (JPEGs of varying size) read by index from its (mocked) ArrayRecord files."""
     out = kill_resume_and_compare(tmp_path, "--dataset=tf_flowers", "--eval_split=train", "--image_size=16",
@@ -108,6 +110,7 @@ def test_sigkill_on_a_streamed_tfds_dataset_then_rerun_equals_uninterrupted(tmp_
     assert "streamed by index" in out
 
 
+@pytest.mark.slow
 def test_two_replicas_equal_one_on_the_streaming_path_and_count_each_eval_example_once(digits, tmp_path):
     one = trainer.train_and_evaluate(folder_config(tmp_path / "one", digits, strategy="default"))
     two = trainer.train_and_evaluate(folder_config(tmp_path / "two", digits, strategy="mirrored"))
@@ -118,6 +121,7 @@ def test_two_replicas_equal_one_on_the_streaming_path_and_count_each_eval_exampl
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset, overrides", [
     ("tf_flowers", dict(image_size="24", model="cnn_rgb", augment="random_resized_crop,flip", normalize="imagenet",
                         eval_split="train[:20]")),
@@ -199,6 +203,7 @@ def test_damaged_prepared_files_name_the_file_and_the_way_out(mnist_data_dir, tm
         data.load(make_config(tmp_path, data_dir=str(tmp_path / "tfds"), tfds_read="memory"))
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_met_in_training_names_the_file_and_keeps_the_checkpoint(tmp_path):
     root = tmp_path / "digits"
     write_digit_folder(root, counts=(("train", "train", 40), ("test", "t10k", 10)))

@@ -272,6 +272,7 @@ def test_the_input_only_benchmark_refuses_zero_steps_or_rounds(tmp_path, capsys)
         flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 def test_programs_started_from_the_command_line_are_one_line(tmp_path):
     """Subprocesses: a ram:// run directory would vanish at exit; the data tools filter TensorFlow's start-up."""
     done = _run("-m", "research.train", "--model_dir=ram://runs/x", "--train_steps=1")

@@ -174,6 +174,7 @@ def _launch(num_workers, *args, env=None, timeout=240):
                           env={**os.environ, "PYTHON": sys.executable, **(env or {})})
 
 
+@pytest.mark.slow
 def test_two_workers_train_only_the_chief_writes_and_the_run_resumes(mock_tfds, tmp_path, capsys):
     model_dir = tmp_path / "run"
     run = _launch(2, *_flags(model_dir=model_dir, **SMALL), env={"TRAIN_COMMAND": " ".join(MOCK_TRAIN)})
@@ -198,6 +199,7 @@ def _wait_for(path, text, procs, timeout):
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_killing_a_worker_ends_the_chief_promptly_with_a_clear_message(tmp_path):
     ports = _free_ports(2)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"]}
@@ -237,6 +239,7 @@ sleep 120 & wait
 """
 
 
+@pytest.mark.slow
 def test_launcher_stops_every_worker_when_one_fails_and_exits_with_its_status(tmp_path):
     fake = tmp_path / "fake_worker.sh"
     fake.write_text(FAKE_WORKER)
@@ -254,6 +257,7 @@ def test_launcher_stops_every_worker_when_one_fails_and_exits_with_its_status(tm
                                                    + " --seed=1 --strategy=multi_worker_mirrored")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [
     ["bash", "launch/local_multiworker.sh"],
     ["bash", "launch/local_multiworker.sh", "two", "--model_dir=x"],
@@ -267,6 +271,7 @@ def test_launchers_explain_their_usage(command):
     assert run.returncode == 2 and run.stderr.startswith("usage:"), run.stderr
 
 
+@pytest.mark.slow
 def test_multi_gpu_and_slurm_launchers_run_the_trainer_with_their_strategy(tmp_path):
     env = {**os.environ, "PYTHON": "echo"}
     run = subprocess.run(["bash", "launch/multi_gpu.sh", "--num_gpus=2", "--model_dir=m"], cwd=REPO, env=env,
@@ -284,6 +289,7 @@ def test_multi_gpu_and_slurm_launchers_run_the_trainer_with_their_strategy(tmp_p
                                   f"--model_dir={tmp_path}/m", "--strategy=multi_worker_mirrored", "--cluster=slurm"]
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_worker_stops_every_worker_at_the_same_step_with_a_checkpoint(tmp_path):
     model_dir = tmp_path / "run"
     flags = _flags(model_dir=model_dir, **{**SMALL, "train_steps": 10**6, "checkpoint_every": 10**6})

@@ -189,6 +189,7 @@ def test_layer_decay_needs_a_model_of_blocks(mock_tfds, tmp_path):
         trainer.train_and_evaluate(make_config(tmp_path, layer_decay=0.7))
 
 
+@pytest.mark.slow
 def test_a_fine_tuning_run_killed_with_sigkill_resumes_exactly(pretrained, tmp_path):
     """A linear probe on a fresh head: its optimizer and moving average hold the head's variables alone."""
     kill_resume_and_compare(tmp_path, f"--init_checkpoint={pretrained['mlp']}", "--init_skip=head", "--trainable=head",

@@ -45,6 +45,7 @@ def _one_error_line(done, message):
 
 
 # ---------------------------------------------------------------------------------------------- stderr
+@pytest.mark.slow
 def test_tensorflows_start_up_lines_are_held_back_and_everything_else_passes():
     script = ("import os, sys; from research import cli; cli.start(); "
               f"os.write(2, {TENSORFLOW_START_UP!r}); "
@@ -54,11 +55,13 @@ def test_tensorflows_start_up_lines_are_held_back_and_everything_else_passes():
     assert done.stderr == "W0000 00:00:1.2 1 x.cc:1] a real warning\nerror: ours\n"
 
 
+@pytest.mark.slow
 def test_the_last_line_gets_through_even_when_the_program_dies_at_once():
     done = _run("-c", "import os; from research import cli; cli.start(); os.write(2, b'F fatal\\n'); os.abort()")
     assert done.stderr == "F fatal\n" and done.returncode == -signal.SIGABRT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--nosuch"], "Unknown command line flag 'nosuch'"),
     (["--batch_size=abc"], "flag --batch_size=abc: invalid literal for int()"),
@@ -82,11 +85,13 @@ def test_training_mistakes_are_one_error_line(tmp_path, args, message):
     assert sorted(os.listdir(tmp_path)) == ["a_file", "bad_flag.cfg", "garbage.cfg"]  # No run directory made.
 
 
+@pytest.mark.slow
 def test_help_exits_0_on_stdout():
     done = _run("-m", "research.train", "--helpfull")
     assert done.returncode == 0 and "--learning_rate" in done.stdout and done.stderr == ""
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_starting_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "research.train", "--flagfile=configs/cnn.cfg",
                              f"--model_dir={tmp_path}/run"], cwd=ROOT, stderr=subprocess.PIPE, text=True)

@@ -39,6 +39,7 @@ def _trainable(model):
     return sum(int(tf.size(v)) for v in model.trainable_variables)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, flags, params", [
     ("resnet18", {}, 11_689_512),  # torchvision.models.resnet18().
     ("resnet50", {}, 25_557_032),
@@ -50,6 +51,7 @@ def test_parameter_counts_equal_the_reference_implementations(name, flags, param
     assert _trainable(_build(name, (224, 224, 3), 1000, call_shape=(32, 32, 3), **flags)) == params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STANDARD)
 def test_forward_and_backward_at_a_small_image_size(name):
     flags = {"stochastic_depth": "0.1"}  # Both families drop residual branches.
@@ -83,9 +85,38 @@ def test_vit_position_embeddings_are_resized_for_another_image_size():
     np.testing.assert_allclose(constant.numpy(), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", models.names())
+def test_every_model_has_what_its_registration_declares(shallow_models, capsys, name):
+    """The declaration (research/models/_registry.py Capabilities) is what flags, checks and tests read: it must
+    match the model built with every capability switched on that its flags switch on; --list shows it."""
+    overrides = dict(dropout="0.1", stochastic_depth="0.1", **{"conv_layers": "8c3,d"} if name == "convnet" else {})
+    config, model = make_config("unused", model=name, **overrides), _build(name, **overrides)
+    layers = list(model._flatten_layers())
+    dropouts = [layer for layer in layers if isinstance(layer, tf.keras.layers.Dropout)]
+    assert models.has(config, "batch_norm") == any(isinstance(layer, tf.keras.layers.BatchNormalization)
+                                                   for layer in layers)
+    assert models.has(config, "dropout") == any(layer.noise_shape is None for layer in dropouts)
+    assert models.has(config, "stochastic_depth") == any(layer.noise_shape is not None for layer in dropouts)
+    assert models.has(config, "blocks") == bool(getattr(model, "blocks", None))
+    assert models.has(config, "head") == isinstance(getattr(model, "classifier", None), tf.keras.layers.Dense)
+    assert models.capabilities(name).channels is None  # Every family here takes any channels.
+    summary.main(["--list"])
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.split()[0] == name]
+    assert line.endswith(f"[{models.capabilities(name).summary()}]")
+
+
+@pytest.mark.parametrize("name", models.families().values())
+def test_every_family_trains_the_real_loop(mock_tfds, shallow_models, tmp_path, name):
+    """Each family of the registry (its first model), two steps on 32 px mock CIFAR-10 through train_and_evaluate."""
+    results = trainer.train_and_evaluate(make_config(tmp_path, model=name, dataset="cifar10", train_steps=2,
+                                                     steps_per_loop=1, eval_every=2, checkpoint_every=2))
+    assert results["step"] == 2 and np.isfinite(results["train"]["loss"]) and results["train"]["grad_norm"] > 0
+
+
 NEW_RECIPES = ["imagenet_resnet50", "imagenet_vit_s16", "smoke_resnet18", "smoke_vit_ti16"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NEW_RECIPES)
 def test_new_recipes_train_on_small_mock_images(mock_tfds, shallow_models, tmp_path, monkeypatch, name):
     """Each recipe as written (its crop, normalization, RandAugment, mixup), on 32 px mock CIFAR-10 in place of

@@ -106,6 +106,7 @@ def test_tensorboard_has_scalars_inputs_evaluation_images_histograms_and_hparams
     assert names.index("model") < names.index("learning_rate") and "checkpoint_every" not in names
 
 
+@pytest.mark.slow
 def test_tensorboard_script_binds_to_localhost_and_explains_its_usage(tmp_path):
     script = os.path.join(ROOT, "launch", "tensorboard.sh")
     shown = subprocess.run(["bash", script, str(tmp_path)], env={**os.environ, "PYTHON": "echo"}, capture_output=True,
@@ -226,6 +227,7 @@ def test_predict_reads_any_image_and_names_each_bad_file(run, tmp_path):
     assert all(len(c) == 3 and c[0][1] >= c[1][1] >= c[2][1] for _, c in results)
 
 
+@pytest.mark.slow
 def test_predict_command_prints_the_good_ones_and_fails_for_the_bad(run, tmp_path):
     paths = _write_images(run, tmp_path)
     jpeg = open(paths["large.jpg"], "rb").read()
@@ -285,6 +287,7 @@ def test_mistakes_are_one_error_line_and_leave_the_run_alone(run, tmp_path, caps
     assert sorted(os.listdir(run.dir)) == before and sorted(os.listdir(untrained)) == ["dataset.json", "flags.txt"]
 
 
+@pytest.mark.slow
 def test_a_command_on_a_missing_run_exits_2_with_one_line():
     done = subprocess.run([sys.executable, "-m", "research.evaluate", "--model_dir=/nonexistent/run"], cwd=ROOT,
                           capture_output=True, text=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import keras
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -27,6 +28,7 @@ def _git(directory, *args):
                           capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.slow
 def test_every_start_and_resume_is_recorded_and_a_resume_under_other_versions_warns(mock_tfds, tmp_path, caplog):
     model_dir = str(tmp_path / "run")
     trainer.train_and_evaluate(make_config(model_dir, train_steps=4))
@@ -70,6 +72,7 @@ def test_outside_a_git_checkout_or_without_git_the_commit_is_unknown(tmp_path, m
     assert provenance.code_version(record) == "unknown"
 
 
+@pytest.mark.slow
 def test_a_dirty_tree_is_named_by_a_hash_of_its_changes(tmp_path):
     (tmp_path / "code.py").write_text("x = 1\n")
     _git(tmp_path, "init", "-q")

@@ -78,12 +78,14 @@ def kill_resume_and_compare(tmp_path, *flags):
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path):
     """With every source of randomness a step has: dropout and augmentation drawn per example, and per micro-batch
     of four accumulated ones (the plain case is the other SIGKILL tests': folder, streamed, fine-tuning)."""
     kill_resume_and_compare(tmp_path, "--dropout=0.3", "--augment=translate,rotate,cutout", "--grad_accum_steps=4")
 
 
+@pytest.mark.slow
 def test_interrupted_mirrored_run_equals_uninterrupted(mock_tfds, tmp_path):
     """Two replicas, dropout, augmentation and EMA: stop at step 10 (mid-epoch), resume to 24."""
     # (No --deterministic: it switches TF op determinism on for the whole test process, for good.)
@@ -95,6 +97,7 @@ def test_interrupted_mirrored_run_equals_uninterrupted(mock_tfds, tmp_path):
     assert straight["eval"] == resumed["eval"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_nonzero_then_resumes(tmp_path):
     proc = _train_process(tmp_path, "--train_steps=100000")
     _wait_for_checkpoint(tmp_path, 4, proc)
@@ -148,6 +151,7 @@ def test_resume_with_a_conflicting_flag_is_refused_listing_the_flags(mock_tfds, 
     assert trainer.train_and_evaluate(make_config(tmp_path, train_steps=16, eval_every=16))["step"] == 16
 
 
+@pytest.mark.slow
 def test_a_live_writer_locks_the_run_dir_and_a_dead_one_does_not(mock_tfds, tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     (tmp_path / "LOCK").write_text(f"{os.uname().nodename} {holder.pid}")
@@ -160,6 +164,7 @@ def test_a_live_writer_locks_the_run_dir_and_a_dead_one_does_not(mock_tfds, tmp_
     assert not (tmp_path / "LOCK").exists()
 
 
+@pytest.mark.slow
 def test_best_checkpoint_tracks_the_highest_eval_accuracy(mock_tfds, tmp_path):
     trainer.train_and_evaluate(make_config(tmp_path, train_steps=24, eval_every=4))
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

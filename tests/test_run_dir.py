@@ -15,6 +15,7 @@ from conftest import make_config
 from research import UserError, compare, evaluate, export, predict, run_dir, trainer
 
 
+@pytest.mark.slow
 def test_a_whole_run_on_ram_filesystem(mock_tfds, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # A URL is never a local path: nothing may appear here.
     model_dir = "ram://runs/whole"
@@ -68,6 +69,7 @@ def _lock_file(directory, host, pid, heartbeat):
     run_dir.write_json(run_dir.join(str(directory), "LOCK"), {"host": host, "pid": pid, "heartbeat": heartbeat})
 
 
+@pytest.mark.slow
 def test_a_live_writer_on_this_host_keeps_its_lock(tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     try:

@@ -43,6 +43,7 @@ def parse_flags():
     FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end(mock_tfds, parse_flags, capsys):
     parse_flags("--model=cnn", "--optimizer=rmsprop", "--batch_size=8", "--steps_per_loop=4", "--benchmark_steps=4",
                 "--benchmark_warmup_steps=2", "--benchmark_rounds=1", "--input_steps=8", "--json")
@@ -74,6 +75,7 @@ def test_benchmark_bad_input_is_one_error_line(mock_tfds, parse_flags, capsys, a
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_benchmark_compares_precisions_on_synthetic_data(parse_flags, capsys, caplog):
     parse_flags("--model=mlp", "--hidden_units=16", "--synthetic_data", "--dataset=cifar10", "--image_size=8",
                 "--synthetic_classes=4",

@@ -58,6 +58,7 @@ def swept(tmp_path_factory):
                                  second_record=_record(root))
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_combination_and_reports_the_failed_one(swept):
     assert swept.first.returncode == 1, swept.first.stderr
     assert sorted(swept.first_record) == sorted(f"lr={lr}_s={s}" for lr in ("0.01", "0.001") for s in (0, 1))
@@ -76,6 +77,7 @@ def test_sweep_runs_every_combination_and_reports_the_failed_one(swept):
             assert json.load(open(os.path.join(swept.root, name, "results.json")))["step"] == 4
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_continues_the_others(swept):
     assert swept.second.returncode == 0, swept.second.stdout + swept.second.stderr
     statuses = {name: run["status"] for name, run in swept.second_record.items()}
@@ -87,6 +89,7 @@ def test_rerun_skips_finished_runs_and_continues_the_others(swept):
     assert os.path.exists(os.path.join(swept.root, LOCKED, "results.json"))
 
 
+@pytest.mark.slow
 def test_rerun_with_other_shared_flags_refuses_the_finished_runs_and_trains_nothing(swept, tmp_path):
     root = str(tmp_path / "lr")
     shutil.copytree(swept.root, root)
@@ -105,6 +108,7 @@ def test_rerun_with_other_shared_flags_refuses_the_finished_runs_and_trains_noth
     assert longer.returncode == 0 and longer.stdout.count("--train_steps=6") == 4  # A longer run goes on.
 
 
+@pytest.mark.slow
 def test_compare_averages_seeds_and_matches_results(swept):
     result = _python("research.compare", swept.root, "--json")
     assert result.returncode == 0, result.stderr
@@ -167,6 +171,7 @@ def test_bad_command_lines_fail_with_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_bad_grid_from_the_command_line(tmp_path):
     result = _python("launch.sweep", f"--root={tmp_path}", "--grid=learning_rate=")
     assert result.returncode == 2 and result.stdout == ""

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import FASHION_MNIST_FILES, MNIST_FILES, make_config
-from research import UserError, data, models, optim, runs, trainer
+from research import UserError, data, models, optim, runs, train_lib, trainer
 from research.data import tfds_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def test_flag_values_are_checked_before_any_work():
         make_config("unused", augment="translate,spin")
     with pytest.raises(UserError, match="unknown flag --learning_rat"):
         make_config("unused", learning_rat=0.1)
-    with pytest.raises(UserError, match="--optimizer='adagrad'"):
+    with pytest.raises(UserError, match="--optimizer=adagrad is unknown; choose from adam"):
         make_config("unused", optimizer="adagrad")
     with pytest.raises(UserError, match="--conv_layers: cannot read '32x3'"):
         make_config("unused", model="convnet", conv_layers="32c3,32x3")
@@ -92,6 +92,27 @@ def test_rerun_resumes_and_a_finished_run_exits(mock_tfds, tmp_path, capsys):
     assert again == longer
 
 
+def test_the_train_step_is_flat_functions_a_test_calls_alone():
+    """loss_fn is the step's loss; train_step, called alone on one replica, applies its gradient and counts the
+    batch; the step counter is run_steps' business, not the step's."""
+    config = make_config("unused", optimizer="sgd", learning_rate="0.1", label_smoothing="0.1")
+    strategy = tf.distribute.get_strategy()
+    model, optimizer, step, _ = train_lib.build(config, _shape_only((28, 28, 1), 10), strategy, 10)
+    images = tf.random.stateless_uniform([8, 28, 28, 1], [0, 1])
+    labels = tf.constant([0, 1, 2, 3, 4, 5, 6, 7], tf.int64)
+    logits, loss = train_lib.loss_fn(model, images, labels, config)
+    expected = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)(
+        tf.one_hot(labels, 10), logits)
+    np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-5)
+    before = [v.numpy() for v in model.trainable_variables]
+    optim.apply_summed_gradients(optimizer)
+    gradients = train_lib.make_gradients(model, optimizer, config)
+    stats = strategy.run(train_lib.train_step, (gradients, model, optimizer, step, config, images, labels)).numpy()
+    assert stats[0] == pytest.approx(loss.numpy()) and stats[2] == 8 and stats[3] > 0
+    assert all(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+    assert int(step.numpy()) == 0
+
+
 def test_learning_rate_schedules():
     exponential = optim.learning_rate(make_config("x", lr_schedule="exponential", learning_rate=0.01,
                                                   decay_steps=2000, decay_rate=0.9), 10_000)
@@ -115,6 +136,7 @@ def _cli(*args, cwd=REPO):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_bad_input_gets_one_line_and_a_nonzero_exit(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -7,8 +7,9 @@ Why TF ops: they run in tf.data's parallel maps and inside the exported SavedMod
   - `--augment=random_resized_crop`: the Inception crop for training (a random box of --crop_scale of the area and
     --crop_ratio aspect, JPEGs decoded only inside the box by the fused `decode_and_crop_jpeg`), and for evaluation
     the shorter side resized to image_size / --eval_crop_fraction and the centre cropped.
-Pixels then go to float [0, 1], through the other --augment ops (research/augment.py) and --normalize.
-Randomness is stateless, seeded by (seed, epoch, position in epoch) as research/augment.py seeds its ops.
+Pixels then go to float [0, 1], through the other --augment ops (research/augment/) and --normalize.
+Randomness is stateless, seeded by (seed, epoch, position in epoch) as research/augment/ seeds its ops; the crop is
+the augmentation op made while decoding (registered here with research.augment.register_decoding).
 """
 
 import dataclasses
@@ -24,7 +25,6 @@ from research.config import CHECKPOINT, TUNABLE, declare
 
 RANDOM_RESIZED_CROP = "random_resized_crop"
 NORMALIZATIONS = {"none": None, "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}  # mean, std (RGB)
-CROP_SEED_SALT = 0x5EED  # Folded into the example's seed: the crop's randomness apart from research/augment.py's.
 MAX_IMAGE_PIXELS = 2**26  # 67 million pixels (8192 x 8192): a larger image file is refused (see within_pixel_budget).
 
 declare(CHECKPOINT, flags.DEFINE_integer(
@@ -35,16 +35,16 @@ declare(CHECKPOINT, flags.DEFINE_integer(
 declare(CHECKPOINT, flags.DEFINE_list(
     "crop_scale", ["0.08", "1.0"],
     "random_resized_crop: the range of the crop's share of the image area."),
-        only_if=lambda c: RANDOM_RESIZED_CROP in c.augment, when="with --augment=random_resized_crop")
+        **augment.only_with(RANDOM_RESIZED_CROP))
 declare(CHECKPOINT, flags.DEFINE_list(
     "crop_ratio", ["0.75", "1.3333333"],
     "random_resized_crop: the range of the crop's aspect ratio (width / height)."),
-        only_if=lambda c: RANDOM_RESIZED_CROP in c.augment, when="with --augment=random_resized_crop")
+        **augment.only_with(RANDOM_RESIZED_CROP))
 declare(TUNABLE, flags.DEFINE_float(
     "eval_crop_fraction", 0.875,
     "With --augment=random_resized_crop: evaluation resizes the shorter side to "
     "image_size / this and takes the central image_size square."),
-        only_if=lambda c: RANDOM_RESIZED_CROP in c.augment, when="with --augment=random_resized_crop")
+        **augment.only_with(RANDOM_RESIZED_CROP))
 declare(CHECKPOINT, flags.DEFINE_enum(
     "normalize", "none", ["none", "imagenet"],
     "none: model inputs in [0, 1]; imagenet: then minus ImageNet's per-channel mean, divided by its "
@@ -186,20 +186,15 @@ class Transform:
     """Per-example training and evaluation transforms for one run (config + Preprocessing)."""
 
     def __init__(self, config, prep, stored_shape):
-        self.prep = prep
-        self.random_crop = RANDOM_RESIZED_CROP in config.augment
-        self.scale = tuple(config.crop_scale)
-        self.ratio = tuple(config.crop_ratio)
-        self.ops = augment.parse(config.augment, (*prep.image_size, prep.channels), config.randaugment_num_ops,
-                                 config.randaugment_magnitude)
-        self.seed = config.seed
+        self.config, self.prep = config, prep
+        self.decoding_op = augment.decoding(config)  # The op that crops while decoding, or None.
         # Pixels stored at the model's size need no resizing: exactly the dataset's own pixels (MNIST as ever).
         self.stored_at_size = tuple(stored_shape[:2]) == prep.image_size
 
     @property
     def per_example(self):
         """Whether training needs a per-example map (else whole batches are converted at once)."""
-        return bool(self.ops) or self.random_crop
+        return bool(self.config.augment)
 
     def _stored(self, payload, encoded):
         """The stored image as uint8 pixels, of static shape where the dataset's images have one size."""
@@ -212,22 +207,25 @@ class Transform:
 
     def train_example(self, payload, encoded, seed):
         """One stored image (uint8 [H, W, C], or bytes if `encoded`) -> a model input; `seed` is [seed, epoch,
-        position] as research/augment.py takes it."""
-        if self.random_crop:
-            image = random_resized_crop(payload, encoded, self.prep.image_size, self.prep.channels, self.scale,
-                                        self.ratio, augment._seed_pair([*seed, CROP_SEED_SALT]))
+        position] as research.augment takes it."""
+        if self.decoding_op:
+            image = self.decoding_op(payload, encoded, self.prep, self.config, augment.decoding_seed(seed))
         else:
             image = self._stored(payload, encoded)
             image = to_float(image) if self.stored_at_size else _resize(image, self.prep.image_size)
-        if self.ops:
-            image = augment.apply(self.ops, image, seed)
-        return self.prep.normalized(image)
+        return self.prep.normalized(augment.apply(self.config, image, seed))
 
     def eval_example(self, payload, encoded):
         image = self._stored(payload, encoded)
         if self.stored_at_size and self.prep.eval_crop_fraction is None:
             return self.prep.normalized(to_float(image))
         return self.prep.eval_images(image)
+
+
+@augment.register_decoding(RANDOM_RESIZED_CROP)
+def _random_resized_crop_op(payload, encoded, prep, config, seed):
+    return random_resized_crop(payload, encoded, prep.image_size, prep.channels, tuple(config.crop_scale),
+                               tuple(config.crop_ratio), seed)
 
 
 def random_resized_crop(payload, encoded, size, channels, scale, ratio, seed):

@@ -2,20 +2,22 @@
 
 Each module in this package is one family and everything about it lives in that file, so adding a model touches
 only its own file:
-  - its builders, registered with `@register("name")`: a builder takes the run config and the dataset (image
-    shape, number of classes) and returns a subclassed `tf.keras.Model` whose call returns logits and which keeps
-    its class count as `num_classes` (its get_config needs it anyway; the train step's mixup reads it) and its
-    final classifier layer, the head, as `classifier` (research/transfer.py makes it fresh for a new task and
-    trains it alone for a linear probe); a model built of repeated blocks keeps them, in order, as `blocks`
-    (--layer_decay gives each its rate); the first line of its docstring is what `python -m research.models
-    --list` shows;
+  - its builders, registered with `@register("name", **capabilities)`: a builder takes the run config and the
+    dataset (image shape, number of classes) and returns a subclassed `tf.keras.Model` whose call returns logits
+    and which keeps its class count as `num_classes` (its get_config needs it anyway; the train step's mixup reads
+    it); the capabilities (research/models/_registry.py Capabilities) say what it supports: dropout, stochastic
+    depth, batch norm (hence --sync_batchnorm), a head kept as `classifier` (research/transfer.py makes it fresh
+    for a new task and trains it alone for a linear probe), repeated blocks kept in order as `blocks`
+    (--layer_decay gives each its rate), the image channels it takes; every flag, check and test that asks what a
+    model has reads them (tests/test_models.py checks each declaration against the model built); the first line
+    of its docstring is what `python -m research.models --list` shows, with the capabilities;
   - its own absl flags, defined at module level, each declared with its role and when it has an effect
     (`research.config.declare(CHECKPOINT, flags.DEFINE_...(...), only_if=..., when=...)`): research.config then
     treats them as its own (make_config, flags.txt, the resume guard, HParams);
   - optionally a `@research.config.checks` function: checks of its flags (and conversions such as strings to
     integers), one UserError line each.
-The few flags that several families read (`--sync_batchnorm`, `--stochastic_depth`) are defined once, in
-research/models/_shared.py.
+The flags that several families read (`--dropout`, `--sync_batchnorm`, `--stochastic_depth`) are defined once, in
+research/models/_shared.py, and apply to the models that declare the capability.
 A model may also have a `no_weight_decay()` method listing variables of rank > 1 that weight decay should skip
 when --exclude_bias_and_norm_from_weight_decay is set (research/optim.py; ViT's position embeddings).
 Every family module here is imported with the package, so that their flags exist before flags are parsed and
@@ -33,7 +35,9 @@ if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.models`
 
 import tensorflow as tf  # noqa: E402
 
-from research.models._registry import create, describe, names, register  # noqa: E402, F401 - the package's API.
+from research.models._registry import (  # noqa: E402, F401 - the package's API.
+    capabilities, create, describe, families, has, having, names, register)
+from research.models import _shared  # noqa: E402
 
 
 def forward_flops(model, image_shape):
@@ -55,3 +59,4 @@ def forward_flops(model, image_shape):
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):  # Not families: __main__ (the summary command), _registry, _shared.
         importlib.import_module(f"{__name__}.{_module.name}")
+_shared.name_the_models_in_help()

@@ -1,5 +1,6 @@
 """`python -m research.models --model=NAME --image_size=S --num_classes=N [--channels=3] [model flags]`: the
-model's trainable and total parameters and multiply-adds per image; `--list`: every model with one line each.
+model's trainable and total parameters and multiply-adds per image; `--list`: every model with one line each, its
+description and its capabilities.
 
 Sizes are what a paper's table compares, so this answers them without a dataset or a run: the model is built by
 the registry exactly as training builds it (any model flag, e.g. --vit_pooling=gap, may follow), on a dataset
@@ -19,7 +20,8 @@ from research import UserError, cli, config as config_lib, data, models
 def main(argv=None):
     parser = cli.Parser(prog="python -m research.models", allow_abbrev=False,
                         description="Parameters and multiply-adds of a registered model.")
-    parser.add_argument("--list", action="store_true", help="name every model with one line each")
+    parser.add_argument("--list", action="store_true",
+                        help="name every model with one line each: its description and capabilities")
     parser.add_argument("--model", help="a registered model name")
     parser.add_argument("--image_size", type=int, default=224, help="square input images of this side (224)")
     parser.add_argument("--num_classes", type=int, default=1000, help="classes of the head (1000)")
@@ -27,7 +29,7 @@ def main(argv=None):
     args, model_flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.list:
         for name in models.names():
-            print(f"{name:14} {models.describe(name)}")
+            print(f"{name:14} {models.describe(name)} [{models.capabilities(name).summary()}]")
         return 0
     if not args.model:
         raise UserError("--model is required (or --list)")

@@ -1,30 +1,78 @@
-"""The registry of model builders by name, which every model family fills (`@register("name")`) and
-`create(config, dataset)` reads. Apart from the families' package (research/models/__init__.py imports them all), so
-that the families import it and it imports none of them."""
+"""The registry of model builders by name, which every model family fills (`@register("name", **capabilities)`) and
+`create(config, dataset)` reads, with what each model supports. Apart from the families' package
+(research/models/__init__.py imports them all), so that the families import it and it imports none of them.
 
-from research import config as config_lib
+A model declares its capabilities where it registers (timm's `create_model(drop_rate=..., drop_path_rate=...)`,
+big_vision's `Model(**config.model)`), and everything that asks "does this model have X" reads them here: the
+`only_if` of --dropout, --stochastic_depth and --sync_batchnorm, the --layer_decay and --trainable=head checks,
+the flags' help, `python -m research.models --list`, and the tests' lists of families.
+"""
 
-_BUILDERS = {}
-_APPLIES_DROPOUT = {}  # Model name -> config -> whether the model it builds has --dropout's layers.
+import dataclasses
+
+from research import UserError, config as config_lib
 
 
-def register(name, dropout=None):
-    """Decorator registering a builder as `name`; `dropout`: config -> whether the model applies --dropout (left
-    out: never, so that a --dropout given to it is warned of as ignored)."""
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a registered model supports. A bool field may also be a function config -> bool, for a capability that
+    depends on the model's own flags (convnet has dropout layers only at a 'd' of --conv_layers)."""
+    dropout: object = False  # Applies --dropout (else a --dropout given to it is warned of as ignored).
+    stochastic_depth: object = False  # Drops residual branches at --stochastic_depth.
+    batch_norm: object = False  # Has batch-norm layers, built with --sync_batchnorm.
+    blocks: object = False  # Keeps its repeated blocks, in order, as `blocks` (--layer_decay gives each its rate).
+    head: object = True  # Keeps its final classifier as `classifier` (research/transfer.py, --trainable=head).
+    channels: tuple = None  # The image channels it accepts; None: any.
+
+    def summary(self):
+        """The capabilities in words, as --list shows them."""
+        words = [name for name in ("dropout", "stochastic_depth", "batch_norm", "blocks", "head")
+                 if getattr(self, name)]
+        return " ".join(words + [f"channels={','.join(map(str, self.channels)) if self.channels else 'any'}"])
+
+
+_BUILDERS = {}  # Model name -> builder(config, dataset).
+_CAPABILITIES = {}  # Model name -> Capabilities.
+
+
+def register(name, **capabilities):
+    """Decorator registering a builder as `name`, with its Capabilities (left out: none but a head, any channels)."""
+    declared = Capabilities(**capabilities)
+
     def decorate(builder):
         _BUILDERS[name] = builder
-        if dropout:
-            _APPLIES_DROPOUT[name] = dropout
+        _CAPABILITIES[name] = declared
         return builder
     return decorate
 
 
-def applies_dropout(config):
-    return _APPLIES_DROPOUT.get(config.model, lambda config: False)(config)
+def capabilities(name):
+    return _CAPABILITIES[name]
+
+
+def has(config, capability):
+    """Whether `config.model` (in this configuration) has `capability`, a field of Capabilities; False for a name
+    nobody registered (research.config's check of --model says so)."""
+    value = getattr(_CAPABILITIES[config.model], capability) if config.model in _CAPABILITIES else False
+    return bool(value(config) if callable(value) else value)
+
+
+def having(capability):
+    """The names of the models that declare `capability` (in some configuration, for a function)."""
+    return [name for name in names() if getattr(_CAPABILITIES[name], capability)]
 
 
 def names():
     return sorted(_BUILDERS)
+
+
+def families():
+    """{family: its first registered model}: a family is the module that registers its models (resnet for
+    resnet_small and resnet18-152), in the order the families registered; what a test of every family trains."""
+    first = {}
+    for name, builder in _BUILDERS.items():
+        first.setdefault(builder.__module__.rpartition(".")[2], name)
+    return first
 
 
 def describe(name):
@@ -36,6 +84,10 @@ def describe(name):
 def create(config, dataset):
     """`config.model` built for `dataset` (anything with the research.data.Metadata fields); research.config has
     checked the name."""
+    channels = _CAPABILITIES[config.model].channels
+    if channels and dataset.image_shape[-1] not in channels:
+        raise UserError(f"--model={config.model} takes images of {' or '.join(map(str, channels))} channels, not "
+                        f"{dataset.image_shape[-1]}")
     return _BUILDERS[config.model](config, dataset)
 
 

@@ -68,7 +68,7 @@ def cnn(config, dataset):
     return CNN(dataset.num_classes, name="cnn")
 
 
-@register("cnn_rgb", dropout=lambda config: True)
+@register("cnn_rgb", dropout=True)
 def cnn_rgb(config, dataset):
     """The colour-image tutorial CNN: two convolutions and pools, Dense 128, --dropout, Dense; any image size."""
     return CNNRGB(dataset.num_classes, config.dropout, name="cnn_rgb")

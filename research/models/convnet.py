@@ -80,7 +80,7 @@ class ConvNet(tf.keras.Model):
                 "dropout": self.dropout_rate, "sync_batchnorm": self.sync_batchnorm}
 
 
-@register("convnet", dropout=lambda config: "d" in config.conv_layers)
+@register("convnet", dropout=lambda config: "d" in config.conv_layers, batch_norm=True)
 def convnet(config, dataset):
     """A plain conv stack with batch norm after every convolution, written as a layer string (--conv_layers)."""
     return ConvNet(config.conv_layers, dataset.num_classes, config.dropout, config.sync_batchnorm, name="convnet")

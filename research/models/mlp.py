@@ -48,7 +48,7 @@ class MLP(tf.keras.Model):
                 "dropout": self.dropout_rate}
 
 
-@register("mlp", dropout=lambda config: True)
+@register("mlp", dropout=True)
 def mlp(config, dataset):
     """Flatten, Dense+ReLU layers of --hidden_units, optional dropout, Dense to the classes (the tutorials' MLPs)."""
     return MLP(config.hidden_units, dataset.num_classes, config.dropout, name="mlp")

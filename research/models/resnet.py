@@ -4,7 +4,8 @@ resnet_small: stem conv, then one residual block per stage; every stage after th
 With the default `--widths=32,64,128` on 28x28x1 it has about 0.3 M parameters.
 
 Both take `--sync_batchnorm` (batch statistics over the global batch) and `--stochastic_depth` (each block's
-residual branch dropped per example, at a rate rising linearly over the blocks: research/models/__init__.py).
+residual branch dropped per example, at a rate rising linearly over the blocks: research/models/_shared.py), as
+their registrations declare.
 
 ResNet v1.5 is torchvision's ResNet (He et al. 2016 with the stride of each downsampling bottleneck on its 3x3
 convolution rather than its first 1x1, the variant every ImageNet benchmark reports): the same layers, padding,
@@ -129,7 +130,7 @@ class ResNetSmall(tf.keras.Model):
                 "stochastic_depth": self.stochastic_depth}
 
 
-@register("resnet_small", dropout=lambda config: True)
+@register("resnet_small", dropout=True, stochastic_depth=True, batch_norm=True, blocks=True)
 def resnet_small(config, dataset):
     """A small ResNet with batch norm: stem conv and one residual block per --widths stage."""
     return ResNetSmall(config.widths, dataset.num_classes, config.dropout, config.sync_batchnorm,
@@ -228,7 +229,7 @@ def _register_resnet(depth):
     build.__doc__ = (f"ResNet-{depth} v1.5 ({'bottleneck' if DEPTHS[depth][0] else 'basic'} blocks "
                      f"{'-'.join(map(str, DEPTHS[depth][1]))}), torchvision's layout; --zero_init_residual, "
                      "--stochastic_depth.")
-    register(f"resnet{depth}")(build)
+    register(f"resnet{depth}", stochastic_depth=True, batch_norm=True, blocks=True)(build)
 
 
 for _depth in DEPTHS:

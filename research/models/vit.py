@@ -161,7 +161,7 @@ def _register_vit(size):
                    stochastic_depth=config.stochastic_depth, name=f"vit_{size}16")
     build.__doc__ = ("ViT-{0}/16: {2} blocks of width {1}, {3} heads; --vit_pooling, --stochastic_depth."
                      .format(size.capitalize(), *SIZES[size]))
-    register(f"vit_{size}16")(build)
+    register(f"vit_{size}16", stochastic_depth=True, blocks=True)(build)
 
 
 for _size in SIZES:

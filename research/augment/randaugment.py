@@ -1,4 +1,5 @@
-"""RandAugment (Cubuk et al. 2020) as timm implements it for ImageNet recipes, stateless like research/augment.py.
+"""RandAugment (Cubuk et al. 2020) as timm implements it for ImageNet recipes, stateless like every op of
+research/augment/: `--augment=randaugment`, with --randaugment_num_ops and --randaugment_magnitude.
 
 Each image gets `num_ops` operations, each drawn uniformly from OPS and applied with probability 0.5, all at one
 `magnitude` on the paper's 0-10 scale. Where timm's ops take a random direction (rotation, shear, translation,
@@ -11,6 +12,11 @@ Images are float32 [H, W, C] in [0, 1], C = 1 or 3; geometric ops fill with grey
 import math
 
 import tensorflow as tf
+from absl import flags
+
+from research import config as config_lib
+from research.augment._registry import only_with, register
+from research.config import CHECKPOINT, declare
 
 OPS = ("auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
        "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -21,6 +27,24 @@ ENHANCE = 0.9  # Colour, contrast, brightness and sharpness factors in 1 +- 0.9.
 POSTERIZE_BITS_REMOVED = 4
 SOLARIZE_ADD = 110 / 255
 FILL = 0.5
+
+declare(CHECKPOINT, flags.DEFINE_integer(
+    "randaugment_num_ops", 2, "--augment=randaugment: operations applied to each image."), **only_with("randaugment"))
+declare(CHECKPOINT, flags.DEFINE_float(
+    "randaugment_magnitude", 10.0,
+    "--augment=randaugment: strength of every operation, on RandAugment's scale of 0 to 10 (10 is "
+    "the strongest: 30 degree rotations, shear 0.3, translations of 45% of the image)."), **only_with("randaugment"))
+
+
+@config_lib.checks
+def _check_flags(config):
+    config_lib.need(config.randaugment_num_ops > 0, "--randaugment_num_ops must be positive")
+    config_lib.need(0 <= config.randaugment_magnitude <= 10, "--randaugment_magnitude must be in [0, 10]")
+
+
+@register("randaugment", stream=6, stage="policy")
+def randaugment(image, seed, config):
+    return apply(image, seed, config.randaugment_num_ops, config.randaugment_magnitude)
 
 
 def apply(image, seed, num_ops, magnitude):
