@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 
-from research import cli
+from research import cli, fs
 
 if __name__ == "__main__":
     cli.start()  # Before TensorFlow may load (train_flag): its start-up lines are held back.
@@ -160,11 +160,11 @@ def plan(args, extras):
     for combination in itertools.product(*(values for _, values in grid)):
         chosen = [(name, text, label) for (name, _), (text, label) in zip(grid, combination)]
         run_name = "_".join(f"{short[name]}={label}" for name, _, label in chosen)
-        directory = run_dir.join(args.root, run_name)
+        directory = fs.join(args.root, run_name)
         command = base + [f"--{name}={text}" for name, text, _ in chosen] + [f"--model_dir={directory}"]
         run = {"name": run_name, "dir": directory, "flags": {name: text for name, text, _ in chosen},
-               "command": command, "log": run_dir.join(directory, run_dir.LOG_FILE), "status": "pending"}
-        if run_dir.exists(run_dir.join(directory, run_dir.RESULTS_FILE)):
+               "command": command, "log": fs.join(directory, run_dir.LOG_FILE), "status": "pending"}
+        if fs.exists(fs.join(directory, run_dir.RESULTS_FILE)):
             run.update(_finished_before(directory, command[len(program):]))
             if run["status"] == "refused":  # The command that produced it, if known (its flags.txt says all).
                 run.update(command=earlier.get(run_name), refused_command=command)
@@ -176,9 +176,9 @@ def plan(args, extras):
 
 def _earlier_commands(root):
     """{run name: command} of the runs the root's sweep.json records ({} without one, or a damaged one)."""
-    path = run_dir.join(root, run_dir.SWEEP_FILE)
+    path = fs.join(root, run_dir.SWEEP_FILE)
     try:
-        record = run_dir.read_json(path) if run_dir.exists(path) else {}
+        record = fs.read_json(path) if fs.exists(path) else {}
         return {run["name"]: run["command"] for run in record.get("runs", [])
                 if isinstance(run.get("command"), list)}
     except (UserError, AttributeError, TypeError, KeyError):
@@ -243,7 +243,7 @@ class Ledger:
     """`root/sweep.json`: the runs and their status, rewritten whole (atomically) at every change of status."""
 
     def __init__(self, root, argv, runs):
-        self.path = run_dir.join(root, run_dir.SWEEP_FILE)
+        self.path = fs.join(root, run_dir.SWEEP_FILE)
         self.record = {"argv": argv, "runs": runs}
         self.lock = threading.Lock()
 
@@ -253,12 +253,12 @@ class Ledger:
             self.write()
 
     def write(self):
-        run_dir.write_json(self.path, self.record)
+        fs.write_json(self.path, self.record)
 
 
 def execute(run, ledger):
     """Trains one run, its output appended to its log; returns the run with its final status."""
-    run_dir.makedirs(run["dir"])
+    fs.makedirs(run["dir"])
     ledger.update(run, status="running")
     started = time.time()
     with _console_log(run["log"]) as log:
@@ -279,7 +279,7 @@ def execute(run, ledger):
 def _console_log(path):
     """A local file for a run's console output to go to: `path` itself, or for a URL a temporary file added to the
     end of `path` when the run ends."""
-    if not run_dir.is_url(path):
+    if not fs.is_url(path):
         with open(path, "a") as log:
             yield log
         return
@@ -288,11 +288,11 @@ def _console_log(path):
             yield log
         finally:
             log.seek(0)
-            run_dir.write(path, (run_dir.read_text(path) if run_dir.exists(path) else "") + log.read())
+            fs.write(path, (fs.read_text(path) if fs.exists(path) else "") + log.read())
 
 
 def _last_line(path):
-    lines = [line for line in run_dir.read_text(path).splitlines() if line.strip()]
+    lines = [line for line in fs.read_text(path).splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
@@ -301,8 +301,8 @@ def run_sweep(args, runs, argv):
     todo = [run for run in runs if run["status"] == "pending"]
     print(f"sweep: {len(runs)} runs under {args.root}, {len(runs) - len(todo)} finished before, "
           f"{len(todo)} to run, {args.parallel} at a time", flush=True)
-    run_dir.check_filesystem(args.root, "--root")
-    run_dir.makedirs(args.root)
+    fs.check_filesystem(args.root, "--root")
+    fs.makedirs(args.root)
     ledger = Ledger(args.root, argv, runs)
     ledger.write()
     interrupted = False
@@ -334,8 +334,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, extras = parse_args(argv)
     cli.check_lasting(args.root, "--root")
-    if run_dir.is_url(args.root):  # (A local root needs no TensorFlow to check.)
-        run_dir.check_filesystem(args.root, "--root")
+    if fs.is_url(args.root):  # (A local root needs no TensorFlow to check.)
+        fs.check_filesystem(args.root, "--root")
     runs = plan(args, extras)
     if args.dry_run:
         for run in runs:

@@ -12,7 +12,7 @@ training is not disturbed (its checkpoint manager never looks into average/).
 
 import sys
 
-from research import cli
+from research import cli, fs
 
 PARSER = cli.Parser(prog="python -m research.average", description=__doc__.split("\n\n")[0])
 PARSER.add_argument("--model_dir", required=True, help="The run directory.")
@@ -66,11 +66,11 @@ def average(model_dir, last=None, best=None):
         floating = np.issubdtype(values[0].dtype, np.floating)
         variable.assign(np.mean(values, axis=0, dtype=np.float64).astype(values[0].dtype) if floating else values[0])
     ema = [tf.Variable(v, trainable=False) for v in model.trainable_variables] if config.ema_decay else []
-    output = run_dir.join(model_dir, AVERAGE_DIR)
+    output = fs.join(model_dir, AVERAGE_DIR)
     saved = tf.train.CheckpointManager(
         tf.train.Checkpoint(model_variables=checkpoint_lib.model_state(model), ema=ema), output, max_to_keep=1,
     ).save(checkpoint_number=runs.checkpoint_step(paths[0]))
-    run_dir.write_json(run_dir.join(output, "average.json"), {
+    fs.write_json(fs.join(output, "average.json"), {
         "checkpoint": saved, "averaged": paths, "how": f"last {last}" if last is not None else f"best {best}"})
     return saved, paths
 
@@ -79,7 +79,7 @@ def _main(argv):
     args = PARSER.parse_args(argv)
     saved, paths = average(args.model_dir, args.last, args.best)
     print(f"wrote {saved}: the average of {len(paths)} checkpoints ({', '.join(p.rsplit('/', 1)[-1] for p in paths)});"
-          f" evaluate it with --checkpoint={run_dir.join(args.model_dir, AVERAGE_DIR)}")
+          f" evaluate it with --checkpoint={fs.join(args.model_dir, AVERAGE_DIR)}")
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ import re
 import tensorflow as tf
 from absl import logging
 
-from research import UserError, cli, config as config_lib, run_dir
+from research import UserError, cli, config as config_lib, fs, run_dir
 
 def model_state(model):
     """Every variable of the model, by position: what checkpoints hold of it (as `model_variables`).
@@ -42,12 +42,12 @@ class Checkpoints:
         self.checkpoint = checkpoint
         self.model_dir = model_dir
         self.is_chief = is_chief
-        directory = model_dir if is_chief else run_dir.join(model_dir, f".worker{worker_id}_tmp")
+        directory = model_dir if is_chief else fs.join(model_dir, f".worker{worker_id}_tmp")
         if is_chief:
             _repair_index(model_dir)
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
         self.best_manager = tf.train.CheckpointManager(
-            checkpoint, run_dir.join(directory, run_dir.BEST_DIR), max_to_keep=1)
+            checkpoint, fs.join(directory, run_dir.BEST_DIR), max_to_keep=1)
 
     def candidates(self):
         """Checkpoint prefixes in `model_dir`, newest first, even when the `checkpoint` index file is unreadable."""
@@ -100,7 +100,7 @@ class Checkpoints:
 
     def _drop_scratch(self):
         if not self.is_chief:
-            run_dir.remove_tree(self.manager.directory)
+            fs.remove_tree(self.manager.directory)
 
 
 def _saved(manager, step, latest):
@@ -109,12 +109,12 @@ def _saved(manager, step, latest):
     try:
         return manager.save(checkpoint_number=step)
     except tf.errors.OpError as e:
-        prefix = run_dir.join(manager.directory, f"ckpt-{step}")
-        for leftover in run_dir.glob(f"{prefix}.*") + run_dir.glob(f"{prefix}_temp*"):
-            if run_dir.isdir(leftover):
-                run_dir.remove_tree(leftover)
+        prefix = fs.join(manager.directory, f"ckpt-{step}")
+        for leftover in fs.glob(f"{prefix}.*") + fs.glob(f"{prefix}_temp*"):
+            if fs.isdir(leftover):
+                fs.remove_tree(leftover)
             else:
-                run_dir.remove(leftover)
+                fs.remove(leftover)
         raise UserError(f"cannot save checkpoint {prefix}: {cli.op_error_line(e)}; the last checkpoint, "
                         f"{latest or 'none'}, is intact: rerun the same command to resume from it") from None
 
@@ -122,8 +122,8 @@ def _saved(manager, step, latest):
 def _repair_index(directory):
     """A `checkpoint` index file that TensorFlow cannot read (emptied, overwritten) is rewritten from the checkpoint
     files it lists: it is derived data, and CheckpointManager would otherwise fail on it with a traceback."""
-    index = run_dir.join(directory, "checkpoint")
-    if not run_dir.exists(index):
+    index = fs.join(directory, "checkpoint")
+    if not fs.exists(index):
         return
     try:
         tf.train.get_checkpoint_state(directory)
@@ -131,7 +131,7 @@ def _repair_index(directory):
     except Exception:  # noqa: BLE001 - ValueError, UnicodeDecodeError, a protobuf ParseError, ...
         pass
     found = candidates(directory)
-    run_dir.remove(index)
+    fs.remove(index)
     if found:
         tf.compat.v1.train.update_checkpoint_state(directory, found[0], all_model_checkpoint_paths=found[::-1])
     logging.warning("%s was unreadable: rewritten from the %d checkpoints found beside it", index, len(found))
@@ -145,7 +145,7 @@ def candidates(directory):
         listed = list(state.all_model_checkpoint_paths) if state else []
     except Exception:  # noqa: BLE001 - a corrupt index must not stop the fallback to the files themselves.
         listed = []
-    found = [f[: -len(".index")] for f in run_dir.glob(run_dir.join(directory, "*-*.index"))]
+    found = [f[: -len(".index")] for f in fs.glob(fs.join(directory, "*-*.index"))]
     numbered = {p for p in set(listed) | set(found) if re.search(r"-(\d+)$", p)}
     return sorted(numbered, key=lambda p: int(re.search(r"-(\d+)$", p).group(1)), reverse=True)
 
@@ -207,10 +207,10 @@ def restore_init_weights(model, path, average, restore=restore_weights):
 def named_by(path, flag, kind="a run directory"):
     """The checkpoints that `flag`=`path` names, newest first: a checkpoint prefix (RUN/ckpt-300) alone, or those
     in a directory (`kind`: what the flag expects such a directory to be)."""
-    run_dir.check_filesystem(path, flag)
-    if run_dir.exists(path + ".index"):
+    fs.check_filesystem(path, flag)
+    if fs.exists(path + ".index"):
         return [path]
-    if not run_dir.isdir(path):
+    if not fs.isdir(path):
         raise UserError(f"{flag}={path} is neither {kind} nor a checkpoint prefix such as RUN/ckpt-300")
     found = candidates(path)
     if not found:

@@ -22,7 +22,7 @@ import os
 import statistics
 import sys
 
-from research import cli
+from research import cli, fs
 
 if __name__ == "__main__":
     cli.start()
@@ -46,14 +46,14 @@ def find_runs(paths):
     """
     runs, roots = [], []
     for path in paths:
-        run_dir.check_filesystem(path, "a run or sweep root")
-        if not run_dir.isdir(path):
-            raise UserError(f"{path}: {'not a directory' if run_dir.exists(path) else 'no such directory'}")
+        fs.check_filesystem(path, "a run or sweep root")
+        if not fs.isdir(path):
+            raise UserError(f"{path}: {'not a directory' if fs.exists(path) else 'no such directory'}")
         path = path.rstrip("/")
         if run_dir.is_run(path):
             runs.append((path, _normpath(path), None))
             continue
-        beneath = [run_dir.join(path, entry.rstrip("/")) for entry in run_dir.listdir(path)]
+        beneath = [fs.join(path, entry.rstrip("/")) for entry in fs.listdir(path)]
         beneath = [run for run in beneath if run_dir.is_run(run)]
         if not beneath:
             raise UserError(f"{path} is not a run directory (no {run_dir.FLAGS_FILE}) and has no run directories "
@@ -73,20 +73,20 @@ def _basename(path):
 
 
 def _normpath(path):
-    return path if run_dir.is_url(path) else os.path.normpath(path)
+    return path if fs.is_url(path) else os.path.normpath(path)
 
 
 def _sweep_statuses(root):
     """{run name: status} from the sweep's record, so failed and running runs say so; {} outside sweeps."""
-    path = run_dir.join(root, run_dir.SWEEP_FILE)
-    if not run_dir.exists(path):
+    path = fs.join(root, run_dir.SWEEP_FILE)
+    if not fs.exists(path):
         return {}
     try:
-        runs = [(run["name"], run["status"], run["log"]) for run in run_dir.read_json(path)["runs"]]
+        runs = [(run["name"], run["status"], run["log"]) for run in fs.read_json(path)["runs"]]
     except (KeyError, TypeError) as e:
         raise UserError(f"{path} is not a launch.sweep record (lacks {e})") from None
     for name, status, log in runs:
-        if status == "failed" and not run_dir.is_run(run_dir.join(root, name)):
+        if status == "failed" and not run_dir.is_run(fs.join(root, name)):
             print(f"note: {name} failed before it started training; log: {log}", file=sys.stderr)
     return {name: status for name, status, _ in runs}
 
@@ -110,9 +110,9 @@ def read_run(path, name, sweep_status):
                        train_accuracy=results["train"].get("accuracy"), train_loss=results["train"].get("loss"),
                        wall_time_s=_whole_wall_time(lines, results["wall_time_s"]), params=results["params"])
         except (KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{run_dir.join(path, run_dir.RESULTS_FILE)} is not a research.train results file "
+            raise UserError(f"{fs.join(path, run_dir.RESULTS_FILE)} is not a research.train results file "
                             f"(lacks {e})") from None
-        return _numbers_checked(run, run_dir.join(path, run_dir.RESULTS_FILE))
+        return _numbers_checked(run, fs.join(path, run_dir.RESULTS_FILE))
     latest = evals[-1] if evals else {}
     status = sweep_status if sweep_status in ("failed", "running", "interrupted") else "unfinished"
     run.update(status=status, steps=latest.get("step"), eval_accuracy=latest.get("accuracy"),
@@ -120,7 +120,7 @@ def read_run(path, name, sweep_status):
                eval_loss=latest.get("loss"), train_accuracy=latest.get("train_accuracy"),
                train_loss=latest.get("train_loss"), wall_time_s=_whole_wall_time(lines, latest.get("elapsed_s")),
                params=None)
-    return _numbers_checked(run, run_dir.join(path, run_dir.METRICS_FILE))
+    return _numbers_checked(run, fs.join(path, run_dir.METRICS_FILE))
 
 
 def _whole_wall_time(lines, last):
@@ -140,7 +140,7 @@ def _numbers_checked(run, source):
     """`run`, once every figure it reports is a number (or absent): a hand-edited file is one error line naming it,
     not a traceback from the averaging."""
     figures = [(source, key, run[key]) for key in (*TABLE_METRICS, "train_accuracy", "train_loss")]
-    figures += [(run_dir.join(run["dir"], run_dir.METRICS_FILE), f"accuracy at step {step}", accuracy)
+    figures += [(fs.join(run["dir"], run_dir.METRICS_FILE), f"accuracy at step {step}", accuracy)
                 for step, accuracy in run["curve"]]
     for path, key, value in figures:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -273,7 +273,7 @@ def plot_curves(rows, path, per_run):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
-    run_dir.save_figure(figure, path, bbox_inches="tight")
+    fs.save_figure(figure, path, bbox_inches="tight")
 
 
 def parse_args(argv):
@@ -307,7 +307,7 @@ def main(argv=None):
         print(format_table(rows, args.per_run))
         if len(runs) == 2:
             print(per_example.paired_test([run["name"] for run in runs], [run["dir"] for run in runs]))
-    plot_path = None if args.no_plot else args.plot or (run_dir.join(roots[0], run_dir.COMPARE_FILE) if len(roots) == 1
+    plot_path = None if args.no_plot else args.plot or (fs.join(roots[0], run_dir.COMPARE_FILE) if len(roots) == 1
                                                         else None)
     if plot_path:
         plot_curves(rows, plot_path, args.per_run)

@@ -24,7 +24,7 @@ import dataclasses
 import io
 import sys
 
-from research import cli
+from research import cli, fs
 
 PARSER = cli.run_tool_parser("python -m research.evaluate", __doc__)
 PARSER.add_argument("--split", help="TFDS split to evaluate on (default: the run's --eval_split).")
@@ -57,7 +57,7 @@ def evaluate(model_dir, checkpoint="latest", split=None, data_dir=None, tfds_man
              tta="none", predictions=None, image_size=None):
     """Evaluates and writes the report files; returns the report dict (also model_dir/report.json). `data_dir`,
     `tfds_manual_dir` and `dataset` say where the run's data is now (runs.data_location)."""
-    if predictions == "" or predictions and run_dir.isdir(predictions):  # Said before the work, not after it.
+    if predictions == "" or predictions and fs.isdir(predictions):  # Said before the work, not after it.
         raise UserError(f"--predictions={predictions} is {'a directory' if predictions else 'empty'}: give a file "
                         "name such as predictions.csv")
     overrides = runs.data_location(model_dir, data_dir=data_dir, tfds_manual_dir=tfds_manual_dir, dataset=dataset)
@@ -105,14 +105,14 @@ def _write_files(model_dir, report, restored, dataset, config, evaluator, result
                run_dir.MISTAKES_FILE: evaluator.mistakes_figure(main),
                run_dir.PREDICTIONS_FILE: plots.predictions(images, labels, probabilities, info.class_names,
                                                            title=f"{main.split}: first {len(images)} examples")}
-    files = [run_dir.save_figure(figure, run_dir.join(model_dir, name)) for name, figure in figures.items()]
+    files = [fs.save_figure(figure, fs.join(model_dir, name)) for name, figure in figures.items()]
     files += [per_example.write(model_dir, result, restored.step, info.name) for result in results]
     if predictions:
         files.append(_write_predictions(predictions, main, dataset))
     if run_dir.read_metrics(model_dir):  # None before the run's first evaluation.
         files.append(plots.write_curves(model_dir))
-    path = run_dir.join(model_dir, run_dir.REPORT_FILE)
-    run_dir.write_json(path, {**report, "files": files + [path]})
+    path = fs.join(model_dir, run_dir.REPORT_FILE)
+    fs.write_json(path, {**report, "files": files + [path]})
     return files + [path]
 
 
@@ -172,7 +172,7 @@ def _write_predictions(path, result, dataset):
     for index, (label, predicted, confidence) in enumerate(result.per_example):
         writer.writerow([index, dataset.eval.name_of(index), names[int(label)], names[int(predicted)],
                          f"{confidence:.6f}"])
-    return run_dir.write(path, out.getvalue())
+    return fs.write(path, out.getvalue())
 
 
 def _table_row(number, name, scores, examples):

@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 
-from research import UserError, cli
+from research import UserError, cli, fs
 
 PARSER = cli.run_tool_parser("python -m research.export", __doc__)
 PARSER.add_argument("--output", required=True,
@@ -62,7 +62,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from research import run_dir, runs, tflite  # noqa: E402
+from research import runs, tflite  # noqa: E402
 from research.data import preprocess  # noqa: E402
 
 KERAS_FILE = "model.keras"
@@ -128,14 +128,14 @@ def export(model_dir, output, checkpoint="latest", tflite_quantize="none", write
         raise UserError(f"--tflite_quantize={tflite_quantize} writes a TFLite model, which --no_tflite refuses")
     check_output(output)
     restored = runs.load_model(model_dir, checkpoint)
-    run_dir.check_filesystem(output, "--output")
-    if run_dir.exists(output) and not (run_dir.isdir(output) and not run_dir.listdir(output)):
+    fs.check_filesystem(output, "--output")
+    if fs.exists(output) and not (fs.isdir(output) and not fs.listdir(output)):
         raise UserError(f"--output={output} already exists; choose a new directory")
     overrides = runs.data_location(model_dir, data_dir=data_dir, tfds_manual_dir=tfds_manual_dir, dataset=dataset)
     dataset = runs.load_dataset(model_dir, restored, **overrides) if tflite_quantize != "none" else None
     # Staged on local disk: beside `output`, which it then becomes by a rename; for a URL (an object store, where
     # directories cannot be renamed) in a local temporary directory, copied up once verified.
-    if run_dir.is_url(output):
+    if fs.is_url(output):
         staging = tempfile.mkdtemp(prefix="export")
     else:
         output = os.path.realpath(output)  # Staged on the filesystem of the directory it fills, even through a link.
@@ -162,8 +162,8 @@ def _stage(staging, output, restored, tflite_quantize, write_tflite, dataset):
     _save_keras(restored.model, os.path.join(staging, KERAS_FILE), restored.config.model)
     _verify(staging, restored)
     written = _write_tflite(staging, module, restored, tflite_quantize, dataset) if write_tflite else []
-    if run_dir.is_url(output):
-        run_dir.copy_tree(staging, output)
+    if fs.is_url(output):
+        fs.copy_tree(staging, output)
     elif os.path.isdir(output):  # An empty directory the user made (or a link to one) stays, and is filled.
         for name in os.listdir(staging):
             os.rename(os.path.join(staging, name), os.path.join(output, name))
@@ -177,12 +177,12 @@ def _write_tflite(directory, module, restored, quantize, dataset):
     prep = restored.dataset.preprocessing
     content = tflite.convert(module.classify_images, module, prep)
     tflite.check_float(content, restored.model, prep)
-    written = [(run_dir.write(os.path.join(directory, tflite.FLOAT_FILE), content), len(content), None, None)]
+    written = [(fs.write(os.path.join(directory, tflite.FLOAT_FILE), content), len(content), None, None)]
     if quantize != "none":
         calibration = tflite.calibration_images(dataset, restored.config) if quantize == "int8" else None
         quantised = tflite.convert(module.classify_images, module, prep, quantize, calibration)
         accuracy, float_accuracy = tflite.check_quantised(quantize, quantised, content, dataset)
-        written.append((run_dir.write(os.path.join(directory, tflite.file_name(quantize)), quantised),
+        written.append((fs.write(os.path.join(directory, tflite.file_name(quantize)), quantised),
                         len(quantised), accuracy, float_accuracy))
     return [(os.path.basename(path), size, accuracy, float_accuracy)
             for path, size, accuracy, float_accuracy in written]
@@ -254,9 +254,9 @@ def _main(argv):
     exported = export(args.model_dir, args.output, args.checkpoint, args.tflite_quantize, not args.no_tflite,
                       args.data_dir, args.tfds_manual_dir, args.dataset)
     print(f"exported {exported.checkpoint} to {args.output} (SavedModel, signatures serving_default and "
-          f"serving_encoded) and {run_dir.join(args.output, KERAS_FILE)}")
+          f"serving_encoded) and {fs.join(args.output, KERAS_FILE)}")
     for name, size, accuracy, float_accuracy in exported.tflite:
-        line = f"{run_dir.join(args.output, name)}: {size / 1e6:.3f} MB"
+        line = f"{fs.join(args.output, name)}: {size / 1e6:.3f} MB"
         if accuracy is not None:
             line += (f", eval accuracy {accuracy:.4f} (float32 {float_accuracy:.4f}, "
                      f"{100 * (accuracy - float_accuracy):+.2f} points)")

@@ -9,7 +9,7 @@ import zipfile
 
 import numpy as np
 
-from research import UserError, metrics, run_dir
+from research import UserError, fs, metrics, run_dir
 
 FIELDS = ("label", "prediction", "confidence", "step", "split", "dataset")
 
@@ -21,7 +21,7 @@ def write(model_dir, result, step, dataset_name):
     np.savez_compressed(buffer, label=labels.astype(np.int32), prediction=predicted.astype(np.int32),
                         confidence=confidence.astype(np.float32), step=step, split=result.split,
                         dataset=dataset_name)
-    return run_dir.write(run_dir.per_example_path(model_dir, result.tag), buffer.getvalue())
+    return fs.write(run_dir.per_example_path(model_dir, result.tag), buffer.getvalue())
 
 
 def read(path):
@@ -42,7 +42,7 @@ def paired_test(names, model_dirs):
     records = []
     for name, model_dir in zip(names, model_dirs):
         path = run_dir.per_example_path(model_dir, "eval")
-        if not run_dir.exists(path):
+        if not fs.exists(path):
             return f"no paired test: {name} has no {path.rsplit('/', 1)[-1]} (research.evaluate writes it)"
         records.append(read(path))
     a, b = records

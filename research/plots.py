@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from research import UserError, metrics, run_dir
+from research import UserError, fs, metrics, run_dir
 
 CORRECT_COLOR, WRONG_COLOR = "tab:blue", "tab:red"
 ANNOTATE_MAX_CLASSES = 20  # Above this the counts of a confusion matrix no longer fit in its cells.
@@ -49,7 +49,7 @@ def write_curves(model_dir):
     records = run_dir.read_metrics(model_dir)
     if not records:
         raise UserError(f"{model_dir} has no evaluations in {run_dir.METRICS_FILE} yet: no curves to draw")
-    return run_dir.save_figure(curves(records), run_dir.join(model_dir, run_dir.CURVES_FILE))
+    return fs.save_figure(curves(records), fs.join(model_dir, run_dir.CURVES_FILE))
 
 
 def confusion(matrix, class_names):

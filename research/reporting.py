@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from research import config as config_lib, data, evaluation, plots, run_dir
+from research import config as config_lib, data, evaluation, fs, plots, run_dir
 
 INPUTS_SHOWN = 36  # Training inputs in the grid.
 EVAL_SCALARS = ("loss", "accuracy", "top5_accuracy", "ece", "macro_f1")  # Of each eval set, in TensorBoard.
@@ -51,7 +51,7 @@ class Reporter:
         # Which start of the run this is (0: the first), so that research.compare can add up each one's wall time.
         self.segment = max(len(run_dir.read_provenance(model_dir)) - 1, 0) if is_chief else 0
         if is_chief:
-            self.writers = {name: tf.summary.create_file_writer(run_dir.join(model_dir, name)) for name in
+            self.writers = {name: tf.summary.create_file_writer(fs.join(model_dir, name)) for name in
                             ("train", "eval", *(evaluation.tag_of(split) for split in config.extra_eval))}
             self._write_hparams()
 

@@ -14,7 +14,7 @@ import re
 
 import tensorflow as tf
 
-from research import UserError, checkpoint as checkpoint_lib, config as config_lib, data, models, run_dir, transfer
+from research import UserError, checkpoint as checkpoint_lib, config as config_lib, data, fs, models, run_dir, transfer
 from research import train_lib  # noqa: F401 - it imports every module that defines a flag of flags.txt.
 
 Restored = collections.namedtuple("Restored", "model config dataset checkpoint step")
@@ -30,7 +30,7 @@ def read_config(model_dir, **overrides):
     try:
         return config_lib.make_config(**{**run_dir.read_flags(model_dir), **overrides, "model_dir": model_dir})
     except UserError as e:
-        raise UserError(f"{run_dir.join(model_dir, run_dir.FLAGS_FILE)}: {e} "
+        raise UserError(f"{fs.join(model_dir, run_dir.FLAGS_FILE)}: {e} "
                         "(was the run written by another version of this code?)") from None
 
 
@@ -56,7 +56,7 @@ def read_dataset_info(model_dir):
     try:
         return data.Metadata.from_json(run_dir.read_dataset_info(model_dir))
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{run_dir.join(model_dir, run_dir.DATASET_FILE)} is unreadable: {e}") from None
+        raise UserError(f"{fs.join(model_dir, run_dir.DATASET_FILE)} is unreadable: {e}") from None
 
 
 def checkpoint_paths(model_dir, checkpoint="latest"):
@@ -64,7 +64,7 @@ def checkpoint_paths(model_dir, checkpoint="latest"):
     holding checkpoints, or one prefix such as RUN/ckpt-300."""
     if checkpoint in ("latest", "best"):
         found = checkpoint_lib.candidates(model_dir if checkpoint == "latest" else
-                                          run_dir.join(model_dir, run_dir.BEST_DIR))
+                                          fs.join(model_dir, run_dir.BEST_DIR))
         if not found:
             when = "it saves one every --checkpoint_every steps" if checkpoint == "latest" else \
                 "it is saved at the run's first evaluation"

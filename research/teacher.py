@@ -13,7 +13,7 @@ import os
 
 import tensorflow as tf
 
-from research import UserError, checkpoint, distill, run_dir, runs
+from research import UserError, checkpoint, distill, fs, run_dir, runs
 
 EXPORT_FILE = "saved_model.pb"  # What makes a directory an export (research/export.py) rather than a run.
 
@@ -23,15 +23,15 @@ def load(config, dataset, strategy):
     of its weights (so that flags.txt records it and the resume guard compares it)."""
     source = config.teacher
     flag = f"--teacher={source}"
-    run = os.path.dirname(source) if run_dir.exists(source + ".index") else source  # RUN/ckpt-N, RUN/best/ckpt-N.
+    run = os.path.dirname(source) if fs.exists(source + ".index") else source  # RUN/ckpt-N, RUN/best/ckpt-N.
     if os.path.basename(run.rstrip("/")) == run_dir.BEST_DIR and not run_dir.is_run(run):
         run = os.path.dirname(run.rstrip("/"))
     if _same_path(run, config.model_dir):
         raise UserError(f"{flag} is this run itself (--model_dir={config.model_dir}): a run cannot teach itself")
-    if not (run_dir.exists(source) or run_dir.exists(source + ".index")):
+    if not (fs.exists(source) or fs.exists(source + ".index")):
         raise UserError(f"{flag} does not exist (a teacher that moved may be named by its new path: a resume "
                         "checks that its weights are the same)")
-    if run_dir.exists(run_dir.join(source, EXPORT_FILE)):
+    if fs.exists(fs.join(source, EXPORT_FILE)):
         logits_of, variables, described = _export_teacher(source, flag, dataset, strategy)
     else:
         logits_of, variables, described = _run_teacher(source, run, flag, dataset, strategy)
@@ -53,7 +53,7 @@ def _run_teacher(source, run, flag, dataset, strategy):
                         "cannot be rebuilt")
     if run == source and run_dir.read_results(run) is None:
         raise UserError(f"{flag} has not finished training (no {run_dir.RESULTS_FILE}); name one of its "
-                        f"checkpoints ({run_dir.join(run, 'ckpt-N')}) to distill from it as it is now")
+                        f"checkpoints ({fs.join(run, 'ckpt-N')}) to distill from it as it is now")
     teacher_config, info = runs.read_config(run), runs.read_dataset_info(run)
     _check_classes(flag, info.class_names, dataset)
     with strategy.scope():
@@ -106,7 +106,7 @@ def _pixels(student, inputs, channels):
 
 
 def _same_path(a, b):
-    if run_dir.is_url(a) or run_dir.is_url(b):
+    if fs.is_url(a) or fs.is_url(b):
         return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(a) == os.path.realpath(b)
 

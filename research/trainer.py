@@ -17,7 +17,7 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from research import (UserError, checkpoint, config as config_lib, data, distribute, evaluation, metrics,
+from research import (UserError, checkpoint, config as config_lib, data, distribute, evaluation, fs, lock, metrics,
                       per_example, plots, provenance, reporting, run_dir, teacher as teacher_lib, train_lib, transfer)
 
 
@@ -40,13 +40,13 @@ def train_and_evaluate(config):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     if config.init_checkpoint:  # A path TensorFlow cannot open is one line before any work, as --model_dir's is.
-        run_dir.check_filesystem(config.init_checkpoint, "--init_checkpoint")
+        fs.check_filesystem(config.init_checkpoint, "--init_checkpoint")
     strategy = distribute.create_strategy(config)
     chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_dir.created(config.model_dir, remove_on_failure=chief))
         if chief:
-            stack.enter_context(run_dir.Lock(config.model_dir))
+            stack.enter_context(lock.Lock(config.model_dir))
 
         # -------------------------------------------------------------- Data, model, optimizer, checkpoint
         dataset = data.load(config)
@@ -80,7 +80,7 @@ def train_and_evaluate(config):
         finished = run_dir.read_results(config.model_dir)
         if int(step.numpy()) >= total_steps and finished:
             print(f"Run in {config.model_dir} already finished at step {int(step.numpy())}; results in "
-                  f"{run_dir.join(config.model_dir, run_dir.RESULTS_FILE)}")
+                  f"{fs.join(config.model_dir, run_dir.RESULTS_FILE)}")
             return finished
         if chief:
             run_dir.read_metrics(config.model_dir)  # Every run file this run will read back, read before any write:
@@ -273,7 +273,7 @@ def _profiling(config, current, num_steps, total_steps, loops_run):
         "last" in config.profile_steps and current + num_steps == total_steps)
     if not wanted:
         return contextlib.nullcontext()
-    return tf.profiler.experimental.Profile(run_dir.join(config.model_dir, "train"))
+    return tf.profiler.experimental.Profile(fs.join(config.model_dir, "train"))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import average, evaluate, run_dir, trainer
+from research import average, evaluate, fs, run_dir, trainer
 
 
 @pytest.fixture
@@ -25,8 +25,8 @@ def _model_variables(path):
 def test_average_of_the_last_checkpoints_and_of_the_best(run, capsys):
     assert average.main(["--model_dir", run, "--last", "2"]) == 0
     assert "the average of 2 checkpoints (ckpt-12, ckpt-8)" in capsys.readouterr().out
-    averaged = _model_variables(run_dir.join(run, "average", "ckpt-12"))
-    sources = [_model_variables(run_dir.join(run, f"ckpt-{step}")) for step in (8, 12)]
+    averaged = _model_variables(fs.join(run, "average", "ckpt-12"))
+    sources = [_model_variables(fs.join(run, f"ckpt-{step}")) for step in (8, 12)]
     moving = [key for key in averaged if not np.array_equal(sources[0][key], sources[1][key])]
     assert averaged.keys() == sources[0].keys() and len(moving) > 8  # Kernels, biases and the moving statistics.
     for key, value in averaged.items():
@@ -34,13 +34,13 @@ def test_average_of_the_last_checkpoints_and_of_the_best(run, capsys):
             np.testing.assert_allclose(value, (sources[0][key] + sources[1][key]) / 2, rtol=1e-6, atol=1e-7)
         else:
             np.testing.assert_array_equal(value, sources[1][key])
-    report = evaluate.evaluate(run, checkpoint=run_dir.join(run, "average"))
+    report = evaluate.evaluate(run, checkpoint=fs.join(run, "average"))
     assert report["checkpoint"].endswith("average/ckpt-12") and report["examples"] == 64
 
     best = run_dir.read_best(run)
     assert average.main(["--model_dir", run, "--best", "1"]) == 0
-    for key, value in _model_variables(run_dir.join(run, "average", f"ckpt-{best['step']}")).items():
-        np.testing.assert_array_equal(value, _model_variables(run_dir.join(run, f"ckpt-{best['step']}"))[key])
+    for key, value in _model_variables(fs.join(run, "average", f"ckpt-{best['step']}")).items():
+        np.testing.assert_array_equal(value, _model_variables(fs.join(run, f"ckpt-{best['step']}"))[key])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import make_config
-from research import UserError, compare, data, evaluate, evaluation, metrics, per_example, run_dir, trainer
+from research import UserError, compare, data, evaluate, evaluation, fs, metrics, per_example, run_dir, trainer
 from test_data_trust import folder_config, write_folder
 
 
@@ -132,7 +132,7 @@ def test_mcnemar_exact_p_values(only_a, only_b, p):
 def test_compare_of_two_runs_on_the_same_examples_runs_mcnemar(run, tmp_path, capsys):
     _, model_dir = run
     other = tmp_path / "other"
-    run_dir.copy_tree(model_dir, str(other))
+    fs.copy_tree(model_dir, str(other))
     record = per_example.read(run_dir.per_example_path(str(other), "eval"))
     flipped = record["prediction"].copy()
     flipped[:3] = np.where(record["label"][:3] == flipped[:3], (flipped[:3] + 1) % 10, record["label"][:3])

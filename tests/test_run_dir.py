@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import make_config
-from research import UserError, compare, evaluate, export, predict, run_dir, trainer
+from research import UserError, compare, evaluate, export, fs, lock, predict, run_dir, trainer
 
 
 @pytest.mark.slow
@@ -25,12 +25,12 @@ def test_a_whole_run_on_ram_filesystem(mock_tfds, tmp_path, monkeypatch, capsys)
     assert run_dir.read_results(model_dir)["step"] == 12
     assert [r["step"] for r in run_dir.read_metrics(model_dir)] == [8, 12]
     for name in ("flags.txt", "provenance.jsonl", "dataset.json", "curves.png", "best/best.json", "train", "eval"):
-        assert run_dir.exists(run_dir.join(model_dir, name)), name
-    assert not run_dir.exists(run_dir.join(model_dir, "LOCK"))  # Released.
+        assert fs.exists(fs.join(model_dir, name)), name
+    assert not fs.exists(fs.join(model_dir, "LOCK"))  # Released.
 
     assert evaluate.main([f"--model_dir={model_dir}"]) == 0
-    assert run_dir.read_json(run_dir.join(model_dir, "report.json"))["accuracy"] == results["eval"]["accuracy"]
-    assert run_dir.exists(run_dir.join(model_dir, "confusion_matrix.png"))
+    assert fs.read_json(fs.join(model_dir, "report.json"))["accuracy"] == results["eval"]["accuracy"]
+    assert fs.exists(fs.join(model_dir, "confusion_matrix.png"))
     image = str(tmp_path / "digit.png")
     Image.new("L", (28, 28), 200).save(image)
     assert predict.main([f"--model_dir={model_dir}", image]) == 0
@@ -39,7 +39,7 @@ def test_a_whole_run_on_ram_filesystem(mock_tfds, tmp_path, monkeypatch, capsys)
     assert served(images=tf.zeros([2, 28, 28, 1], tf.uint8))["probabilities"].shape == (2, 10)
     capsys.readouterr()
     compare.main(["ram://runs", "--per_run"])
-    assert "whole" in capsys.readouterr().out and run_dir.exists("ram://runs/compare.png")
+    assert "whole" in capsys.readouterr().out and fs.exists("ram://runs/compare.png")
     assert os.listdir(tmp_path) == ["digit.png"]
 
 
@@ -53,20 +53,20 @@ def test_a_filesystem_tensorflow_cannot_open_is_one_line_before_any_work(mock_tf
 
 def test_files_are_written_whole_and_lines_appended(tmp_path):
     for directory in (str(tmp_path), "ram://files"):
-        path = run_dir.join(directory, "x.json")
-        run_dir.makedirs(directory)
-        run_dir.write_json(path, {"a": 1})
-        run_dir.write_json(path, {"a": 2})
-        assert run_dir.read_json(path) == {"a": 2}
-        assert run_dir.listdir(directory) == ["x.json"]  # No temporary file left.
-        run_dir.append_line(run_dir.join(directory, "m.jsonl"), "1")
-        run_dir.append_line(run_dir.join(directory, "m.jsonl"), "2")
-        assert run_dir.read_text(run_dir.join(directory, "m.jsonl")) == "1\n2\n"
+        path = fs.join(directory, "x.json")
+        fs.makedirs(directory)
+        fs.write_json(path, {"a": 1})
+        fs.write_json(path, {"a": 2})
+        assert fs.read_json(path) == {"a": 2}
+        assert fs.listdir(directory) == ["x.json"]  # No temporary file left.
+        fs.append_line(fs.join(directory, "m.jsonl"), "1")
+        fs.append_line(fs.join(directory, "m.jsonl"), "2")
+        assert fs.read_text(fs.join(directory, "m.jsonl")) == "1\n2\n"
 
 
 # ---------------------------------------------------------------------------------------------- The lock
 def _lock_file(directory, host, pid, heartbeat):
-    run_dir.write_json(run_dir.join(str(directory), "LOCK"), {"host": host, "pid": pid, "heartbeat": heartbeat})
+    fs.write_json(fs.join(str(directory), "LOCK"), {"host": host, "pid": pid, "heartbeat": heartbeat})
 
 
 @pytest.mark.slow
@@ -75,11 +75,11 @@ def test_a_live_writer_on_this_host_keeps_its_lock(tmp_path):
     try:
         _lock_file(tmp_path, socket.gethostname(), holder.pid, 0.0)  # Its heartbeat does not matter: it is alive.
         with pytest.raises(UserError, match=f"is in use by process {holder.pid} on {socket.gethostname()}"):
-            run_dir.Lock(str(tmp_path)).__enter__()
+            lock.Lock(str(tmp_path)).__enter__()
     finally:
         holder.kill()
         holder.wait()
-    with run_dir.Lock(str(tmp_path)):  # Now a dead process's lock: taken over.
+    with lock.Lock(str(tmp_path)):  # Now a dead process's lock: taken over.
         assert json.load(open(tmp_path / "LOCK"))["pid"] == os.getpid()
     assert not os.path.exists(tmp_path / "LOCK")
 
@@ -87,17 +87,17 @@ def test_a_live_writer_on_this_host_keeps_its_lock(tmp_path):
 def test_another_hosts_lock_is_taken_over_only_when_its_heartbeat_stopped(tmp_path, caplog):
     _lock_file(tmp_path, "node-17", 4242, time.time() - 10)
     with pytest.raises(UserError, match="is in use by process 4242 on node-17"):
-        run_dir.Lock(str(tmp_path), stale_after_s=60).__enter__()
+        lock.Lock(str(tmp_path), stale_after_s=60).__enter__()
     _lock_file(tmp_path, "node-17", 4242, time.time() - 120)
-    with run_dir.Lock(str(tmp_path), stale_after_s=60):
+    with lock.Lock(str(tmp_path), stale_after_s=60):
         assert json.load(open(tmp_path / "LOCK"))["host"] == socket.gethostname()
     assert [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()] == [
         f"taking over {tmp_path}/LOCK from process 4242 on node-17, whose heartbeat stopped 120 s ago"]
 
 
 def test_a_live_run_refreshes_its_heartbeat(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_dir.Lock, "HEARTBEAT_S", 0.05)
-    with run_dir.Lock(str(tmp_path)):
+    monkeypatch.setattr(lock.Lock, "HEARTBEAT_S", 0.05)
+    with lock.Lock(str(tmp_path)):
         first = json.load(open(tmp_path / "LOCK"))["heartbeat"]
         time.sleep(0.3)
         assert json.load(open(tmp_path / "LOCK"))["heartbeat"] > first

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config
-from research import UserError, checkpoint, evaluate, runs, trainer
+from research import UserError, checkpoint, evaluate, lock, runs, trainer
 
 
 def _lines(path):
@@ -294,10 +294,9 @@ def test_a_moved_folder_dataset_is_resumed_and_evaluated_where_it_is_now(tmp_pat
 @pytest.mark.parametrize("content", [b"", b"\xff\xfe", b"[]", b"null", b'{"host": "me", "pid": 99999999999999999999, '
                                      b'"heartbeat": 1}', b'{"host": "me", "pid": -5, "heartbeat": 1}', b"host 12abc"])
 def test_any_lock_content_is_one_line(tmp_path, content):
-    from research import run_dir
     (tmp_path / "LOCK").write_bytes(content)
     with pytest.raises(UserError, match="LOCK is not a lock record of this code .*: if no run is using"):
-        with run_dir.Lock(str(tmp_path)):
+        with lock.Lock(str(tmp_path)):
             pass
     assert (tmp_path / "LOCK").read_bytes() == content
 

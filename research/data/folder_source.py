@@ -22,7 +22,7 @@ import os
 
 from absl import logging
 
-from research import UserError, run_dir
+from research import UserError, fs, run_dir
 from research.data import folder_files, preprocess, sources
 from research.data.dataset import Dataset
 
@@ -31,7 +31,7 @@ CHANNELS = 3  # Grayscale and RGBA files are converted: one input layout for eve
 
 @sources.register("folder")
 def open_folder(config, root):
-    if run_dir.is_url(root):
+    if fs.is_url(root):
         raise UserError(f"--dataset=folder:{root}: image folders are read from local paths (or mounted ones), not "
                         "URLs; copy or mount the folder")
     root = os.path.normpath(os.path.abspath(root))
@@ -125,7 +125,7 @@ def _list_split(listing, spec, flag, class_names):
 
 def _check_recorded(listing, spec, flag, recorded, class_names, model_dir):
     """A recorded split is read as recorded: every file must still be there; files added since are noted."""
-    recorded_path = run_dir.join(model_dir, run_dir.DATA_FILES_FILE)
+    recorded_path = fs.join(model_dir, run_dir.DATA_FILES_FILE)
     missing = [path for path, _ in recorded if not os.path.isfile(os.path.join(listing.root, path))]
     if missing:
         raise UserError(f"folder:{listing.root} lacks {len(missing)} of the {len(recorded)} files {model_dir} "

@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
-from research import UserError, cli, run_dir
+from research import UserError, cli, fs
 from research.config import RUNTIME, declare
 from research.data import preprocess, sources
 from research.data.dataset import Dataset
@@ -72,7 +72,7 @@ def _builder(name, data_dir, **kwargs):
     """tfds.builder, quiet: for a dataset not yet prepared it logs an absl warning ('Variant folder ... has no
     dataset_info.json') that would precede our own message about what to do."""
     if data_dir:
-        run_dir.check_filesystem(data_dir, "--data_dir")
+        fs.check_filesystem(data_dir, "--data_dir")
     with _absl_warnings_silenced(), contextlib.redirect_stdout(io.StringIO()):  # (Its banners of missing modules.)
         try:
             return tfds.builder(name, data_dir=data_dir, **kwargs)
@@ -105,7 +105,7 @@ def _prepare(builder, name, config):
     # Several processes (the workers of a multi-worker run, parallel sweep runs) may start on one unprepared
     # data_dir: the first prepares, the others wait for it and then read what it wrote.
     with _exclusive(os.path.join(os.path.dirname(builder.data_dir), ".prepare.lock")) if not \
-            run_dir.is_url(builder.data_dir) else contextlib.nullcontext():  # (flock needs a local filesystem.)
+            fs.is_url(builder.data_dir) else contextlib.nullcontext():  # (flock needs a local filesystem.)
         builder = _builder(name, config.data_dir, file_format="array_record")
         if not _is_prepared(builder):
             try:
@@ -282,12 +282,12 @@ def _first_line(error):
 
 
 def _write_cache(path, **arrays):
-    """Written whole (run_dir.write: readers never see half a file); a data_dir this process cannot write only
+    """Written whole (fs.write: readers never see half a file); a data_dir this process cannot write only
     costs the decoding again next time."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     with contextlib.suppress(UserError):
-        run_dir.write(path, buffer.getvalue())
+        fs.write(path, buffer.getvalue())
 
 
 def _cache_of(builder, split):
