@@ -27,7 +27,7 @@ def write(model_dir, result, step, dataset_name):
 def read(path):
     """{label, prediction, confidence, step, split, dataset}; a damaged file is one error line."""
     try:
-        with np.load(io.BytesIO(run_dir.read_bytes(path))) as arrays:
+        with np.load(io.BytesIO(fs.read_bytes(path))) as arrays:
             record = {key: arrays[key] for key in FIELDS}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         raise UserError(f"{path} is not a per-example evaluation record (damaged, or of another version): evaluate "

@@ -31,10 +31,11 @@ VERSIONS = ("python", "tensorflow", "keras", "tfds")  # What a resume warns abou
 GIT_TIMEOUT_S = 20
 
 
-def record(model_dir, step):
+def record(model_dir, step, **inputs):
     """Appends this start's record to `model_dir`'s provenance.jsonl, first warning in one line if the versions
-    or the code differ from the previous start's. Returns the record."""
-    current = collect(step)
+    or the code differ from the previous start's; `inputs` name what else the run reads that its flags do not
+    pin by content (a distillation teacher: its path and weights hash). Returns the record."""
+    current = {**collect(step), **inputs}
     previous = run_dir.read_provenance(model_dir)
     if previous:
         changes = differences(previous[-1], current)

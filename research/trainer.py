@@ -89,7 +89,8 @@ def train_and_evaluate(config):
             if removed:
                 print(f"Removed the records of steps after {int(step.numpy())}, of an earlier attempt that died "
                       f"before its next checkpoint: {', '.join(removed)}")
-            provenance.record(config.model_dir, int(step.numpy()))
+            provenance.record(config.model_dir, int(step.numpy()), **(
+                {"teacher": {"path": config.teacher, "sha256": config.teacher_sha256}} if teacher else {}))
             if flag_changes:
                 run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
             run_dir.write_flags(config.model_dir, config)

@@ -101,6 +101,8 @@ def test_teacher_stays_bit_identical_student_alone_is_checkpointed_agreement_is_
     flags_txt = (student / "flags.txt").read_text()
     digest = distill.weights_sha256(runs.load_model(teacher_run).model.variables)
     assert f"--teacher={teacher_run}\n" in flags_txt and f"--teacher_sha256={digest}\n" in flags_txt
+    [start] = [json.loads(line) for line in open(student / "provenance.jsonl")]
+    assert start["teacher"] == {"path": str(teacher_run), "sha256": digest}
     [record] = [json.loads(line) for line in open(student / "metrics.jsonl")]
     assert 0 <= record["teacher_agreement"] <= 1 and record["teacher_kl"] >= 0
     assert results["eval"]["teacher_agreement"] == record["teacher_agreement"]

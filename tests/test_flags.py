@@ -158,7 +158,9 @@ def _import_graph():
 def test_the_import_graph_runs_one_way():
     graph = _import_graph()
     assert graph["research.config"] == {"research"} and graph["research"] == set()
-    assert graph["research.run_dir"] <= {"research", "research.config"}
+    assert graph["research.fs"] == {"research"}
+    assert graph["research.run_dir"] <= {"research", "research.config", "research.fs"}
+    assert graph["research.lock"] <= {"research", "research.fs", "research.run_dir"}
     done, path = set(), []
 
     def visit(module):

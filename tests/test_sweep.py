@@ -228,7 +228,7 @@ def test_compare_shows_unfinished_runs_and_sorts_by_loss(tmp_path, capsys):
     (lambda d: d.write_text("x"), "not a directory"),
     (lambda d: d.mkdir(), "is not a run directory (no flags.txt) and has no run directories beneath it"),
     (lambda d: (_fake_run(str(d), {}), (d / "results.json").write_text("{")), "results.json is not valid JSON"),
-    (lambda d: (_fake_run(str(d), {}), (d / "results.json").write_text("{}")), "is not a research.train results"),
+    (lambda d: (_fake_run(str(d), {}), (d / "results.json").write_text("{}")), "results.json is not a results record"),
     (lambda d: (_fake_run(str(d), {}), (d / "metrics.jsonl").write_text("x\n{}\n")), "line 1 is not JSON"),
     (lambda d: (_fake_run(str(d / "r"), {}), (d / "sweep.json").write_text("[]")), "is not a launch.sweep record"),
     (lambda d: (_fake_run(str(d), {}, (4, 0.5)), (d / "results.json").write_text(
