@@ -79,28 +79,66 @@ class Checkpoints:
         return path
 
     def save_best(self, step, evaluation):
-        """Keeps the checkpoint of the highest --eval_split accuracy so far in `model_dir/best`; returns whether it
-        did. `evaluation` holds the accuracy, split and examples: best/ only ranks evaluations of the same split and
-        size, so a resume that changed --eval_split (or a folder split that changed) starts best/ anew, saying so."""
-        best = run_dir.read_best(self.model_dir)
-        measured = {key: evaluation[key] for key in ("split", "examples")}
-        comparable = all(best.get(key, value) == value for key, value in measured.items())  # (Older runs: no split.)
-        if comparable and evaluation["accuracy"] <= best["accuracy"]:
+        """Keeps the checkpoint of the highest --eval_split accuracy so far in `model_dir/best` (beats_best); returns
+        whether it did. `evaluation` holds the accuracy, split and examples."""
+        if not beats_best(self.model_dir, step, evaluation):
             return False
-        if not comparable:
-            logging.warning("best/ held step %s's accuracy %.4f on %s (%s examples); this run now evaluates %s (%d "
-                            "examples), which is not ranked against it: best/ starts anew at step %d", best["step"],
-                            best["accuracy"], best.get("split"), best.get("examples"), measured["split"],
-                            measured["examples"], step)
         _saved(self.best_manager, step, self.latest())
         self._drop_scratch()
         if self.is_chief:
-            run_dir.write_best(self.model_dir, {"accuracy": evaluation["accuracy"], "step": step, **measured})
+            run_dir.write_best(self.model_dir, _best_record(step, evaluation))
         return True
 
     def _drop_scratch(self):
         if not self.is_chief:
             fs.remove_tree(self.manager.directory)
+
+
+def beats_best(model_dir, step, evaluation):
+    """Whether an evaluation at `step` (its accuracy, split and examples) is to replace best/: a higher accuracy
+    than best.json's on the same split and size. best/ only ranks evaluations of the same split and size, so a
+    resume that changed --eval_split (or a folder split that changed) starts best/ anew, saying so."""
+    best = run_dir.read_best(model_dir)
+    measured = {key: evaluation[key] for key in ("split", "examples")}
+    comparable = all(best.get(key, value) == value for key, value in measured.items())  # (Older runs: no split.)
+    if comparable and evaluation["accuracy"] <= best["accuracy"]:
+        return False
+    if not comparable:
+        logging.warning("best/ held step %s's accuracy %.4f on %s (%s examples); this run now evaluates %s (%d "
+                        "examples), which is not ranked against it: best/ starts anew at step %d", best["step"],
+                        best["accuracy"], best.get("split"), best.get("examples"), measured["split"],
+                        measured["examples"], step)
+    return True
+
+
+def _best_record(step, evaluation):
+    return {"accuracy": evaluation["accuracy"], "step": step, "split": evaluation["split"],
+            "examples": evaluation["examples"]}
+
+
+def keep_as_best(model_dir, prefix, step, evaluation):
+    """save_best for a process that holds the checkpoint's files, not its objects (a --follow sidecar): copies
+    checkpoint `prefix`'s files (wherever they are) into best/ as best/ckpt-`step`, the same files training's
+    best/ would hold, if the evaluation beats best/ (beats_best); returns whether it did. Written as the checkpoint
+    manager writes: the files, then best/'s index, then the older best removed, then best.json."""
+    if not beats_best(model_dir, step, evaluation):
+        return False
+    best_dir, name = fs.join(model_dir, run_dir.BEST_DIR), f"ckpt-{step}"
+    try:
+        fs.makedirs(best_dir)
+        for source in fs.glob(f"{prefix}.*"):  # ckpt-N.index, ckpt-N.data-00000-of-00001, ...
+            suffix = posixpath.basename(source)[len(posixpath.basename(prefix)):]
+            fs.gfile().copy(source, fs.join(best_dir, name + suffix), overwrite=True)
+        fs.write(fs.join(best_dir, "checkpoint"),  # The index as the manager writes it (a CheckpointState proto).
+                 f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+    except tf.errors.OpError as e:
+        raise UserError(f"cannot write {best_dir}: {cli.op_error_line(e)}") from None
+    for older in candidates(best_dir):
+        if posixpath.basename(older) != name:
+            for path in fs.glob(f"{older}.*"):
+                fs.remove(path)
+    run_dir.write_best(model_dir, _best_record(step, evaluation))
+    return True
 
 
 def _saved(manager, step, latest):
@@ -264,12 +302,14 @@ def check_resume_config(model_dir, config, without_effect=()):
     is allowed, and so are the flags in `without_effect`, which the caller found to change nothing here (the
     trainer: --image_size where the model input is the recorded one, --dataset where a folder moved). A flag
     unset at the start and set now (--train_steps after --train_epochs) is a change like any other; a flag newer
-    than the run had its default. Returns every allowed change, {name: (old, new)} as flags.txt spells them (None:
-    unset), for the run's flags history."""
+    than the run had its default; a recorded value is read as this code reads it (--eval_every=0 is 'epoch').
+    Returns every allowed change, {name: (old, new)} as flags.txt spells them (None: unset), for the run's flags
+    history."""
     if not run_dir.is_run(model_dir):
         return {}
     recorded = run_dir.read_flags(model_dir)
-    old = {name: recorded.get(name, _spelled_default(name)) for name in config_lib.names_with(*config_lib.RUN_ROLES)}
+    old = {name: _respelled(name, recorded.get(name, _spelled_default(name)))
+           for name in config_lib.names_with(*config_lib.RUN_ROLES)}
     new = run_dir.parse_flagfile(config_lib.to_flagfile(config), "the flags")
     changes = {name: (value, new.get(name)) for name, value in old.items() if value != new.get(name)}
     try:
@@ -291,6 +331,15 @@ class SettingsDiffer(UserError):
         super().__init__(f"{model_dir} holds a run with other settings ({'; '.join(differences)}); "
                          "use a new --model_dir, or --init_checkpoint to start from its weights")
         self.differences = differences
+
+
+def _respelled(name, recorded):
+    """A recorded value as this code reads it, spelled as it now writes it: a value an earlier version spelled
+    otherwise (--eval_every=0, now 'epoch') is the same value, no change. One it cannot read stays as it was."""
+    try:
+        return recorded if recorded is None else config_lib.spelled(config_lib.FLAGS[name].parser.parse(recorded))
+    except (ValueError, TypeError):
+        return recorded
 
 
 def _spelled_default(name):

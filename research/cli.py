@@ -108,7 +108,8 @@ def check_model_dir(model_dir):
     """Before TensorFlow loads: a local --model_dir that does not exist is one error line (a URL is checked later,
     through TensorFlow's filesystems)."""
     if "://" not in model_dir and not os.path.isdir(model_dir):
-        fail(f"--model_dir={model_dir} does not exist")
+        fail(f"--model_dir={model_dir} " + ("is a file, not a run directory" if os.path.exists(model_dir) else
+                                             "does not exist"))
 
 
 def check_lasting(path, flag):

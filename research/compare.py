@@ -4,7 +4,8 @@ A run is a directory with flags.txt (see research/trainer.py); a sweep root (lau
 runs beneath it. The table shows only the flags that differ between the runs, since the rest says nothing about
 why their results differ. Runs whose flags differ only in --seed are one row with the mean ± sample standard
 deviation over seeds, because one seed's accuracy is too noisy to rank settings by (--per_run shows every run).
-Finished runs report results.json; unfinished ones (no results.json) their latest metrics.jsonl line, with the
+Finished runs report results.json (no eval numbers before a --follow sidecar fills in those of a run trained with
+--eval_every=never); unfinished ones (no results.json) their latest metrics.jsonl line, with the
 status column saying so (failed, interrupted or running where the sweep's sweep.json says so). Where the runs' own
 records of what ran them (provenance.jsonl: research/provenance.py) differ -- Python, TensorFlow, Keras or TFDS
 version, code commit, host, CPU, GPUs -- those are columns too (a resume that changed one shows 'old -> new'; a run
@@ -103,10 +104,11 @@ def read_run(path, name, sweep_status):
            "curve": [(line["step"], line["accuracy"]) for line in evals]}
     results = run_dir.read_results(path)
     if results is not None:
-        try:
-            run.update(status="finished", steps=results["step"], eval_accuracy=results["eval"]["accuracy"],
-                       eval_accuracy_95=results["eval"].get("accuracy_95"),
-                       eval_top5_accuracy=results["eval"].get("top5_accuracy"), eval_loss=results["eval"]["loss"],
+        try:  # (An eval of None: the run trained with --eval_every=never, not yet completed by --follow.)
+            final = results["eval"] if results["eval"] is not None else {"accuracy": None, "loss": None}
+            run.update(status="finished", steps=results["step"], eval_accuracy=final["accuracy"],
+                       eval_accuracy_95=final.get("accuracy_95"),
+                       eval_top5_accuracy=final.get("top5_accuracy"), eval_loss=final["loss"],
                        train_accuracy=results["train"].get("accuracy"), train_loss=results["train"].get("loss"),
                        wall_time_s=_whole_wall_time(lines, results["wall_time_s"]), params=results["params"])
         except (KeyError, TypeError, AttributeError) as e:

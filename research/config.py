@@ -153,8 +153,32 @@ declare(RUNTIME, flags.DEFINE_integer(
     "steps_per_loop", 100,
     "At most this many steps run inside one tf.function call, the cadence of train logs and "
     "summaries; a loop also ends at each epoch end, evaluation and checkpoint step."))
-declare(TUNABLE, flags.DEFINE_integer(
-    "eval_every", 0, "Evaluate every this many steps (0 = at the end of each epoch) and at the end."))
+EPOCH, NEVER = "epoch", "never"  # --eval_every's words.
+
+
+class _EvalEveryParser(flags.ArgumentParser):
+    """--eval_every: a positive number of steps, 'epoch' or 'never'. 0 is read as 'epoch': it was the spelling of
+    'epoch' before 'never' existed, and every earlier run's flags.txt holds it, so it must keep its meaning."""
+
+    def parse(self, argument):
+        text = str(argument).strip().lower()
+        if text in (EPOCH, NEVER):
+            return text
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError("expected a positive number of steps, 'epoch' or 'never'")
+        return int(text) or EPOCH
+
+    def flag_type(self):
+        return "steps, 'epoch' or 'never'"
+
+
+declare(TUNABLE, flags.DEFINE(
+    _EvalEveryParser(), "eval_every", EPOCH,
+    "Evaluate every this many steps and at the end; epoch (the default): at the end of each epoch and at the end "
+    "(0, as earlier versions wrote it, means this too); never: not in the training process at all, not even at the "
+    "end (results.json then holds no eval numbers until a sidecar, `python -m research.evaluate --model_dir=RUN "
+    "--follow`, evaluates each checkpoint and fills them in: --checkpoint_every is then the evaluation cadence).",
+    serializer=flags.ArgumentSerializer()))
 declare(RUNTIME, flags.DEFINE_integer(
     "checkpoint_every", 1000, "Save a checkpoint every this many steps, and always at the end."))
 declare(RUNTIME, flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep."))
@@ -261,7 +285,6 @@ def validate(config):
     need(config.steps_per_loop > 0, "--steps_per_loop must be positive")
     need(config.checkpoint_every > 0, "--checkpoint_every must be positive")
     need(config.keep_checkpoints > 0, "--keep_checkpoints must be positive")
-    need(config.eval_every >= 0, "--eval_every must be >= 0")
     need(config.learning_rate > 0, "--learning_rate must be positive")
     need(0 <= config.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     need(config.clip_grad_norm >= 0, "--clip_grad_norm must be >= 0")

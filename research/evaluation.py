@@ -17,9 +17,10 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from research import UserError, config as config_lib, data, metrics, optim, plots
+from research import UserError, config as config_lib, data, metrics, optim, per_example, plots
 
 SUM = tf.distribute.ReduceOp.SUM
+TTA = ("none", "flip", "five_crop")  # Test-time augmentations (predictor).
 MISTAKES_SHOWN = 25  # The most confident mistakes shown of each evaluation.
 
 
@@ -59,12 +60,13 @@ class Evaluator:
     the run's own --eval_split); `evaluate()` -> [Result]. Built once per run or tool: the distributed datasets and
     traced passes are reused at every evaluation."""
 
-    def __init__(self, strategy, model, dataset, config, main_tag="eval", tta="none"):
+    def __init__(self, strategy, model, dataset, config, main_tag="eval", tta="none", crop=None):
         self.dataset, self.config = dataset, config
+        self.predict = predictor(model, tta, crop)  # (For pictures: the passes below build their own.)
         self.sets = [(config.eval_split, main_tag, dataset)] + [
             (split, tag_of(split), dataclasses.replace(dataset, eval=source, extra_eval=()))
             for split, source in dataset.extra_eval]
-        self.passes = [(make_pass(strategy, model, dataset.num_classes, len(ds.eval), tta),
+        self.passes = [(make_pass(strategy, model, dataset.num_classes, len(ds.eval), tta, crop),
                         strategy.distribute_datasets_from_function(data.eval_input_fn(ds, config)))
                        for _, _, ds in self.sets]
 
@@ -103,17 +105,36 @@ class Evaluator:
                                                             f"{len(wrong)} mistakes")
 
 
-def make_pass(strategy, model, num_classes, num_examples, tta="none"):
-    """`run_pass(distributed eval dataset)` -> the sums of one pass over every example (see the module docstring).
-    With `tta='flip'` the model's class probabilities are the mean of the image's and its mirror image's."""
+def predictor(model, tta="none", crop=None):
+    """`predict(images)` -> the model's logits, or with test-time augmentation the log of the mean of the class
+    probabilities of several views of each image (whose softmax is that mean): 'flip' the image and its mirror
+    image; 'five_crop' the four corner and the centre `crop` (height, width) boxes of images larger than that
+    (torchvision's FiveCrop: research/evaluate.py feeds it images resized to crop / --eval_crop_fraction)."""
+
+    def logits_of(images):
+        return tf.cast(model(images, training=False), tf.float32)
+
+    def views(images):
+        if tta == "flip":
+            return [images, tf.image.flip_left_right(images)]
+        (height, width), (h, w) = images.shape[1:3], crop
+        corners = [(0, 0), (0, width - w), (height - h, 0), (height - h, width - w),
+                   ((height - h) // 2, (width - w) // 2)]
+        return [images[:, top:top + h, left:left + w] for top, left in corners]
 
     def predict(images):
-        """Logits, or with test-time augmentation the log of the averaged probabilities (the same softmax)."""
-        logits = tf.cast(model(images, training=False), tf.float32)
         if tta == "none":
-            return logits
-        mirrored = tf.cast(model(tf.image.flip_left_right(images), training=False), tf.float32)
-        return tf.math.log((tf.nn.softmax(logits) + tf.nn.softmax(mirrored)) / 2)
+            return logits_of(images)
+        probabilities = [tf.nn.softmax(logits_of(view)) for view in views(images)]
+        return tf.math.log(tf.add_n(probabilities) / len(probabilities))
+
+    return predict
+
+
+def make_pass(strategy, model, num_classes, num_examples, tta="none", crop=None):
+    """`run_pass(distributed eval dataset)` -> the sums of one pass over every example (see the module docstring),
+    of the model's predictions with test-time augmentation `tta` (predictor)."""
+    predict = predictor(model, tta, crop)
 
     def replica_eval(images, labels, indices):
         logits = predict(images)
@@ -151,3 +172,23 @@ def summary_line(result):
     top5 = f" top-5 {scalars['top5_accuracy']:.4f}" if "top5_accuracy" in scalars else ""
     return (f"{result.split}: loss {scalars['loss']:.4f} accuracy {metrics.interval_text(scalars)}{top5} "
             f"ECE {scalars['ece']:.4f} ({scalars['examples']} examples)")
+
+
+def results_fields(results):
+    """results.json's fields of a run's final evaluation (Evaluator.evaluate's Results, --eval_split first): its
+    numbers and per-class table, its confusion matrix, each extra set's; None for a run that never evaluated
+    (--eval_every=never), until `research.evaluate --follow` evaluates its last checkpoint and fills them in."""
+    if not results:
+        return {"eval": None, "confusion_matrix": None, "extra_eval": None}
+    main, *extra = results
+    return {"eval": {**main.scalars, **main.details}, "confusion_matrix": main.confusion.astype(int).tolist(),
+            "extra_eval": {r.split: {**r.scalars, **r.details, "confusion_matrix": r.confusion.astype(int).tolist()}
+                           for r in extra}}
+
+
+def write_final_records(model_dir, results, step, dataset_name):
+    """What the final evaluation writes beside results.json (training's own, or a --follow sidecar's of the last
+    checkpoint): each set's per-example record and the learning curves."""
+    for result in results:
+        per_example.write(model_dir, result, step, dataset_name)
+    plots.write_curves(model_dir)

@@ -1,4 +1,6 @@
-"""One writer per run directory: the LOCK file (research/run_dir.py names it), on any filesystem TensorFlow writes."""
+"""One writer per run directory: the LOCK file (research/run_dir.py names it), on any filesystem TensorFlow writes;
+`LOCK.follow` likewise keeps one `research.evaluate --follow` sidecar per run, and `training_alive` tells the sidecar
+whether a live process holds the training's LOCK, without taking it."""
 
 import contextlib
 import json
@@ -24,8 +26,8 @@ class Lock:
 
     HEARTBEAT_S = 30.0
 
-    def __init__(self, model_dir, stale_after_s=300.0):
-        self.path = fs.join(model_dir, LOCK_FILE)
+    def __init__(self, model_dir, stale_after_s=300.0, name=LOCK_FILE):
+        self.path = fs.join(model_dir, name)
         self.stale_after_s = stale_after_s
         self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
         self._stopped = threading.Event()
@@ -84,15 +86,32 @@ class Lock:
     def _ours(self, holder):
         return (holder["host"], holder["pid"]) == (self.owner["host"], self.owner["pid"])
 
-    def _stale(self, holder):
+    def _stale(self, holder, say=True):
         if holder["host"] == self.owner["host"]:
             return not _alive(holder["pid"])
         silent = time.time() - holder["heartbeat"]
         if silent < self.stale_after_s:
             return False
-        logging.warning("taking over %s from process %s on %s, whose heartbeat stopped %.0f s ago",
-                        self.path, holder["pid"], holder["host"], silent)
+        if say:
+            logging.warning("taking over %s from process %s on %s, whose heartbeat stopped %.0f s ago",
+                            self.path, holder["pid"], holder["host"], silent)
         return True
+
+    def held(self):
+        """Whether a live process other than this one holds the lock now (by the rules it would be taken over
+        by), read without taking it or writing anything."""
+        if not fs.gfile().exists(self.path):
+            return False
+        try:
+            holder = self._read()
+        except (UserError, fs.tensorflow().errors.OpError):  # Removed meanwhile, or no run of this code wrote it.
+            return False
+        return not self._ours(holder) and not self._stale(holder, say=False)
+
+
+def training_alive(model_dir):
+    """Whether a live process holds `model_dir`'s LOCK: its training (or another writer of the run) is running."""
+    return Lock(model_dir).held()
 
 
 def _alive(pid):

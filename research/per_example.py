@@ -1,5 +1,6 @@
 """Per-example records of an evaluation: `RUN/<tag>.examples.npz` (tag: eval for --eval_split, eval_<split> for an
---extra_eval split) holds each example's label, prediction and confidence by index, with the step, split and dataset.
+--extra_eval split) holds each example's label, prediction and confidence by index, with the step, split, dataset and
+the checkpoint evaluated (within the run: ckpt-300, best/ckpt-200, average/ckpt-300; records older than it have none).
 Written at the end of training and by research.evaluate; research.compare pairs two runs' records for McNemar's exact
 test, which is only meaningful when both saw the same examples (same dataset, split and labels in the same order).
 """
@@ -14,13 +15,14 @@ from research import UserError, fs, metrics, run_dir
 FIELDS = ("label", "prediction", "confidence", "step", "split", "dataset")
 
 
-def write(model_dir, result, step, dataset_name):
-    """Writes an evaluation.Result's per-example record; returns its path."""
+def write(model_dir, result, step, dataset_name, checkpoint=None):
+    """Writes an evaluation.Result's per-example record of the run's `checkpoint` (default ckpt-`step`, what
+    training evaluates); returns its path."""
     labels, predicted, confidence = np.asarray(result.per_example).T
     buffer = io.BytesIO()
     np.savez_compressed(buffer, label=labels.astype(np.int32), prediction=predicted.astype(np.int32),
                         confidence=confidence.astype(np.float32), step=step, split=result.split,
-                        dataset=dataset_name)
+                        dataset=dataset_name, checkpoint=checkpoint or f"ckpt-{step}")
     return fs.write(run_dir.per_example_path(model_dir, result.tag), buffer.getvalue())
 
 
@@ -29,6 +31,7 @@ def read(path):
     try:
         with np.load(io.BytesIO(fs.read_bytes(path))) as arrays:
             record = {key: arrays[key] for key in FIELDS}
+            record["checkpoint"] = arrays["checkpoint"].item() if "checkpoint" in arrays.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         raise UserError(f"{path} is not a per-example evaluation record (damaged, or of another version): evaluate "
                         "the run again to rewrite it") from None
@@ -52,6 +55,9 @@ def paired_test(names, model_dirs):
     right_a, right_b = a["prediction"] == a["label"], b["prediction"] == b["label"]
     only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
     p = metrics.mcnemar_exact(only_a, only_b)
+    evaluated = [record["checkpoint"] for record in records]  # Named where one is not its step's own checkpoint.
+    shown = "" if all(c in (None, f"ckpt-{r['step']}") for c, r in zip(evaluated, records)) else \
+        f"; checkpoints {evaluated[0]} and {evaluated[1]}"
     return (f"McNemar's exact test on the same {len(a['label'])} {a['split']} examples (steps {a['step']} and "
-            f"{b['step']}): right only in {names[0]} {only_a}, only in {names[1]} {only_b}, p = {p:.4g} "
+            f"{b['step']}{shown}): right only in {names[0]} {only_a}, only in {names[1]} {only_b}, p = {p:.4g} "
             f"({'a' if p < 0.05 else 'no'} significant difference at 5%)")

@@ -24,6 +24,47 @@ HPARAMS_METRICS = [hp.Metric(tag, group=group, display_name=f"{group} {tag}")
                    for group in ("eval", "train") for tag in ("accuracy", "loss")]
 
 
+def eval_tags(config):
+    """The TensorBoard runs of a run's evaluations: eval (--eval_split), eval_<split> for each --extra_eval split."""
+    return ["eval", *(evaluation.tag_of(split) for split in config.extra_eval)]
+
+
+def print_eval(step, results):
+    for result in results:
+        print(f"eval step {step}: {evaluation.summary_line(result)}", flush=True)
+
+
+def write_eval_summaries(writers, step, results, evaluator):
+    """One evaluation in TensorBoard, as training's in-loop evaluation and a --follow sidecar both write it: each
+    set's EVAL_SCALARS in its own run (`writers`: {tag: summary writer}), and in the eval run the --eval_split
+    set's confusion matrix, reliability diagram and most confident mistakes (`evaluator`: the Evaluator)."""
+    for result in results:
+        with writers[result.tag].as_default(step=step):
+            for name, value in result.scalars.items():
+                if name in EVAL_SCALARS:
+                    tf.summary.scalar(name, value)
+    main = results[0]
+    figures = {"confusion_matrix": plots.confusion(main.confusion, evaluator.dataset.class_names),
+               "reliability": plots.reliability(main.bins, main.split),
+               "misclassified": evaluator.mistakes_figure(main)}
+    with writers["eval"].as_default(step=step):
+        for tag, figure in figures.items():
+            _image_summary(tag, figure)
+
+
+def _image_summary(tag, figure):
+    """A matplotlib figure as an image summary (within a writer's as_default)."""
+    tf.summary.image(tag, tf.image.decode_png(plots.to_png(figure), channels=3)[None])
+
+
+def eval_record(step, results, fields):
+    """One evaluation's metrics.jsonl line: --eval_split's numbers at the top, then `fields` (training means, time),
+    each --extra_eval split's under `extra_eval`."""
+    main = results[0]
+    extra = {result.split: {k: v for k, v in result.scalars.items() if k != "split"} for result in results[1:]}
+    return {"step": step, **main.scalars, **fields, **({"extra_eval": extra} if extra else {})}
+
+
 def _fmt_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
@@ -50,9 +91,9 @@ class Reporter:
         self.histograms_at = start_step
         # Which start of the run this is (0: the first), so that research.compare can add up each one's wall time.
         self.segment = max(len(run_dir.read_provenance(model_dir)) - 1, 0) if is_chief else 0
-        if is_chief:
+        if is_chief:  # (No eval runs where this process never evaluates: --eval_every=never.)
             self.writers = {name: tf.summary.create_file_writer(fs.join(model_dir, name)) for name in
-                            ("train", "eval", *(evaluation.tag_of(split) for split in config.extra_eval))}
+                            ("train", *(eval_tags(config) if evaluator else ()))}
             self._write_hparams()
 
     def _new_progbar(self):
@@ -91,21 +132,19 @@ class Reporter:
     def eval(self, step, results, fields):
         """After each evaluation, with its evaluation.Result of each eval set (--eval_split first) and the `fields`
         its metrics.jsonl line adds (time, training means): console lines, TensorBoard, one metrics.jsonl line
-        holding --eval_split's numbers at the top and each --extra_eval split's under `extra_eval`."""
-        for result in results:
-            self.scalars(result.tag, step, {k: v for k, v in result.scalars.items() if k in EVAL_SCALARS})
+        (eval_record)."""
         if self.tty and step % self.steps_per_epoch:
             print()  # Leave the unfinished progress bar's line.
-        for result in results:
-            print(f"eval step {step}: {evaluation.summary_line(result)}", flush=True)
+        print_eval(step, results)
         if self.is_chief:
-            main = results[0]
-            extra = {result.split: {k: v for k, v in result.scalars.items() if k != "split"} for result in results[1:]}
-            run_dir.append_metrics(self.model_dir, {"step": step, **main.scalars, **fields, "segment": self.segment,
-                                                    **({"extra_eval": extra} if extra else {})})
-            self.image("eval", "confusion_matrix", step, plots.confusion(main.confusion, self.dataset.class_names))
-            self.image("eval", "reliability", step, plots.reliability(main.bins, main.split))
-            self.image("eval", "misclassified", step, self.evaluator.mistakes_figure(main))
+            write_eval_summaries(self.writers, step, results, self.evaluator)
+            run_dir.append_metrics(self.model_dir, eval_record(step, results, {**fields, "segment": self.segment}))
+
+    def flush(self):
+        """The summaries written so far, on disk now (they are otherwise flushed every two minutes)."""
+        if self.is_chief:
+            for writer in self.writers.values():
+                writer.flush()
 
     def close(self):
         """At the end of training: the event files are closed, not left to the garbage collector (a run directory
@@ -118,7 +157,7 @@ class Reporter:
         """A matplotlib figure as an image summary."""
         if self.is_chief:
             with self.writers[kind].as_default(step=step):
-                tf.summary.image(tag, tf.image.decode_png(plots.to_png(figure), channels=3)[None])
+                _image_summary(tag, figure)
 
     def _write_hparams(self):
         """The flags that change results as HParams (CHECKPOINT and TUNABLE: not where files are, nor the cadence or

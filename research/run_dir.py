@@ -12,7 +12,8 @@ Layout (research/trainer.py writes it, the tools read it):
   provenance.jsonl  one JSON line per start or resume: versions, git commit, host, devices, command (provenance.py)
   ckpt-N.*, checkpoint, best/ (best.json)    checkpoints (research/checkpoint.py)
   eval.examples.npz, eval_<split>.examples.npz  each example's label, prediction, confidence (per_example.py)
-  train/, eval/, eval_<split>/  TensorBoard events   LOCK  the one writer   curves.png, report.json, ...  figures
+  train/, eval/, eval_<split>/  TensorBoard events   LOCK  the one writer (LOCK.follow: the one --follow sidecar)
+  curves.png, report.json, ...  figures
 """
 
 import contextlib
@@ -34,6 +35,7 @@ PROVENANCE_FILE = "provenance.jsonl"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 LOCK_FILE = "LOCK"
+FOLLOW_LOCK_FILE = "LOCK.follow"  # The one research.evaluate --follow sidecar of the run (research/follow.py).
 CURVES_FILE = "curves.png"
 REPORT_FILE = "report.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -55,7 +57,8 @@ def check_run(model_dir):
     """Fails with one line unless `model_dir` holds a run."""
     fs.check_filesystem(model_dir)
     if not fs.gfile().isdir(model_dir):
-        raise UserError(f"--model_dir={model_dir} does not exist")
+        raise UserError(f"--model_dir={model_dir} " + ("is a file, not a run directory" if fs.gfile().exists(model_dir)
+                                                      else "does not exist"))
     if not is_run(model_dir):
         raise UserError(f"--model_dir={model_dir} is not a run directory: it has no {FLAGS_FILE}")
 

@@ -67,7 +67,7 @@ def checkpoint_paths(model_dir, checkpoint="latest"):
                                           fs.join(model_dir, run_dir.BEST_DIR))
         if not found:
             when = "it saves one every --checkpoint_every steps" if checkpoint == "latest" else \
-                "it is saved at the run's first evaluation"
+                "it is saved at the run's first evaluation, by research.evaluate --follow after --eval_every=never"
             raise UserError(f"{model_dir} has no {checkpoint} checkpoint yet ({when})")
         return found
     return checkpoint_lib.named_by(checkpoint, "--checkpoint", "'latest', 'best', a directory of checkpoints")

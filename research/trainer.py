@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import logging
 
 from research import (UserError, checkpoint, config as config_lib, data, distribute, evaluation, fs, lock, metrics,
-                      per_example, plots, provenance, reporting, run_dir, teacher as teacher_lib, train_lib, transfer)
+                      provenance, reporting, run_dir, teacher as teacher_lib, train_lib, transfer)
 
 
 class Preempted(Exception):
@@ -54,7 +54,8 @@ def train_and_evaluate(config):
               + "".join(f", {len(source)} in {split}" for split, source in dataset.extra_eval)
               + f", {dataset.reading}; model input {dataset.image_shape}")
         steps_per_epoch, total_steps = train_lib.run_length(config, dataset, strategy)
-        eval_every = config.eval_every or steps_per_epoch
+        eval_every = {config_lib.EPOCH: steps_per_epoch, config_lib.NEVER: None}.get(config.eval_every,
+                                                                                     config.eval_every)
         model, optimizer, step, ema = train_lib.build(config, dataset, strategy, total_steps)
         teacher = teacher_lib.load(config, dataset, strategy) if config.teacher else None  # Sets --teacher_sha256.
         ckpt = tf.train.Checkpoint(step=step, model_variables=checkpoint.model_state(model), optimizer=optimizer,
@@ -102,7 +103,7 @@ def train_and_evaluate(config):
         config_lib.warn_ignored(config)  # Here, once the run is sure to train: never in front of an error line.
 
         # -------------------------------------------------------------- Train: loops of steps, evals, saves
-        evaluator = evaluation.Evaluator(strategy, model, dataset, config)
+        evaluator = evaluation.Evaluator(strategy, model, dataset, config) if eval_every else None
         run = _Run(
             config, dataset, strategy, model, optimizer, step, ema, checkpoints, started, total_steps, steps_per_epoch,
             eval_every, train_loop=train_lib.make_train_loop(strategy, model, optimizer, step, config, ema, teacher),
@@ -131,9 +132,9 @@ class _Run:
     started: float  # time.time() at the start: wall times count data loading and tracing.
     total_steps: int
     steps_per_epoch: int
-    eval_every: int
+    eval_every: int  # Steps; None: --eval_every=never, no evaluation in this process.
     train_loop: object  # train_lib.make_train_loop's.
-    evaluator: object  # evaluation.Evaluator: every eval set.
+    evaluator: object  # evaluation.Evaluator: every eval set (None with --eval_every=never).
     agreement: object  # A --teacher's agreement with the model on the main eval set (research/distill.py), or {}.
     iterator: object  # Of the distributed training stream, from the step the run starts at.
     reporter: object
@@ -148,7 +149,8 @@ def _train(run):
     current = int(run.step.numpy())
     while current < run.total_steps:
         num_steps = min([config.steps_per_loop, run.total_steps - current] + [
-            every - current % every for every in (run.steps_per_epoch, run.eval_every, config.checkpoint_every)])
+            every - current % every for every in (run.steps_per_epoch, run.eval_every, config.checkpoint_every)
+            if every])
         loop_start = time.time()
         totals, steps_run, finite = _loop_of_steps(run, current, num_steps, loops_run)
         loops_run += 1
@@ -162,11 +164,13 @@ def _train(run):
                          "images_per_sec": examples / (time.time() - loop_start)}
         train_metrics = {k: float(v) for k, v in train_metrics.items()}
         run.reporter.train(current, train_metrics)
-        if current % run.eval_every == 0 or current == run.total_steps:
+        if run.eval_every and (current % run.eval_every == 0 or current == run.total_steps):
             last_eval = _evaluate(run, current, train_metrics)
             run.checkpoints.save_best(current, last_eval[0].scalars)
         saved = current % config.checkpoint_every == 0 or current == run.total_steps
         if saved:
+            if not run.eval_every:  # The train scalars of this step on disk before its checkpoint appears: a
+                run.reporter.flush()  # --follow sidecar records them beside its evaluation of the checkpoint.
             run.checkpoints.save(current)
         # A signal may reach only some workers, or reach them in different loops: all stop when any got one,
         # so that they save the same step (a collective on every process; cheap on one).
@@ -227,23 +231,27 @@ def _evaluate(run, current, train_metrics):
 
 def _finish(run, current, train_metrics, last_eval, chief):
     """The results (written to results.json by the chief, with each eval set's per-example records and the
-    curves), evaluating the last step if no loop did."""
+    curves), evaluating the last step if no loop did; with --eval_every=never none at all: results.json's eval
+    fields stay null for a `research.evaluate --follow` sidecar to fill in from the last checkpoint."""
     config = run.config
-    main, *extra = last_eval or _evaluate(run, current, train_metrics)
-    results = {"step": current, "eval": {**main.scalars, **main.details}, "train": train_metrics,
+    if run.eval_every and not last_eval:
+        last_eval = _evaluate(run, current, train_metrics)
+    results = {"step": current, **evaluation.results_fields(last_eval), "train": train_metrics,
                "wall_time_s": round(time.time() - run.started, 1), "params": int(run.model.count_params()),
-               "dataset": config.dataset, "model": config.model,
-               "confusion_matrix": main.confusion.astype(int).tolist(),
-               "extra_eval": {r.split: {**r.scalars, **r.details,
-                                        "confusion_matrix": r.confusion.astype(int).tolist()} for r in extra}}
+               "dataset": config.dataset, "model": config.model}
     if chief:
         run_dir.write_results(config.model_dir, results)
-        for result in (main, *extra):
-            per_example.write(config.model_dir, result, current, run.dataset.name)
-        plots.write_curves(config.model_dir)
+        if last_eval:
+            evaluation.write_final_records(config.model_dir, last_eval, current, run.dataset.name)
     run.reporter.close()
-    print(f"Done: step {current}, eval accuracy {metrics.interval_text(main.scalars)}, loss {main.scalars['loss']:.4f} "
-          f"({results['wall_time_s']} s)")
+    if last_eval:
+        main = last_eval[0].scalars
+        print(f"Done: step {current}, eval accuracy {metrics.interval_text(main)}, loss {main['loss']:.4f} "
+              f"({results['wall_time_s']} s)")
+    else:
+        print(f"Done: step {current}, not evaluated (--eval_every=never): `python -m research.evaluate "
+              f"--model_dir={config.model_dir} --follow` evaluates its checkpoints and completes results.json "
+              f"({results['wall_time_s']} s)")
     return results
 
 
