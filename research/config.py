@@ -185,6 +185,11 @@ declare(CHECKPOINT, flags.DEFINE_enum(
     "Compute dtype policy; mixed_float16 adds dynamic loss scaling. For GPUs: slower on CPU."))
 declare(RUNTIME, flags.DEFINE_integer(
     "histogram_every", 0, "Write weight histograms to TensorBoard every this many steps (0 = off)."))
+declare(RUNTIME, flags.DEFINE_boolean(
+    "eval_figures", True,
+    "Draw each evaluation's figures into TensorBoard (confusion matrix, reliability diagram, most confident "
+    "mistakes) and curves.png at the end: a second or more of matplotlib on the training process each time, "
+    "which --noeval_figures saves where evaluations are frequent (research.evaluate draws them on demand)."))
 declare(RUNTIME, flags.DEFINE_list(
     "profile_steps", [],
     "Capture a TensorBoard profile of the loop of steps containing these steps; 'first' and 'last' "

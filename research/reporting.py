@@ -2,8 +2,9 @@
 line per evaluation), and TensorBoard: scalars under `model_dir/train`, `model_dir/eval` (--eval_split) and one
 `model_dir/eval_<split>` per --extra_eval split; a grid of training inputs as the model sees them (after
 augmentation); at each evaluation of --eval_split the confusion matrix, the reliability diagram and the most
-confident mistakes; weight histograms every --histogram_every steps; and the run's flags as HParams, in `model_dir`
-itself, so that TensorBoard pointed at a sweep's parent directory lines its runs up in the HParams dashboard.
+confident mistakes (unless --noeval_figures); weight histograms every --histogram_every steps; and the run's flags as
+HParams, in `model_dir` itself, so that TensorBoard pointed at a sweep's parent directory lines its runs up in the
+HParams dashboard.
 
 Only the chief writes files; every worker still computes the numbers (reading them is a collective).
 """
@@ -103,6 +104,8 @@ class Reporter:
             extra = {result.split: {k: v for k, v in result.scalars.items() if k != "split"} for result in results[1:]}
             run_dir.append_metrics(self.model_dir, {"step": step, **main.scalars, **fields, "segment": self.segment,
                                                     **({"extra_eval": extra} if extra else {})})
+            if not self.config.eval_figures:
+                return
             self.image("eval", "confusion_matrix", step, plots.confusion(main.confusion, self.dataset.class_names))
             self.image("eval", "reliability", step, plots.reliability(main.bins, main.split))
             self.image("eval", "misclassified", step, self.evaluator.mistakes_figure(main))

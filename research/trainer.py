@@ -226,8 +226,8 @@ def _evaluate(run, current, train_metrics):
 
 
 def _finish(run, current, train_metrics, last_eval, chief):
-    """The results (written to results.json by the chief, with each eval set's per-example records and the
-    curves), evaluating the last step if no loop did."""
+    """The results (written to results.json by the chief, with each eval set's per-example records and, with
+    --eval_figures, the curves), evaluating the last step if no loop did."""
     config = run.config
     main, *extra = last_eval or _evaluate(run, current, train_metrics)
     results = {"step": current, "eval": {**main.scalars, **main.details}, "train": train_metrics,
@@ -240,7 +240,8 @@ def _finish(run, current, train_metrics, last_eval, chief):
         run_dir.write_results(config.model_dir, results)
         for result in (main, *extra):
             per_example.write(config.model_dir, result, current, run.dataset.name)
-        plots.write_curves(config.model_dir)
+        if config.eval_figures:
+            plots.write_curves(config.model_dir)
     run.reporter.close()
     print(f"Done: step {current}, eval accuracy {metrics.interval_text(main.scalars)}, loss {main.scalars['loss']:.4f} "
           f"({results['wall_time_s']} s)")

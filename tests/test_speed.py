@@ -62,6 +62,7 @@ def test_benchmark_runs_end_to_end(mock_tfds, parse_flags, capsys):
     assert "ours / fit default" in table and "ours / fit best" in table and "GFLOP/s" in table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--batch_size=1000"], "--batch_size=1000 exceeds the 64 examples"),
     (["--benchmark_rounds=0"], "--benchmark_rounds must be positive, got 0"),

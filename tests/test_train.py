@@ -64,7 +64,8 @@ def test_convnet_layer_string():
     assert net.classifier.kernel.shape == (7 * 7 * 16, 10)
 
 
-@pytest.mark.parametrize("dataset, model", [("mnist", "mlp"), ("fashion_mnist", "cnn"), ("cifar10", "cnn_rgb")])
+@pytest.mark.parametrize("dataset, model", [("mnist", "mlp"), pytest.param("fashion_mnist", "cnn", marks=pytest.mark.slow),
+                                            pytest.param("cifar10", "cnn_rgb", marks=pytest.mark.slow)])
 def test_trains_and_writes_the_run_directory(mock_tfds, tmp_path, dataset, model):
     results = trainer.train_and_evaluate(make_config(tmp_path, dataset=dataset, model=model))
     assert results["step"] == 12
@@ -76,10 +77,12 @@ def test_trains_and_writes_the_run_directory(mock_tfds, tmp_path, dataset, model
     assert evals[-1]["accuracy"] == results["eval"]["accuracy"]
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.index")) == ["ckpt-12.index", "ckpt-4.index", "ckpt-8.index"]
     assert os.listdir(tmp_path / "train") and os.listdir(tmp_path / "eval")
+    assert not (tmp_path / "curves.png").exists()  # make_config's --noeval_figures: no figure drawn.
     flags_txt = (tmp_path / "flags.txt").read_text()
     assert f"--dataset={dataset}\n" in flags_txt and f"--model={model}\n" in flags_txt
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_a_finished_run_exits(mock_tfds, tmp_path, capsys):
     trainer.train_and_evaluate(make_config(tmp_path, train_steps=8))
     longer = trainer.train_and_evaluate(make_config(tmp_path, train_steps=16))
