@@ -198,8 +198,9 @@ declare(TUNABLE, flags.DEFINE_string(  # A path, but one that changes the run's 
     "init_checkpoint", None,
     "Start a new run from the model weights of this checkpoint or run directory (its latest "
     "checkpoint): the raw trained weights, or their moving average with --init_from_average "
-    "(optimizer and step start fresh). A head of another shape is made fresh (--init_skip) and an input "
-    "layer of other channels adapted (research/transfer.py). Ignored when --model_dir already has a "
+    "(optimizer and step start fresh). A head of another shape is made fresh (--init_skip), an input "
+    "layer of other channels adapted and a ViT's position embeddings of another image size resampled "
+    "(research/transfer.py). Ignored when --model_dir already has a "
     "checkpoint to resume."))
 declare(TUNABLE, flags.DEFINE_boolean(
     "init_from_average", False,
