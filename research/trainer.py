@@ -227,7 +227,7 @@ def _evaluate(run, current, train_metrics):
 
 def _finish(run, current, train_metrics, last_eval, chief):
     """The results (written to results.json by the chief, with each eval set's per-example records and, with
-    --eval_figures, the curves), evaluating the last step if no loop did."""
+    --eval_figures, the curves; without, an earlier segment's curves are removed), evaluating the last step if no loop did."""
     config = run.config
     main, *extra = last_eval or _evaluate(run, current, train_metrics)
     results = {"step": current, "eval": {**main.scalars, **main.details}, "train": train_metrics,
@@ -242,6 +242,8 @@ def _finish(run, current, train_metrics, last_eval, chief):
             per_example.write(config.model_dir, result, current, run.dataset.name)
         if config.eval_figures:
             plots.write_curves(config.model_dir)
+        else:
+            fs.remove(fs.join(config.model_dir, run_dir.CURVES_FILE))  # An earlier segment's would be stale.
     run.reporter.close()
     print(f"Done: step {current}, eval accuracy {metrics.interval_text(main.scalars)}, loss {main.scalars['loss']:.4f} "
           f"({results['wall_time_s']} s)")

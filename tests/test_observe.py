@@ -301,3 +301,19 @@ def test_curves_need_an_evaluation(tmp_path, run):
     with pytest.raises(UserError, match="no evaluations"):
         plots.write_curves(str(tmp_path))
     assert Image.open(plots.write_curves(run.dir)).size[0] > 500
+
+
+def test_noeval_figures_draws_none_and_leaves_no_stale_curves(mock_tfds, tmp_path):
+    """Figures on for the first segment, off on the resume: no image summaries after it, and the first segment's
+    curves.png (up to step 8) is not left to pass for the run's."""
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=8, eval_figures=True))
+    assert (tmp_path / "curves.png").exists()
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=12))
+    assert not (tmp_path / "curves.png").exists()
+    images = {}
+    for path in (tmp_path / "eval").iterdir():
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images":
+                    images.setdefault(value.tag, []).append(event.step)
+    assert images and all(steps == [8] for steps in images.values()), images

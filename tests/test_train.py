@@ -77,7 +77,6 @@ def test_trains_and_writes_the_run_directory(mock_tfds, tmp_path, dataset, model
     assert evals[-1]["accuracy"] == results["eval"]["accuracy"]
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.index")) == ["ckpt-12.index", "ckpt-4.index", "ckpt-8.index"]
     assert os.listdir(tmp_path / "train") and os.listdir(tmp_path / "eval")
-    assert not (tmp_path / "curves.png").exists()  # make_config's --noeval_figures: no figure drawn.
     flags_txt = (tmp_path / "flags.txt").read_text()
     assert f"--dataset={dataset}\n" in flags_txt and f"--model={model}\n" in flags_txt
 
