@@ -355,7 +355,7 @@ def _percent(fraction):
     return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
 
 
-def _config_from_flags():
+def config_from_flags():
     """The training configuration; the benchmark writes no run directory and trains a fixed number of steps, so
     --model_dir and the run length (which sets the learning-rate schedule's length) may be left out."""
     if FLAGS.model_dir is None:
@@ -371,7 +371,7 @@ def main(argv):
 
 
 def _benchmark_from_flags(_):
-    config = _config_from_flags()
+    config = config_from_flags()
     if FLAGS.cpu_devices < 1:
         raise UserError(f"--cpu_devices must be positive, got {FLAGS.cpu_devices}")
     if FLAGS.input_only and FLAGS.synthetic_data:

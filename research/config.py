@@ -209,6 +209,11 @@ declare(CHECKPOINT, flags.DEFINE_enum(
     "Compute dtype policy; mixed_float16 adds dynamic loss scaling. For GPUs: slower on CPU."))
 declare(RUNTIME, flags.DEFINE_integer(
     "histogram_every", 0, "Write weight histograms to TensorBoard every this many steps (0 = off)."))
+declare(RUNTIME, flags.DEFINE_boolean(
+    "eval_figures", True,
+    "Draw each evaluation's figures into TensorBoard (confusion matrix, reliability diagram, most confident "
+    "mistakes) and curves.png at the end: a second or more of matplotlib on the training process each time, "
+    "which --noeval_figures saves where evaluations are frequent (research.evaluate draws them on demand)."))
 declare(RUNTIME, flags.DEFINE_list(
     "profile_steps", [],
     "Capture a TensorBoard profile of the loop of steps containing these steps; 'first' and 'last' "
@@ -217,8 +222,9 @@ declare(TUNABLE, flags.DEFINE_string(  # A path, but one that changes the run's 
     "init_checkpoint", None,
     "Start a new run from the model weights of this checkpoint or run directory (its latest "
     "checkpoint): the raw trained weights, or their moving average with --init_from_average "
-    "(optimizer and step start fresh). A head of another shape is made fresh (--init_skip) and an input "
-    "layer of other channels adapted (research/transfer.py). Ignored when --model_dir already has a "
+    "(optimizer and step start fresh). A head of another shape is made fresh (--init_skip), an input "
+    "layer of other channels adapted and a ViT's position embeddings of another image size resampled "
+    "(research/transfer.py). Ignored when --model_dir already has a "
     "checkpoint to resume."))
 declare(TUNABLE, flags.DEFINE_boolean(
     "init_from_average", False,

@@ -17,7 +17,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from research import UserError, config as config_lib, data, metrics, optim, per_example, plots
+from research import UserError, config as config_lib, data, fs, metrics, optim, per_example, plots, run_dir
 
 SUM = tf.distribute.ReduceOp.SUM
 TTA = ("none", "flip", "five_crop")  # Test-time augmentations (predictor).
@@ -186,9 +186,13 @@ def results_fields(results):
                            for r in extra}}
 
 
-def write_final_records(model_dir, results, step, dataset_name):
+def write_final_records(model_dir, results, step, dataset_name, figures=True):
     """What the final evaluation writes beside results.json (training's own, or a --follow sidecar's of the last
-    checkpoint): each set's per-example record and the learning curves."""
+    checkpoint): each set's per-example record and, with `figures` (the run's --eval_figures), the learning curves
+    (without, an earlier segment's curves.png is removed: it would be stale)."""
     for result in results:
         per_example.write(model_dir, result, step, dataset_name)
-    plots.write_curves(model_dir)
+    if figures:
+        plots.write_curves(model_dir)
+    else:
+        fs.remove(fs.join(model_dir, run_dir.CURVES_FILE))

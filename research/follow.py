@@ -4,12 +4,13 @@ training on the GPUs and the sidecar on the CPU (`CUDA_VISIBLE_DEVICES=`) or ano
 
 It evaluates each checkpoint the run saves, once, oldest first, and records it as the training's own evaluation would
 have at that step: the eval and eval_<split> TensorBoard runs (scalars; the confusion matrix, reliability diagram and
-most confident mistakes), one metrics.jsonl line (with the train means that the train TensorBoard run holds for that
-step, where they are already written), best/ (the checkpoint's files copied); at the run's last step, results.json's
-eval fields, each set's per-example record and curves.png. It may start before the training (it waits for the run
-directory and its first checkpoint) and stops when the run has finished: results.json written, its step evaluated,
-no newer checkpoint, no training running. When no training has been running there (no live LOCK) and nothing has
-been left to evaluate for --timeout_s seconds (it died, or never started), it stops with one error line.
+most confident mistakes, unless the run has --noeval_figures), one metrics.jsonl line (with the train means that
+the train TensorBoard run holds for that step, where they are already written), best/ (the checkpoint's files
+copied); at the run's last step, results.json's eval fields, each set's per-example record and curves.png (unless
+--noeval_figures). It may start before the training (it waits for the run directory and its first checkpoint) and
+stops when the run has finished: results.json written, its step evaluated, no newer checkpoint, no training
+running. When no training has been running there (no live LOCK) and nothing has been left to evaluate for
+--timeout_s seconds (it died, or never started), it stops with one error line.
 
 Safe beside the training:
 - It never takes the training's LOCK; it only reads whether a live process holds it. LOCK.follow keeps one sidecar per
@@ -206,7 +207,7 @@ class _Follower:
         reporting.print_eval(step, results)
         writers = {result.tag: tf.summary.create_file_writer(fs.join(self.model_dir, result.tag)) for result in results}
         try:  # A writer per evaluation: a resume that starts the run anew may remove the eval runs meanwhile.
-            reporting.write_eval_summaries(writers, step, results, self.evaluator)
+            reporting.write_eval_summaries(writers, step, results, self.evaluator, self.config.eval_figures)
         finally:
             for writer in writers.values():
                 writer.close()
@@ -221,7 +222,8 @@ class _Follower:
     def _complete(self, step, results):
         """The run's final records from the evaluation of its last checkpoint: each set's per-example record and
         curves.png, then results.json's eval fields (null until then: the training never evaluated)."""
-        evaluation.write_final_records(self.model_dir, results, step, self.evaluator.dataset.name)
+        evaluation.write_final_records(self.model_dir, results, step, self.evaluator.dataset.name,
+                                       self.config.eval_figures)
         finished = run_dir.read_results(self.model_dir)
         run_dir.write_results(self.model_dir, {**finished, **evaluation.results_fields(results)})
 

@@ -2,8 +2,9 @@
 line per evaluation), and TensorBoard: scalars under `model_dir/train`, `model_dir/eval` (--eval_split) and one
 `model_dir/eval_<split>` per --extra_eval split; a grid of training inputs as the model sees them (after
 augmentation); at each evaluation of --eval_split the confusion matrix, the reliability diagram and the most
-confident mistakes; weight histograms every --histogram_every steps; and the run's flags as HParams, in `model_dir`
-itself, so that TensorBoard pointed at a sweep's parent directory lines its runs up in the HParams dashboard.
+confident mistakes (unless --noeval_figures); weight histograms every --histogram_every steps; and the run's flags as
+HParams, in `model_dir` itself, so that TensorBoard pointed at a sweep's parent directory lines its runs up in the
+HParams dashboard.
 
 Only the chief writes files; every worker still computes the numbers (reading them is a collective).
 """
@@ -34,15 +35,18 @@ def print_eval(step, results):
         print(f"eval step {step}: {evaluation.summary_line(result)}", flush=True)
 
 
-def write_eval_summaries(writers, step, results, evaluator):
+def write_eval_summaries(writers, step, results, evaluator, figures=True):
     """One evaluation in TensorBoard, as training's in-loop evaluation and a --follow sidecar both write it: each
-    set's EVAL_SCALARS in its own run (`writers`: {tag: summary writer}), and in the eval run the --eval_split
-    set's confusion matrix, reliability diagram and most confident mistakes (`evaluator`: the Evaluator)."""
+    set's EVAL_SCALARS in its own run (`writers`: {tag: summary writer}), and with `figures` (the run's
+    --eval_figures) in the eval run the --eval_split set's confusion matrix, reliability diagram and most confident
+    mistakes (`evaluator`: the Evaluator)."""
     for result in results:
         with writers[result.tag].as_default(step=step):
             for name, value in result.scalars.items():
                 if name in EVAL_SCALARS:
                     tf.summary.scalar(name, value)
+    if not figures:
+        return
     main = results[0]
     figures = {"confusion_matrix": plots.confusion(main.confusion, evaluator.dataset.class_names),
                "reliability": plots.reliability(main.bins, main.split),
@@ -137,7 +141,7 @@ class Reporter:
             print()  # Leave the unfinished progress bar's line.
         print_eval(step, results)
         if self.is_chief:
-            write_eval_summaries(self.writers, step, results, self.evaluator)
+            write_eval_summaries(self.writers, step, results, self.evaluator, self.config.eval_figures)
             run_dir.append_metrics(self.model_dir, eval_record(step, results, {**fields, "segment": self.segment}))
 
     def flush(self):

@@ -230,9 +230,10 @@ def _evaluate(run, current, train_metrics):
 
 
 def _finish(run, current, train_metrics, last_eval, chief):
-    """The results (written to results.json by the chief, with each eval set's per-example records and the
-    curves), evaluating the last step if no loop did; with --eval_every=never none at all: results.json's eval
-    fields stay null for a `research.evaluate --follow` sidecar to fill in from the last checkpoint."""
+    """The results (written to results.json by the chief, with each eval set's per-example records and, with
+    --eval_figures, the curves: evaluation.write_final_records), evaluating the last step if no loop did; with
+    --eval_every=never none at all: results.json's eval fields stay null for a `research.evaluate --follow` sidecar
+    to fill in from the last checkpoint."""
     config = run.config
     if run.eval_every and not last_eval:
         last_eval = _evaluate(run, current, train_metrics)
@@ -242,7 +243,8 @@ def _finish(run, current, train_metrics, last_eval, chief):
     if chief:
         run_dir.write_results(config.model_dir, results)
         if last_eval:
-            evaluation.write_final_records(config.model_dir, last_eval, current, run.dataset.name)
+            evaluation.write_final_records(config.model_dir, last_eval, current, run.dataset.name,
+                                           config.eval_figures)
     run.reporter.close()
     if last_eval:
         main = last_eval[0].scalars

@@ -3,9 +3,11 @@ input channels (`--init_skip`), training the head alone (`--trainable=head`, a l
 per layer (`--layer_decay`).
 
 Checkpoints hold `model.variables` by position (research/checkpoint.py). Two networks of one family built for other
-data differ in at most two of them: the head (the model's `classifier` layer, research/models/__init__.py), whose
-shape follows the number of classes, and the input layer's kernel (the first variable named `kernel`), whose input
-axis follows the number of image channels. Everything else must fit exactly, as for any --init_checkpoint.
+data differ in at most three of them: the head (the model's `classifier` layer, research/models/__init__.py), whose
+shape follows the number of classes; the input layer's kernel (the first variable named `kernel`), whose input
+axis follows the number of image channels; and a ViT's position embeddings (`position_embedding`), whose length
+follows the image size: resampled to the model's grid of patches by the model's own `position_embedding_from`
+(research/models/vit.py, bilinear as big_vision). Everything else must fit exactly, as for any --init_checkpoint.
 """
 
 import math
@@ -90,19 +92,23 @@ def _restore(model, path, average, skip_head, channels):
     head = [i for i in mine if any(variables[i] is w for w in model.classifier.variables)]
     fresh = head if skip_head or any(held[i] != list(variables[i].shape) for i in head) else []
     first_kernel = next((i for i in mine if variables[i].name == "kernel"), None)
-    adapted, misfits = {}, []
+    embeddings = next((i for i in mine if variables[i] is getattr(model, "position_embedding", None)), None)
+    adapted, resampled, misfits = {}, [], []
     for i in mine:
         v = variables[i]
         if i not in fresh and held[i] != list(v.shape):
             source_channels = _input_channels(held[i], list(v.shape), channels) if i == first_kernel else None
-            if source_channels is None:
-                misfits.append(f"#{i} {v.path} {list(v.shape)} vs {held[i]}")
-            else:
+            if source_channels is not None:
                 adapted[i] = source_channels
+            elif i == embeddings and held[i] is not None and len(held[i]) == 3 and held[i][-1] == v.shape[-1]:
+                resampled.append(i)  # Another image size: another number of patches of the same width.
+            else:
+                misfits.append(f"#{i} {v.path} {list(v.shape)} vs {held[i]}")
     if misfits or len(positions) != len(mine):
         raise UserError(f"checkpoint {path} does not fit --model={model.name}: it holds {len(positions)} model "
                         f"weights, the model has {len(mine)}" + (f"; first misfit {misfits[0]}" if misfits else "")
-                        + " (only the head and the input layer's channels may differ)")
+                        + " (only the head and the input layer's channels may differ, and the number of position "
+                        "embeddings)")
     averages = _average_sources(model, shapes, path) if average else {}
     try:
         reader = tf.compat.v1.train.NewCheckpointReader(path)
@@ -110,6 +116,9 @@ def _restore(model, path, average, skip_head, channels):
                   if i not in fresh}
     except Exception as e:  # noqa: BLE001 - the data files can be damaged while the index is whole.
         raise checkpoint.Unreadable(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    how = {}
+    for i in resampled:
+        values[i], how[i] = model.position_embedding_from(values[i], f"checkpoint {path}")
     for i, value in values.items():
         variables[i].assign(adapt_input_kernel(value, adapted[i], channels) if i in adapted else value)
     notes = [f"not loaded, made fresh: the head ({'--init_skip=head' if skip_head else 'another shape'}): "
@@ -118,6 +127,7 @@ def _restore(model, path, average, skip_head, channels):
                          for i in fresh)] if fresh else []
     notes += [f"adapted over input channels: {variables[i].path} {held[i]} -> {list(variables[i].shape)}, "
               + _how(source, channels) for i, source in adapted.items()]
+    notes += [f"{how[i]}: {variables[i].path} {held[i]} -> {list(variables[i].shape)}" for i in resampled]
     return notes
 
 

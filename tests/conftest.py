@@ -45,10 +45,21 @@ def mock_tfds(monkeypatch):
         yield
 
 
+def train_mocked(config):
+    """`research.trainer.train_and_evaluate(config)` under the mock of `mock_tfds`, for a module-scoped fixture: one
+    run trained once that several tests only read (a function-scoped fixture cannot serve a module-scoped one)."""
+    from research import trainer
+    with pytest.MonkeyPatch.context() as patch, mocked():
+        patch.setattr(tfds_source, "ensure_downloadable", lambda builder, manual_dir: None)
+        return trainer.train_and_evaluate(config)
+
+
 def make_config(model_dir, **overrides):
-    """A small, fast configuration: a few steps of tiny batches."""
+    """A small, fast configuration: a few steps of tiny batches, no figures (eval_figures=True where a test reads
+    them: drawing them is a third of a tiny run's time)."""
     defaults = dict(model_dir=str(model_dir), dataset="mnist", model="mlp", hidden_units="16", batch_size=8,
-                    train_steps=12, steps_per_loop=4, eval_every=8, checkpoint_every=4, optimizer="adam")
+                    train_steps=12, steps_per_loop=4, eval_every=8, checkpoint_every=4, optimizer="adam",
+                    eval_figures=False)
     return config_lib.make_config(**{**defaults, **overrides})
 
 

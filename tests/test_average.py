@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_config
-from research import average, evaluate, fs, run_dir, trainer
+from conftest import make_config, train_mocked
+from research import average, evaluate, fs, run_dir
 
 
-@pytest.fixture
-def run(mock_tfds, tmp_path):
-    """A convnet with batch norm: checkpoints at steps 4, 8 and 12, evaluations at 8 and 12."""
-    trainer.train_and_evaluate(make_config(tmp_path / "run", model="convnet", conv_layers="4c3s2v,8c3v"))
-    return str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A convnet with batch norm: checkpoints at steps 4, 8 and 12, evaluations at 8 and 12 (the tests add only
+    averages, in its average/ directory)."""
+    model_dir = tmp_path_factory.mktemp("average") / "run"
+    train_mocked(make_config(model_dir, model="convnet", conv_layers="4c3s2v,8c3v"))
+    return str(model_dir)
 
 
 def _model_variables(path):
@@ -22,7 +24,7 @@ def _model_variables(path):
             if key.startswith("model_variables/") and key.endswith("VARIABLE_VALUE")}
 
 
-def test_average_of_the_last_checkpoints_and_of_the_best(run, capsys):
+def test_average_of_the_last_checkpoints_and_of_the_best(run, mock_tfds, capsys):
     assert average.main(["--model_dir", run, "--last", "2"]) == 0
     assert "the average of 2 checkpoints (ckpt-12, ckpt-8)" in capsys.readouterr().out
     averaged = _model_variables(fs.join(run, "average", "ckpt-12"))

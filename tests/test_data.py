@@ -79,6 +79,7 @@ def test_folder_trains_with_sorted_class_names_and_keeps_its_file_list(digits, t
         results["eval"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_a_resume_reads_the_files_it_trained_on_even_if_the_folder_changed(digits, tmp_path, capsys):
     root = tmp_path / "copy"
     write_digit_folder(root, counts=(("train", "train", 40), ("test", "t10k", 20)))
@@ -229,6 +230,7 @@ def test_a_corrupt_image_met_in_training_names_the_file_and_keeps_the_checkpoint
         trainer.train_and_evaluate(folder_config(tmp_path / "second", root, train_steps=4))
 
 
+@pytest.mark.slow
 def test_input_only_benchmark_measures_pipeline_and_bare_loop(digits, tmp_path):
     from research import benchmark
     from research.data import input_benchmark

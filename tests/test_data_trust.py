@@ -67,6 +67,7 @@ def test_an_eval_split_that_overlaps_training_is_said(three_classes, tmp_path, c
                for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_evaluate_split_slices_the_same_way_and_never_writes_the_file_lists(three_classes, tmp_path):
     trainer.train_and_evaluate(folder_config(tmp_path, three_classes, train_split="train[:90%]",
                                            eval_split="train[90%:]"))
@@ -128,6 +129,7 @@ def test_every_format_tensorflow_decodes_is_read_and_the_rest_is_counted_in_one_
 
 
 # ---------------------------------------------------------------------------------------------- Resume
+@pytest.mark.slow
 def test_a_resume_on_other_classes_is_refused_and_only_a_starting_run_writes_the_file_lists(tmp_path):
     root = write_folder(tmp_path / "d", {"cat": 8, "dog": 8, "emu": 8})
     run = tmp_path / "run"
@@ -156,6 +158,7 @@ def test_a_resume_on_other_classes_is_refused_and_only_a_starting_run_writes_the
     assert results["step"] == 8 and (run / "data_files.json").read_bytes() == recorded
 
 
+@pytest.mark.slow
 def test_a_folder_moved_or_thinned_after_training_or_damaged_lists_are_one_line_for_evaluate_and_resume(tmp_path):
     root = write_folder(tmp_path / "d", {"cat": 8, "dog": 8})
     run = tmp_path / "run"
@@ -180,6 +183,7 @@ def test_a_folder_moved_or_thinned_after_training_or_damaged_lists_are_one_line_
 
 
 # ---------------------------------------------------------------------------------------------- Pixel budget
+@pytest.mark.slow
 def test_images_over_the_pixel_budget_are_refused_naming_the_file(tmp_path, monkeypatch, capsys):
     root = write_folder(tmp_path / "d", {"cat": 4, "dog": 4})
     big, big_eval = (os.path.join(root, split, "dog", "big.png") for split in ("train", "test"))

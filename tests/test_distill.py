@@ -74,6 +74,7 @@ def test_distillation_loss_ignores_classes_the_teacher_rules_out_and_is_zero_on_
     assert float(distill.loss(same, same, 4.0)[0]) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_students_gradients_do_not_reach_the_teacher(teacher_run, tmp_path):
     config = make_config(tmp_path / "student", teacher=teacher_run, **STUDENT)
     dataset = data.load(config)
@@ -111,11 +112,13 @@ def test_teacher_stays_bit_identical_student_alone_is_checkpointed_agreement_is_
     assert [e.step for e in events.Tensors("teacher_agreement")] == [8]
 
 
+@pytest.mark.slow
 def test_sigkill_resume_with_a_teacher_and_accumulation_is_exact(teacher_run, tmp_path):
     kill_resume_and_compare(tmp_path / "runs", f"--teacher={teacher_run}", "--distill_temperature=2",
                             "--grad_accum_steps=2", "--augment=translate")
 
 
+@pytest.mark.slow
 def test_two_replicas_with_a_teacher_train_as_one_device(teacher_run, tmp_path):
     flags = dict(teacher=teacher_run, distill_alpha="0.8", **STUDENT)
     single = trainer.train_and_evaluate(make_config(tmp_path / "one", strategy="default", **flags))
@@ -131,6 +134,7 @@ def test_two_replicas_with_a_teacher_train_as_one_device(teacher_run, tmp_path):
     assert pinned[0] == pinned[1]  # The teacher's hash does not depend on the replicas holding it.
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_teacher_and_follows_a_moved_one(teacher_run, tmp_path):
     student = tmp_path / "student"
     trainer.train_and_evaluate(make_config(student, teacher=teacher_run, **STUDENT))
@@ -150,6 +154,7 @@ def test_resume_refuses_another_teacher_and_follows_a_moved_one(teacher_run, tmp
     assert history["changes"]["teacher"] == [teacher_run, str(moved)]
 
 
+@pytest.mark.slow
 def test_a_plain_run_does_not_take_a_teacher_on_resume(teacher_run, tmp_path):
     student = tmp_path / "student"
     trainer.train_and_evaluate(make_config(student, **STUDENT))
@@ -157,6 +162,7 @@ def test_a_plain_run_does_not_take_a_teacher_on_resume(teacher_run, tmp_path):
         trainer.train_and_evaluate(make_config(student, teacher=teacher_run, **{**STUDENT, "train_steps": 12}))
 
 
+@pytest.mark.slow
 def test_every_teacher_that_cannot_be_one_is_one_line(teacher_run, tmp_path):
     def refused(match, **flags):
         run = tmp_path / "refused"
@@ -203,6 +209,7 @@ def test_under_mixed_precision_the_teacher_and_the_loss_are_float32(teacher_run,
     np.testing.assert_allclose(mixed.numpy(), expected.numpy(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_teacher_of_another_input_size_sees_the_students_view_resized(mock_tfds, tmp_path):
     run = tmp_path / "teacher32"
     trainer.train_and_evaluate(make_config(run, image_size="32", train_steps=4, eval_every=4))
@@ -215,6 +222,7 @@ def test_a_teacher_of_another_input_size_sees_the_students_view_resized(mock_tfd
     assert trainer.train_and_evaluate(config)["step"] == 8
 
 
+@pytest.mark.slow
 def test_an_export_teaches_as_its_run_does_on_two_replicas_too(teacher_run, tmp_path):
     """Its serving signature gets the student's view as uint8 pixels (mock images are uint8: exact here)."""
     exported = str(tmp_path / "export")

@@ -37,6 +37,7 @@ def _checkpoint_tensors(model_dir):
             if "CHECKPOINTABLE_OBJECT_GRAPH" not in name}
 
 
+@pytest.mark.slow
 def test_mirrored_matches_one_device_and_evaluates_every_example_once(mock_tfds, tmp_path):
     # 64 eval examples in batches of 10 (5 per replica): 12 full batches, a remainder of 4, and a last step on
     # which one replica has no data at all.

@@ -268,6 +268,7 @@ def test_evaluate_mistakes_are_one_line(run, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluation_at_another_resolution(mock_tfds, tmp_path, capsys):
     resnet, mlp = str(tmp_path / "resnet"), str(tmp_path / "mlp")
     trainer.train_and_evaluate(make_config(resnet, model="resnet_small", widths="4,8", train_steps=4, eval_every=4))

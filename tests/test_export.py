@@ -89,6 +89,7 @@ def test_saved_model_cli_serves_an_export_of_every_model_family(mock_tfds, shall
         np.testing.assert_array_equal(np.load(outdir / "class_ids.npy"), expected.argmax(-1))
 
 
+@pytest.mark.slow
 def test_the_export_refuses_a_saved_model_that_the_session_loader_cannot_serve(mlp_run, tmp_path, monkeypatch):
     """The bug research/export.py's Serving avoids, put back: with the Keras model tracked in place of the
     variables its functions read, tf.saved_model.load serves the SavedModel and the session loader does not."""
@@ -147,6 +148,7 @@ def test_int8_calibrated_on_black_images_is_refused(mnist_run, tmp_path, monkeyp
     assert not os.path.exists(tmp_path / "serving")
 
 
+@pytest.mark.slow
 def test_int8_on_a_tiny_eval_split_allows_one_example(mlp_run, mock_tfds, tmp_path, capsys):
     """64 eval examples, where one is more than a point: the check allows one example, and says how many."""
     assert export.main([f"--model_dir={mlp_run}", f"--output={tmp_path / 'out'}", "--tflite_quantize=int8"]) == 0

@@ -41,6 +41,7 @@ def sgd_run(mock_tfds, tmp_path):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [dict(momentum="0.9"), dict(label_smoothing="0.1")])
 def test_resume_refuses_a_changed_momentum_or_loss(sgd_run, change):
     run = sgd_run.model_dir

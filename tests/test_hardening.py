@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import make_config
+from conftest import make_config, train_mocked
 from research import UserError, checkpoint as checkpoint_lib, cli, evaluate, export, predict, runs, trainer
 from research.data import preprocess
 
@@ -135,12 +135,21 @@ def finished(mock_tfds, tmp_path):
     return config
 
 
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory):
+    """`finished` for tests that only read it, trained once."""
+    config = make_config(tmp_path_factory.mktemp("hardening") / "run", ema_decay=0.9)
+    train_mocked(config)
+    return config
+
+
 def _truncate_latest(model_dir):
     data_file = next(f for f in os.listdir(model_dir) if f.startswith("ckpt-12.data"))
     with open(os.path.join(model_dir, data_file), "r+b") as f:
         f.truncate(100)
 
 
+@pytest.mark.slow
 def test_tools_fall_back_from_a_truncated_latest_checkpoint(finished, tmp_path, caplog):
     Image.new("L", (28, 28)).save(tmp_path / "digit.png")
     _truncate_latest(finished.model_dir)
@@ -163,6 +172,7 @@ def test_no_readable_checkpoint_is_one_line_with_no_warnings_before_it(finished,
         assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     (("provenance.jsonl", "{}\nnot json\n"), "provenance.jsonl: line 2 is not JSON"),
     (("metrics.jsonl", '{"step": "two"}\n{"step": 8}\n'), "metrics.jsonl: line 1 is not a JSON object with a "
@@ -184,6 +194,7 @@ def test_a_resume_refused_for_a_damaged_run_file_changes_nothing(finished, damag
     assert after == before
 
 
+@pytest.mark.slow
 def test_init_checkpoint_on_a_resume_says_it_is_not_used(finished, capsys):
     trainer.train_and_evaluate(make_config(finished.model_dir, ema_decay=0.9, train_steps=16,
                                            init_checkpoint=finished.model_dir))
@@ -209,16 +220,17 @@ def test_evaluate_names_its_own_split_flag(mnist_data_dir, tmp_path, capsys):
     ("{tmp}/empty", "that directory holds no checkpoint"),
     ("{run}", "does not fit --model=cnn: it holds 4 model weights, the model has 8"),
 ])
-def test_init_checkpoint_mistakes_say_what_is_wrong(finished, tmp_path, caplog, init, message):
+def test_init_checkpoint_mistakes_say_what_is_wrong(finished_once, mock_tfds, tmp_path, caplog, init, message):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=message):
         trainer.train_and_evaluate(make_config(tmp_path / "new", model="cnn",
-                                             init_checkpoint=init.format(tmp=tmp_path, run=finished.model_dir)))
+                                             init_checkpoint=init.format(tmp=tmp_path, run=finished_once.model_dir)))
     gc.collect()  # TensorFlow warns of unrestored values when a failed restore's status is collected: none here.
     assert not [r for r in caplog.records if "unrestored" in r.getMessage() or "could not be found" in r.getMessage()]
     assert not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.slow
 def test_init_checkpoint_takes_the_raw_weights_or_their_average(finished, tmp_path):
     reader = tf.train.load_checkpoint(os.path.join(finished.model_dir, "ckpt-12"))
     for average, name in ((False, "model_variables/0"), (True, "ema/0")):
@@ -233,6 +245,7 @@ def test_init_checkpoint_takes_the_raw_weights_or_their_average(finished, tmp_pa
                                              init_from_average=True))
 
 
+@pytest.mark.slow
 def test_resuming_another_model_without_flags_txt_names_the_misfit(finished):
     os.remove(os.path.join(finished.model_dir, "flags.txt"))
     with pytest.raises(UserError, match=r"ckpt-12 does not fit --model=mlp: .* first misfit"):
@@ -257,6 +270,7 @@ def test_after_a_nonfinite_restore_the_learning_rate_is_the_steps(mock_tfds, tmp
 
 
 # ---------------------------------------------------------------------------------------------- Images
+@pytest.mark.slow
 def test_an_image_too_large_to_read_is_its_own_line_and_the_others_are_predicted(finished, tmp_path, monkeypatch):
     monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 1600)  # As training and evaluation refuse it.
     for name, size in (("bomb.png", 50), ("big.png", 40), ("ok.png", 28)):

@@ -93,6 +93,7 @@ def test_one_gradient_all_reduce_per_step(tmp_path, precision):
     assert sorted(counting.shapes) == sorted(tuple(v.shape) for v in model.trainable_variables)
 
 
+@pytest.mark.slow
 def test_mirrored_loss_scaling_skips_an_overflow_step_and_applies_the_next(tmp_path):
     _, model, optimizer, train_loop, iterator = _mirrored_loop(tmp_path, mixed_precision="mixed_float16")
     before = [v.numpy() for v in model.trainable_variables]
@@ -105,6 +106,7 @@ def test_mirrored_loss_scaling_skips_an_overflow_step_and_applies_the_next(tmp_p
     assert bool(finite) and not any(np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_makes_two_replicas_train_as_one_device(mock_tfds, tmp_path):
     """The same global batches: with synchronised batch norm two replicas (each normalising its half of a batch by
     the statistics of all of it) train as one device does; without, each half has its own statistics."""
@@ -123,6 +125,7 @@ def test_sync_batchnorm_under_xla_on_mirrored_cpus_is_one_error_line(mock_tfds, 
                            jit_compile=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["resnet_small", "resnet18", "convnet"])
 def test_sync_batchnorm_reaches_every_batch_norm_layer(model):
     def batch_norms(sync):

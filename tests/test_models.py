@@ -72,6 +72,7 @@ def test_zero_init_residual_starts_every_block_as_the_identity():
         assert all(np.all(block.norms[-1].gamma.numpy() == gamma) for block in model.blocks)
 
 
+@pytest.mark.slow
 def test_vit_position_embeddings_are_resized_for_another_image_size():
     model = _build("vit_ti16")  # Made for 32 px: a 2x2 grid of patches, plus the class token.
     assert model.position_embedding.shape == (1, 5, 192)
@@ -136,6 +137,7 @@ def unparse_flags():
     config_lib.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 def test_summary_prints_parameters_and_multiply_adds(capsys, unparse_flags):
     assert summary.main(["--model=resnet50", "--image_size=224", "--num_classes=1000"]) == 0
     out = capsys.readouterr().out

@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     """A finished mock run of the CNN with augmentation, histograms and a moving average of the weights (which
     evaluation, prediction and export must use), its results and its eval split."""
     config = make_config(tmp_path_factory.mktemp("observe") / "run", model="cnn", augment="translate",
-                         histogram_every=4, ema_decay=0.9)
+                         histogram_every=4, ema_decay=0.9, eval_figures=True)
     with pytest.MonkeyPatch.context() as patch, tfds.testing.mock_data(num_examples=64):
         patch.setattr(tfds_source, "ensure_downloadable", lambda builder, manual_dir: None)
         results = trainer.train_and_evaluate(config)
@@ -137,6 +137,7 @@ def test_read_config_gives_back_the_runs_typed_flags(run, tmp_path):
 LARGER_SIBLINGS = {"resnet34", "resnet50", "resnet101", "resnet152", "vit_s16", "vit_b16", "vit_l16"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in models.names() if name not in LARGER_SIBLINGS])
 def test_every_model_comes_back_whole_from_a_training_style_checkpoint(name, tmp_path):
     config = make_config(tmp_path, model=name)
@@ -242,6 +243,7 @@ def test_predict_command_prints_the_good_ones_and_fails_for_the_bad(run, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- Export
+@pytest.mark.slow
 def test_export_reloads_to_the_checkpoints_predictions(run, tmp_path):
     output = str(tmp_path / "serving" / "1")
     assert export.export(run.dir, output).checkpoint.endswith("ckpt-12")
@@ -299,3 +301,19 @@ def test_curves_need_an_evaluation(tmp_path, run):
     with pytest.raises(UserError, match="no evaluations"):
         plots.write_curves(str(tmp_path))
     assert Image.open(plots.write_curves(run.dir)).size[0] > 500
+
+
+def test_noeval_figures_draws_none_and_leaves_no_stale_curves(mock_tfds, tmp_path):
+    """Figures on for the first segment, off on the resume: no image summaries after it, and the first segment's
+    curves.png (up to step 8) is not left to pass for the run's."""
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=8, eval_figures=True))
+    assert (tmp_path / "curves.png").exists()
+    trainer.train_and_evaluate(make_config(tmp_path, train_steps=12))
+    assert not (tmp_path / "curves.png").exists()
+    images = {}
+    for path in (tmp_path / "eval").iterdir():
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images":
+                    images.setdefault(value.tag, []).append(event.step)
+    assert images and all(steps == [8] for steps in images.values()), images

@@ -142,6 +142,7 @@ def test_soft_targets_and_label_smoothing_in_the_loss():
     np.testing.assert_allclose(optim.per_example_loss(labels, logits, 0.1), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vit_ti16"])
 def test_weight_decay_skips_biases_norms_and_position_embeddings(name):
     config = make_config("x", model=name, optimizer="sgd", learning_rate=1.0, weight_decay=0.5,

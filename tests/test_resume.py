@@ -112,6 +112,7 @@ def test_sigterm_saves_and_exits_nonzero_then_resumes(tmp_path):
     assert json.load(open(tmp_path / "results.json"))["step"] == stopped_at + 4
 
 
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(mock_tfds, tmp_path, capsys):
     trainer.train_and_evaluate(make_config(tmp_path, train_steps=12))
     data_file = tmp_path / "ckpt-12.data-00000-of-00001"
@@ -134,6 +135,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(mock
     assert tf.train.latest_checkpoint(tmp_path).endswith("ckpt-8")
 
 
+@pytest.mark.slow
 def test_nonfinite_restore_mode_rolls_back_then_gives_up(mock_tfds, tmp_path, caplog):
     trainer.train_and_evaluate(make_config(tmp_path, train_steps=8, optimizer="sgd"))
     with pytest.raises(UserError, match="non-finite loss or gradient at step"):
@@ -143,6 +145,7 @@ def test_nonfinite_restore_mode_rolls_back_then_gives_up(mock_tfds, tmp_path, ca
     assert sum("restoring" in r.getMessage() for r in caplog.records) == 2
 
 
+@pytest.mark.slow
 def test_resume_with_a_conflicting_flag_is_refused_listing_the_flags(mock_tfds, tmp_path):
     trainer.train_and_evaluate(make_config(tmp_path, train_steps=8))
     with pytest.raises(UserError, match=r"--model: mlp -> cnn; --batch_size: 8 -> 16"):
@@ -174,6 +177,7 @@ def test_best_checkpoint_tracks_the_highest_eval_accuracy(mock_tfds, tmp_path):
     assert tf.train.latest_checkpoint(tmp_path / "best").endswith(f"ckpt-{best['step']}")
 
 
+@pytest.mark.slow
 def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(mock_tfds, tmp_path):
     trainer.train_and_evaluate(make_config(tmp_path / "first", train_steps=8))
     trainer.train_and_evaluate(make_config(tmp_path / "second", train_steps=1, optimizer="sgd", learning_rate=1e-30,

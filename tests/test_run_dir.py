@@ -19,8 +19,8 @@ from research import UserError, compare, evaluate, export, fs, lock, predict, ru
 def test_a_whole_run_on_ram_filesystem(mock_tfds, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # A URL is never a local path: nothing may appear here.
     model_dir = "ram://runs/whole"
-    trainer.train_and_evaluate(make_config(model_dir, train_steps=8, ema_decay=0.9))
-    results = trainer.train_and_evaluate(make_config(model_dir, train_steps=12, ema_decay=0.9))
+    trainer.train_and_evaluate(make_config(model_dir, train_steps=8, ema_decay=0.9, eval_figures=True))
+    results = trainer.train_and_evaluate(make_config(model_dir, train_steps=12, ema_decay=0.9, eval_figures=True))
     assert "Resuming from ram://runs/whole/ckpt-8" in capsys.readouterr().out and results["step"] == 12
     assert run_dir.read_results(model_dir)["step"] == 12
     assert [r["step"] for r in run_dir.read_metrics(model_dir)] == [8, 12]

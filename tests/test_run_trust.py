@@ -34,6 +34,7 @@ def dead_run(mock_tfds, tmp_path):
     return model_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [dict(optimizer="sgd"), dict(seed=1), dict(label_smoothing=0.1)])
 def test_a_dead_run_rerun_with_other_settings_is_refused_and_keeps_its_files(dead_run, flag):
     before = {name: open(dead_run / name, "rb").read() for name in ("flags.txt", "metrics.jsonl")}
@@ -42,6 +43,7 @@ def test_a_dead_run_rerun_with_other_settings_is_refused_and_keeps_its_files(dea
     assert before == {name: open(dead_run / name, "rb").read() for name in before}
 
 
+@pytest.mark.slow
 def test_a_dead_run_rerun_starts_again_with_none_of_the_earlier_attempts_records(dead_run, capsys):
     first_best = json.load(open(dead_run / "best" / "best.json"))
     results = trainer.train_and_evaluate(make_config(dead_run, checkpoint_every=100, learning_rate=0.001,
@@ -56,6 +58,7 @@ def test_a_dead_run_rerun_starts_again_with_none_of_the_earlier_attempts_records
     assert history[-1]["step"] == 0 and history[-1]["changes"]["learning_rate"] == ["0.01", "0.001"]
 
 
+@pytest.mark.slow
 def test_a_resume_drops_the_evaluations_of_steps_it_never_checkpointed(mock_tfds, tmp_path):
     model_dir = tmp_path / "run"
     trainer.train_and_evaluate(make_config(model_dir))  # Evaluates at 8 and 12, checkpoints every 4.
@@ -81,6 +84,7 @@ def test_the_resume_guard_judges_flags_by_their_effect(mock_tfds, tmp_path):
         trainer.train_and_evaluate(make_config(model_dir, train_steps=24, optimizer="sgd", momentum=0.5))
 
 
+@pytest.mark.slow
 def test_an_unused_init_checkpoint_is_not_written_into_flags_txt(mock_tfds, tmp_path, capsys):
     source, model_dir = tmp_path / "source", tmp_path / "run"
     trainer.train_and_evaluate(make_config(source, train_steps=4))
@@ -98,6 +102,7 @@ def _checkpoint_values(prefix, collection):
     return [reader.get_tensor(n) for n in names]
 
 
+@pytest.mark.slow
 def test_a_fine_tunes_weight_average_starts_from_the_loaded_weights(mock_tfds, tmp_path):
     source, model_dir = tmp_path / "source", tmp_path / "run"
     trainer.train_and_evaluate(make_config(source, train_steps=8))
@@ -111,6 +116,7 @@ def test_a_fine_tunes_weight_average_starts_from_the_loaded_weights(mock_tfds, t
         np.testing.assert_allclose(a, w, atol=1e-5)  # Not 2/11 of a random initialisation.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("added", [dict(dropout=0.2), dict(model="resnet_small", widths="4,8",
                                                             stochastic_depth=0.1)])
 def test_fine_tuning_may_add_dropout_or_stochastic_depth(mock_tfds, tmp_path, capsys, added):
@@ -144,6 +150,7 @@ def test_a_tool_refuses_a_checkpoint_of_a_run_trained_on_other_classes(two_runs)
     assert (json.load(open(digits / "report.json")) if (digits / "report.json").exists() else None) == report
 
 
+@pytest.mark.slow
 def test_fine_tuning_onto_renamed_classes_says_the_head_is_kept(two_runs, tmp_path, capsys):
     _, letters = two_runs
     trainer.train_and_evaluate(make_config(tmp_path / "tuned", train_steps=4, init_checkpoint=str(letters)))
@@ -207,6 +214,7 @@ def _fill(disk, leave):
     return filler
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_loses_nothing_and_the_rerun_resumes_exactly(mock_tfds, tmp_path, tiny_disk):
     run = dict(train_steps=8, checkpoint_every=4, eval_every=8, deterministic=True)
     trainer.train_and_evaluate(make_config(tmp_path / "straight", **run))
@@ -226,6 +234,7 @@ def test_a_full_disk_is_one_line_loses_nothing_and_the_rerun_resumes_exactly(moc
     assert [m["step"] for m in _lines(model_dir / "metrics.jsonl")] == [4, 8]
 
 
+@pytest.mark.slow
 def test_export_never_removes_what_it_did_not_create(two_runs, tmp_path, monkeypatch):
     from research import export
     digits, _ = two_runs
@@ -240,6 +249,7 @@ def test_export_never_removes_what_it_did_not_create(two_runs, tmp_path, monkeyp
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "saved_model.pb").exists()
 
 
+@pytest.mark.slow
 def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(two_runs, tiny_disk):
     from research import export
     digits, _ = two_runs
@@ -249,6 +259,7 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(two_runs, tin
     assert os.listdir(tiny_disk) == ["filler"]
 
 
+@pytest.mark.slow
 def test_evaluating_a_read_only_run_prints_its_numbers_then_one_error_line(mock_tfds, tiny_disk, capsys):
     import subprocess
     model_dir = tiny_disk / "run"
@@ -269,6 +280,7 @@ def test_a_float_flag_beyond_float32_is_one_line_before_any_work(value):
         config_lib.make_config(model_dir="unused", train_steps=1, learning_rate=value)
 
 
+@pytest.mark.slow
 def test_a_moved_folder_dataset_is_resumed_and_evaluated_where_it_is_now(tmp_path, capsys):
     from test_finetune import write_colour_folder
     old, new, model_dir = tmp_path / "photos", tmp_path / "moved" / "photos", tmp_path / "run"
@@ -312,6 +324,7 @@ def finished_run(tmp_path_factory):
     return model_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, content, message", [
     ("results.json", b"[]", "results.json is not a results record"),
     ("results.json", b'{"step": "a"}', "results.json is not a results record"),

@@ -62,6 +62,7 @@ def test_benchmark_runs_end_to_end(mock_tfds, parse_flags, capsys):
     assert "ours / fit default" in table and "ours / fit best" in table and "GFLOP/s" in table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--batch_size=1000"], "--batch_size=1000 exceeds the 64 examples"),
     (["--benchmark_rounds=0"], "--benchmark_rounds must be positive, got 0"),
@@ -96,3 +97,21 @@ def test_benchmark_compares_precisions_on_synthetic_data(parse_flags, capsys, ca
     table = benchmark.format_comparison(results)
     assert "mixed_bfloat16  yes" in table and "n/a" in table
     assert "unknown for this device" in benchmark.format_table(results[0])
+
+
+def test_the_models_table_measures_each_model_as_it_trains(tmp_path):
+    """research.benchmark_models: each row's parameters and multiply-adds are the model's own, its rates positive,
+    and the Markdown table has one row per model."""
+    from research import benchmark_models, models
+    rows = []
+    for name in ("mlp", "cnn_rgb"):
+        config = make_config(tmp_path, model=name, dataset="cifar10", steps_per_loop=2)
+        rows.append(benchmark_models.measure(config, image_size=32, num_classes=10, steps=2, warmup_steps=1,
+                                             rounds=1))
+        built = models.create(config, benchmark.synthetic_dataset(config, 32, 10))
+        built(tf.zeros([1, 32, 32, 3]))
+        assert rows[-1]["params"] == built.count_params()
+        assert rows[-1]["gmacs"] == pytest.approx(models.forward_flops(built, (32, 32, 3)) / 2e9)
+        assert rows[-1]["train_images_per_sec"] > 0 and rows[-1]["infer_images_per_sec"] > 0
+    table = benchmark_models.format_table(rows, config, 32, rounds=1, steps=2).splitlines()
+    assert [line.split(" | ")[0] for line in table[-2:]] == ["| mlp", "| cnn_rgb"]

@@ -64,7 +64,8 @@ def test_convnet_layer_string():
     assert net.classifier.kernel.shape == (7 * 7 * 16, 10)
 
 
-@pytest.mark.parametrize("dataset, model", [("mnist", "mlp"), ("fashion_mnist", "cnn"), ("cifar10", "cnn_rgb")])
+@pytest.mark.parametrize("dataset, model", [("mnist", "mlp"), pytest.param("fashion_mnist", "cnn", marks=pytest.mark.slow),
+                                            pytest.param("cifar10", "cnn_rgb", marks=pytest.mark.slow)])
 def test_trains_and_writes_the_run_directory(mock_tfds, tmp_path, dataset, model):
     results = trainer.train_and_evaluate(make_config(tmp_path, dataset=dataset, model=model))
     assert results["step"] == 12
@@ -80,6 +81,7 @@ def test_trains_and_writes_the_run_directory(mock_tfds, tmp_path, dataset, model
     assert f"--dataset={dataset}\n" in flags_txt and f"--model={model}\n" in flags_txt
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_a_finished_run_exits(mock_tfds, tmp_path, capsys):
     trainer.train_and_evaluate(make_config(tmp_path, train_steps=8))
     longer = trainer.train_and_evaluate(make_config(tmp_path, train_steps=16))

@@ -20,6 +20,9 @@ The flags that several families read (`--dropout`, `--sync_batchnorm`, `--stocha
 research/models/_shared.py, and apply to the models that declare the capability.
 A model may also have a `no_weight_decay()` method listing variables of rank > 1 that weight decay should skip
 when --exclude_bias_and_norm_from_weight_decay is set (research/optim.py; ViT's position embeddings).
+A model whose position embeddings follow the image size keeps them as `position_embedding`, with a method
+`position_embedding_from(embeddings, source)` that fits another size's to its own (ViT: resampled to its grid of
+patches), which --init_checkpoint from a run at another image size calls (research/transfer.py).
 Every family module here is imported with the package, so that their flags exist before flags are parsed and
 their Keras classes are known to `keras.saving.load_model` as soon as research.models is imported.
 """

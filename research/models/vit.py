@@ -13,8 +13,17 @@ another size (fine-tuning at a higher resolution, a test), they are resized to t
 interpolation, the class token's own embedding left as it is. A side that is not a multiple of 16 would lose its
 last pixels, as a valid convolution does: building for such images (--image_size=24 would see 56% of each) is an
 error.
+
+Weights made for another image size are resampled once, as they are read, to the grid the model is built for
+(`ViT.position_embedding_from`, bilinear as big_vision's resample_posemb): another vit_* run's (--init_checkpoint,
+research/transfer.py) and a big_vision / AugReg ("How to train your ViT?") .npz file's (research/models/_vit_npz.py:
+`_vit_npz.load(model, path, config)`, e.g. `Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz` into
+vit_ti16; the file's layer names, what it accepts and its rule for the head are in that module's docstring).
 """
 
+import math
+
+import numpy as np
 import tensorflow as tf
 from absl import flags
 
@@ -44,6 +53,32 @@ def resize_position_embeddings(embeddings, grid, new_grid):
     image = tf.reshape(tf.cast(embeddings, tf.float32), [1, *grid, width])
     resized = tf.image.resize(image, new_grid, method="bicubic")
     return tf.cast(tf.reshape(resized, [1, new_grid[0] * new_grid[1], width]), embeddings.dtype)
+
+
+def resample_position_embeddings(embeddings, new_grid, tokens, source):
+    """Weights read from elsewhere: NumPy [1, tokens + n * n, D] position embeddings of a square n x n grid of
+    patches after `tokens` rows of their own (1: the class token's, kept as it is; 0) -> those of `new_grid`
+    (height, width), and the words that say so. Bilinear with the grid's corners aligned (the corner patches keep
+    their embeddings), which is what big_vision's resample_posemb computes with scipy.ndimage.zoom(order=1); timm's
+    resample_abs_pos_embed (F.interpolate, half-pixel centres) differs from it slightly. A grid that is not square
+    (a model built for non-square images) cannot be told from the length alone: one UserError line naming `source`."""
+    patches = embeddings.shape[1] - tokens if embeddings.ndim == 3 else -1
+    side = math.isqrt(max(patches, 0))
+    if patches < 1 or side * side != patches:
+        raise UserError(f"{source}: position embeddings of shape {list(embeddings.shape)} hold no square grid of "
+                        f"patches after {tokens} token{'s' * (tokens != 1)} of their own, so they cannot be resampled")
+    grid = embeddings[0, tokens:].reshape(side, side, -1).astype(np.float64)
+    for axis, size in enumerate(new_grid):  # Separable: along the rows, then along the columns.
+        position = np.linspace(0, side - 1, size)  # Output i samples input i * (side - 1) / (size - 1).
+        low = np.floor(position).astype(int)
+        high, fraction = np.minimum(low + 1, side - 1), (position - low).reshape([-1 if a == axis else 1
+                                                                                  for a in range(3)])
+        grid = np.take(grid, low, axis) * (1 - fraction) + np.take(grid, high, axis) * fraction
+    resampled = np.concatenate([embeddings[:, :tokens], grid.reshape(1, -1, embeddings.shape[-1])], axis=1)
+    kept = ", the class token's kept" if tokens else ""
+    words = (f"position embeddings resampled from a {side}x{side} grid of patches to {new_grid[0]}x{new_grid[1]} "
+             f"(bilinear{kept})")
+    return resampled.astype(embeddings.dtype), words
 
 
 @tf.keras.utils.register_keras_serializable(package="research")
@@ -137,6 +172,18 @@ class ViT(tf.keras.Model):
             x = block(x, training=training)
         x = self.norm(x)
         return self.classifier(x[:, 0] if self.class_token is not None else tf.reduce_mean(x, axis=1))
+
+    def position_embedding_from(self, embeddings, source):
+        """(Another ViT's position embeddings, NumPy [1, tokens + n * n, D] laid out as this one's, fitted to this
+        model, the words that say how): resampled to this model's grid (resample_position_embeddings) where their
+        length differs; a width that differs is one UserError line naming `source`."""
+        wanted = tuple(self.position_embedding.shape)
+        if embeddings.shape == wanted:
+            return embeddings, None
+        if embeddings.ndim != 3 or embeddings.shape[-1] != wanted[-1]:
+            raise UserError(f"{source}: position embeddings of shape {list(embeddings.shape)} do not fit "
+                            f"--model={self.name}'s {list(wanted)}")
+        return resample_position_embeddings(embeddings, self.grid, int(self.class_token is not None), source)
 
     def no_weight_decay(self):
         """Neither timm nor big_vision decays the position embeddings and class token."""
