@@ -22,7 +22,7 @@ from keras.src.legacy.saving import legacy_h5_format
 from keras.src.utils import file_utils
 
 from conftest import make_config
-from research import UserError, models, optim, trainer, transfer
+from research import UserError, evaluate, export, models, optim, trainer, transfer
 from research.models import keras_apps
 from test_resume import _assert_same_weights
 
@@ -170,10 +170,9 @@ def test_imagenet_offline_names_the_file_to_fetch_then_keras_reads_it_from_its_c
 def test_efficientnet_imagenet_weights_compute_as_keras_builds_them_for_imagenet(tmp_path, monkeypatch):
     """Keras builds EfficientNet (v1) for weights="imagenet" with one more rescaling of its input, which the model,
     built without weights, folds into its normalisation: with an ImageNet file in Keras' cache (here a stand-in,
-    its pinned hash waived), the model's features are those of keras.applications.EfficientNetB0(weights=
-    "imagenet") itself, which the load also checks. (To rounding: the fold divides once where Keras divides twice,
-    and this random network magnifies a change of its input thousands of times; without the fold they differ
-    wholly.)"""
+    its pinned hash waived), the model computes what keras.applications.EfficientNetB0(weights="imagenet") itself
+    computes: the same stem outputs (to 1e-5; without the fold they differ wholly), and pooled features close
+    enough for the load's own check (to rounding, which this random network magnifies thousands of times)."""
     monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))
     monkeypatch.setattr(file_utils, "validate_file", lambda *args, **kwargs: True)
     os.makedirs(tmp_path / "models")
@@ -184,11 +183,13 @@ def test_efficientnet_imagenet_weights_compute_as_keras_builds_them_for_imagenet
     line, _ = transfer.load_pretrained(model, config)
     assert line.startswith(f"Initialised keras/EfficientNetB0 from Keras' ImageNet weights {tmp_path}/models/")
     imagenet = keras.applications.EfficientNetB0(weights="imagenet", include_top=False, input_shape=(32, 32, 3))
-    images = _images("EfficientNetB0")
-    expected = _pooled(imagenet, _keras_input("EfficientNetB0", images))
-    relative = lambda features: np.linalg.norm(features - expected) / np.linalg.norm(expected)  # noqa: E731
-    assert relative(model.features(tf.constant(images)).numpy()) < 1e-3
-    assert relative(_pooled(network, _keras_input("EfficientNetB0", images))) > 0.1  # Without the fold.
+    inputs = _keras_input("EfficientNetB0", _images("EfficientNetB0"))
+
+    def difference(a, b):
+        outputs = [keras.Model(n.input, n.get_layer("stem_bn").output)(inputs).numpy() for n in (a, b)]
+        return np.linalg.norm(outputs[0] - outputs[1]) / np.linalg.norm(outputs[1])
+
+    assert difference(model.backbone, imagenet) < 1e-5 and difference(network, imagenet) > 0.1
 
 
 def test_pretrained_mistakes_are_one_line_each(tmp_path):
@@ -326,6 +327,19 @@ def test_a_pretrained_linear_probe_trains_its_head_alone_and_records_the_file(mo
                                                                     "train_steps": 4}))
     trainer.train_and_evaluate(make_config(tmp_path / "run", **{**flags, "train_steps": 4}))
     assert "Initialised" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_grayscale_run_evaluates_and_exports_with_its_preprocessing(mock_tfds, tmp_path):
+    """keras/MobileNetV2 (its [-1, 1] preprocessing inside) on mock MNIST's gray digits at 32 px: evaluate reads
+    the run back, and the export (SavedModel, its session loader, the Keras file and model.tflite) reproduces the
+    checkpoint's probabilities, as research/export.py checks for each form before writing it."""
+    config = make_config(tmp_path / "run", model="keras/MobileNetV2", image_size=32, train_steps=2, steps_per_loop=1,
+                         eval_every=2, checkpoint_every=2)
+    trainer.train_and_evaluate(config)
+    assert evaluate.evaluate(config.model_dir)["examples"] == 64
+    exported = export.export(config.model_dir, str(tmp_path / "export" / "1"))
+    assert [name for name, *_ in exported.tflite] == ["model.tflite"]
 
 
 @pytest.mark.slow
