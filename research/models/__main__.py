@@ -73,8 +73,8 @@ def _built(config, args):
     model = models.create(config, data.Metadata("--image_size", shape, [str(i) for i in range(args.num_classes)]))
     try:
         model(tf.zeros([1, *shape]))
-    except ValueError as e:
-        raise UserError(f"--model={config.model} does not fit {shape} images: {str(e).splitlines()[0]}") from None
+    except (ValueError, tf.errors.OpError) as e:  # E.g. valid convolutions and pools that shrink it below nothing.
+        raise UserError(f"--model={config.model} does not fit {shape} images: {cli.keras_error_line(e)}") from None
     return model
 
 

@@ -28,7 +28,7 @@ Capabilities, as `register` declares them (tests/test_keras_apps.py checks each 
     shortcuts) joins the block before it, those before the first block are the stem and those after the last
     (EfficientNet's top_conv, ResNetV2's post_bn) go with the head. The Inceptions name their convolutions by
     number alone, so their blocks are the layers between the concatenations that end each one (`mixed3`,
-    `block17_5_conv`): their stem shares the first block's rate;
+    `block17_5_conv`), and their first block goes with the stem;
   - head, and the channels they take: 1 or 3;
   - pretrained: --pretrained=imagenet or a Keras weights file (research/models/_keras_weights.py).
 """
