@@ -218,7 +218,19 @@ def op_error_line(error):
     """A TensorFlow error's message as one line for an `error: ...` line: its first line, without the decorations
     graph execution adds (`{{function_node ...}}`, `[[{{node ...}}]]`, `[Op:...]`)."""
     first = ((getattr(error, "message", None) or str(error)).strip().splitlines() or [""])[0]
-    return re.sub(r"\{\{[^}]*\}\}\s*|\s*\[\[.*$|\s*\[Op:.*$", "", first)
+    return _undecorated(first)
+
+
+def _undecorated(line):
+    return re.sub(r"\{\{[^}]*\}\}\s*|\s*\[\[.*$|\s*\[Op:.*$", "", line)
+
+
+def keras_error_line(error):
+    """A Keras error's message as one line: its first line that is not Keras' preamble ("Exception encountered when
+    calling ..."), without the terminal colours Keras adds nor the decorations of a TensorFlow error inside it."""
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()
+             if line.strip() and not line.startswith("Exception encountered")]
+    return _undecorated(lines[0]) if lines else str(error).strip() or type(error).__name__
 
 
 def _flag_error(error):

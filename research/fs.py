@@ -7,10 +7,12 @@ file. research/run_dir.py names the files of a run directory and reads and write
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import posixpath
+import tempfile
 
 from research import UserError
 
@@ -140,3 +142,31 @@ def copy_tree(source, target):
         gfile().makedirs(destination)
         for name in files:
             gfile().copy(join(directory, name), join(destination, name))
+
+
+def sha256(path):
+    """The SHA-256 of a file's bytes (hex), read in pieces."""
+    digest = hashlib.sha256()
+    try:
+        with gfile().GFile(path, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 24), b""):
+                digest.update(piece)
+    except tensorflow().errors.OpError as e:
+        raise UserError(f"cannot read {path}: {e.message}") from None
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def local_copy(path):
+    """`path` itself if it is local, else a copy in a local temporary directory under the same file name (a
+    reader that knows formats by their extension, such as Keras, sees the same name), removed afterwards."""
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        local = os.path.join(directory, posixpath.basename(path))
+        try:
+            gfile().copy(path, local)
+        except tensorflow().errors.OpError as e:
+            raise UserError(f"cannot read {path}: {e.message}") from None
+        yield local

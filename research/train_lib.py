@@ -9,12 +9,11 @@ strings them into a run.
 
 import contextlib
 import functools
-import re
 
 import tensorflow as tf
 from absl import flags
 
-from research import UserError, config as config_lib, data, mix, models, optim, transfer
+from research import UserError, cli, config as config_lib, data, mix, models, optim, transfer
 from research import distill  # noqa: F401 - its flags are a run's (research/runs.py reads them back through here).
 from research.config import CHECKPOINT, declare
 
@@ -64,10 +63,8 @@ def build(config, dataset, strategy, total_steps):
         try:
             model(tf.zeros([1, *dataset.image_shape]))  # model.build() creates no variables on a subclassed model.
         except ValueError as e:  # E.g. valid convolutions that shrink the image below the next kernel.
-            reason = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()  # (Keras colours it.)
-                      if line.strip() and not line.startswith("Exception encountered")]
             raise UserError(f"--model={config.model} does not fit {dataset.name}'s {dataset.image_shape} images: "
-                            f"{(reason or [str(e)])[0]}") from None
+                            f"{cli.keras_error_line(e)}") from None
         transfer.freeze(model, config)
         optimizer = optim.create_optimizer(config, total_steps, model)
         optimizer.build(model.trainable_variables)

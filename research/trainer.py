@@ -63,6 +63,7 @@ def train_and_evaluate(config):
         checkpoints = checkpoint.Checkpoints(ckpt, config.model_dir, config.keep_checkpoints, chief,
                                              distribute.worker_id(strategy))
         resuming, unused_init = bool(checkpoints.candidates()), None
+        inputs = {"teacher": {"path": config.teacher, "sha256": config.teacher_sha256}} if teacher else {}
         if resuming and config.init_checkpoint:
             unused_init, config = config.init_checkpoint, _with_recorded_init(config)
         flag_changes = {}
@@ -74,8 +75,12 @@ def train_and_evaluate(config):
                 f"; --{name}: {old} -> {new}" for name, (old, new) in sorted(flag_changes.items())) + (
                 f"; --init_checkpoint={unused_init} is not used (a resume starts from its own weights)"
                 if unused_init else ""))
-        elif config.init_checkpoint:
-            print(transfer.init_weights(model, config, dataset))
+        elif config.init_checkpoint or config.pretrained:  # A fresh start from other weights.
+            if config.init_checkpoint:
+                loaded = transfer.init_weights(model, config, dataset)
+            else:
+                loaded, inputs["pretrained"] = transfer.load_pretrained(model, config)
+            print(loaded)
             if ema:
                 ema.restart()  # The average of a fine-tune starts from the loaded weights, not the random ones.
         finished = run_dir.read_results(config.model_dir)
@@ -90,8 +95,7 @@ def train_and_evaluate(config):
             if removed:
                 print(f"Removed the records of steps after {int(step.numpy())}, of an earlier attempt that died "
                       f"before its next checkpoint: {', '.join(removed)}")
-            provenance.record(config.model_dir, int(step.numpy()), **(
-                {"teacher": {"path": config.teacher, "sha256": config.teacher_sha256}} if teacher else {}))
+            provenance.record(config.model_dir, int(step.numpy()), **inputs)
             if flag_changes:
                 run_dir.record_flag_changes(config.model_dir, int(step.numpy()), flag_changes)
             run_dir.write_flags(config.model_dir, config)

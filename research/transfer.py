@@ -1,6 +1,6 @@
 """Carrying a trained network to a new task: `--init_checkpoint` into a model with another head or another number of
-input channels (`--init_skip`), training the head alone (`--trainable=head`, a linear probe), and a learning rate
-per layer (`--layer_decay`).
+input channels (`--init_skip`), published weights by `--pretrained` (the model family's hook), training the head
+alone (`--trainable=head`, a linear probe), and a learning rate per layer (`--layer_decay`).
 
 Checkpoints hold `model.variables` by position (research/checkpoint.py). Two networks of one family built for other
 data differ in at most three of them: the head (the model's `classifier` layer, research/models/__init__.py), whose
@@ -11,19 +11,20 @@ follows the image size: resampled to the model's grid of patches by the model's 
 """
 
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from research import UserError, checkpoint, config as config_lib, models, run_dir
+from research import UserError, checkpoint, config as config_lib, fs, models, run_dir
 from research.config import CHECKPOINT, TUNABLE, declare
 
 declare(TUNABLE, flags.DEFINE_enum(
     "init_skip", "none", ["none", "head"],
-    "--init_checkpoint: head makes the head (the final classifier) fresh even when its shape fits (the same "
-    "number of classes with other meanings); a head of another shape is always made fresh."),
-        only_if=lambda c: c.init_checkpoint, when="with --init_checkpoint")
+    "--init_checkpoint, --pretrained: head makes the head (the final classifier) fresh even when the source's fits "
+    "(the same number of classes with other meanings); a head of another shape is always made fresh."),
+        only_if=lambda c: c.init_checkpoint or c.pretrained, when="with --init_checkpoint or --pretrained")
 declare(CHECKPOINT, flags.DEFINE_enum(
     "trainable", "all", ["all", "head"],
     "What trains: all variables, or the head alone (a linear probe: every other variable, batch-norm statistics "
@@ -35,8 +36,17 @@ declare(CHECKPOINT, flags.DEFINE_float(
     "stem or embeddings the lowest; weight decay follows each variable's rate (1 = off)."),
         only_if=lambda c: c.trainable == "all", when="with --trainable=all")
 
+declare(CHECKPOINT, flags.DEFINE_string(
+    "pretrained", "",
+    "Start a new run from published weights, which the model's family reads (research/models/_registry.py): a word "
+    "names weights the family knows (keras/*: imagenet, Keras' ImageNet weights, fetched into ~/.keras/models/ on a "
+    "machine with internet), anything else is the path of a weights file, local or on any TensorFlow filesystem "
+    "(keras/*: one that keras.applications.<Name>(weights=PATH) loads). The head starts fresh unless the weights have "
+    "one for the run's classes; provenance.jsonl records the file's SHA-256. Read at a fresh start only: a resume "
+    "continues from its own checkpoint."))
 
 INIT_FLAGS = ("init_checkpoint", "init_from_average", "init_skip")  # What a fresh run starts from; unused on a resume.
+NAMED_WEIGHTS = re.compile(r"[A-Za-z0-9_-]+")  # --pretrained=WORD names weights; anything else is a path.
 
 
 @config_lib.checks
@@ -49,6 +59,35 @@ def _check_flags(config):
         config_lib.need(models.has(config, "head") or (config.trainable == "all" and not config.init_checkpoint),
                         f"--trainable=head and --init_checkpoint need a model with a head; --model={config.model} "
                         "declares none")
+        readers = _listed(models.having("pretrained"))
+        config_lib.need(not config.pretrained or models.has(config, "pretrained"),
+                        f"--pretrained needs a model that reads pretrained weights ({readers}); --model={config.model} "
+                        "reads none")
+    config_lib.need(not (config.pretrained and config.init_checkpoint),
+                    "--pretrained and --init_checkpoint both say where the weights start: give one of them")
+
+
+def _listed(names):
+    """Model names, those of a family named PREFIX/NAME shown as PREFIX/* (keras/* for every Keras application)."""
+    return ", ".join(dict.fromkeys(name.split("/")[0] + "/*" if "/" in name else name for name in names)) or "none"
+
+
+def load_pretrained(model, config):
+    """--pretrained into `model` (built for the run, not yet trained) by its family's hook (the contract:
+    research/models/_registry.py). Returns (the line saying what was loaded, what provenance.jsonl records)."""
+    load, source = models.capabilities(config.model).pretrained, config.pretrained
+    if NAMED_WEIGHTS.fullmatch(source):
+        note = load(model, source, config)
+        return note, {"source": source, "loaded": note}
+    fs.check_filesystem(source, "--pretrained")
+    if not fs.exists(source):
+        raise UserError(f"--pretrained={source}: no such file")
+    if fs.isdir(source):
+        raise UserError(f"--pretrained={source} is a directory: give the weights file in it")
+    digest = fs.sha256(source)
+    with fs.local_copy(source) as local:
+        note = load(model, local, config)
+    return note, {"source": source, "sha256": digest, "loaded": note}
 
 
 def init_weights(model, config, dataset):

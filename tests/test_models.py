@@ -19,6 +19,8 @@ from research.models import __main__ as summary, vit
 from test_configs import REPO, _flagfile_values
 
 STANDARD = [name for name in models.names() if name.startswith(("resnet1", "resnet3", "resnet5", "vit_"))]
+# The Keras applications are one family of 40 networks: its first here, each architecture in test_keras_apps.py.
+OWN = [name for name in models.names() if not name.startswith("keras/")] + [models.families()["keras_apps"]]
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +88,7 @@ def test_vit_position_embeddings_are_resized_for_another_image_size():
     np.testing.assert_allclose(constant.numpy(), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", OWN)
 def test_every_model_has_what_its_registration_declares(shallow_models, capsys, name):
     """The declaration (research/models/_registry.py Capabilities) is what flags, checks and tests read: it must
     match the model built with every capability switched on that its flags switch on; --list shows it."""
@@ -100,7 +102,7 @@ def test_every_model_has_what_its_registration_declares(shallow_models, capsys, 
     assert models.has(config, "stochastic_depth") == any(layer.noise_shape is not None for layer in dropouts)
     assert models.has(config, "blocks") == bool(getattr(model, "blocks", None))
     assert models.has(config, "head") == isinstance(getattr(model, "classifier", None), tf.keras.layers.Dense)
-    assert models.capabilities(name).channels is None  # Every family here takes any channels.
+    assert models.capabilities(name).channels == ((1, 3) if name.startswith("keras/") else None)  # Keras': RGB.
     summary.main(["--list"])
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.split()[0] == name]
     assert line.endswith(f"[{models.capabilities(name).summary()}]")

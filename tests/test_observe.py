@@ -133,15 +133,17 @@ def test_read_config_gives_back_the_runs_typed_flags(run, tmp_path):
         runs.read_config(str(old))
 
 
-# The larger ResNets and ViTs are the classes of resnet18 and vit_ti16 with more blocks: tested through those.
-LARGER_SIBLINGS = {"resnet34", "resnet50", "resnet101", "resnet152", "vit_s16", "vit_b16", "vit_l16"}
+# The larger ResNets and ViTs are the classes of resnet18 and vit_ti16 with more blocks: tested through those; the
+# Keras applications, one class, through the family's first.
+LARGER_SIBLINGS = {"resnet34", "resnet50", "resnet101", "resnet152", "vit_s16", "vit_b16", "vit_l16",
+                   *(name for name in models.names() if name.startswith("keras/"))} - {models.families()["keras_apps"]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in models.names() if name not in LARGER_SIBLINGS])
 def test_every_model_comes_back_whole_from_a_training_style_checkpoint(name, tmp_path):
     config = make_config(tmp_path, model=name)
-    size = 32 if name.startswith("vit_") else 28  # ViT's 16-pixel patches must tile the image.
+    size = 32 if name.startswith(("vit_", "keras/")) else 28  # ViT's 16-pixel patches must tile; Keras' minimum.
     info = data.Metadata("mnist", (size, size, 1), [str(i) for i in range(10)])
     trained = runs.build_model(config, info)
     optimizer = optim.create_optimizer(config, 10, trained)

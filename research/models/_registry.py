@@ -6,6 +6,23 @@ A model declares its capabilities where it registers (timm's `create_model(drop_
 big_vision's `Model(**config.model)`), and everything that asks "does this model have X" reads them here: the
 `only_if` of --dropout, --stochastic_depth and --sync_batchnorm, the --layer_decay and --trainable=head checks,
 the flags' help, `python -m research.models --list`, and the tests' lists of families.
+
+--pretrained (research/transfer.py) asks a hook rather than a yes or no: a family that can start from published
+weights declares `pretrained=load`, a function `load(model, source, config) -> str` with this contract:
+  - `model` is the family's model built for the run's data (every variable exists, --trainable already applied),
+    not yet trained; `config` is the run's configuration;
+  - `source` is what --pretrained names. A word (letters, digits, '_' and '-', such as `imagenet`) names weights
+    the family knows how to find: `load` refuses a word it does not know with a UserError. Anything else is a file
+    path, and `source` is then a local copy of that file: research/transfer.py has checked that it exists, copied
+    a file on another filesystem (gs://, ram://) to a local temporary file of the same name, and records the
+    file's SHA-256 in provenance.jsonl;
+  - `load` assigns the weights to the model's variables (it never replaces layers or variables: checkpoints hold
+    them by position), leaves the head (`classifier`) as the model made it unless the source has a head for the
+    run's classes, and returns one line saying what it read, from where, and what it left fresh (printed when the
+    run starts and recorded in provenance.jsonl);
+  - a source that does not fit the model (another architecture, a damaged file, another format) is one UserError
+    line, and the run does not start.
+research/transfer.py calls it at a fresh start only, never on a resume (which continues from its own checkpoint).
 """
 
 import dataclasses
@@ -23,10 +40,11 @@ class Capabilities:
     blocks: object = False  # Keeps its repeated blocks, in order, as `blocks` (--layer_decay gives each its rate).
     head: object = True  # Keeps its final classifier as `classifier` (research/transfer.py, --trainable=head).
     channels: tuple = None  # The image channels it accepts; None: any.
+    pretrained: object = None  # Its --pretrained hook, load(model, source, config) -> str (the module docstring).
 
     def summary(self):
         """The capabilities in words, as --list shows them."""
-        words = [name for name in ("dropout", "stochastic_depth", "batch_norm", "blocks", "head")
+        words = [name for name in ("dropout", "stochastic_depth", "batch_norm", "blocks", "head", "pretrained")
                  if getattr(self, name)]
         return " ".join(words + [f"channels={','.join(map(str, self.channels)) if self.channels else 'any'}"])
 
@@ -53,7 +71,9 @@ def capabilities(name):
 def has(config, capability):
     """Whether `config.model` (in this configuration) has `capability`, a field of Capabilities; False for a name
     nobody registered (research.config's check of --model says so)."""
-    value = getattr(_CAPABILITIES[config.model], capability) if config.model in _CAPABILITIES else False
+    value = getattr(_CAPABILITIES[config.model], capability) if config.model in _CAPABILITIES else None
+    if capability == "pretrained":  # A hook, not a function of the configuration.
+        return value is not None
     return bool(value(config) if callable(value) else value)
 
 
