@@ -11,7 +11,6 @@ follows the image size: resampled to the model's grid of patches by the model's 
 """
 
 import math
-import re
 
 import numpy as np
 import tensorflow as tf
@@ -46,7 +45,6 @@ declare(CHECKPOINT, flags.DEFINE_string(
     "continues from its own checkpoint."))
 
 INIT_FLAGS = ("init_checkpoint", "init_from_average", "init_skip")  # What a fresh run starts from; unused on a resume.
-NAMED_WEIGHTS = re.compile(r"[A-Za-z0-9_-]+")  # --pretrained=WORD names weights; anything else is a path.
 
 
 @config_lib.checks
@@ -76,7 +74,7 @@ def load_pretrained(model, config):
     """--pretrained into `model` (built for the run, not yet trained) by its family's hook (the contract:
     research/models/_registry.py). Returns (the line saying what was loaded, what provenance.jsonl records)."""
     load, source = models.capabilities(config.model).pretrained, config.pretrained
-    if NAMED_WEIGHTS.fullmatch(source):
+    if models.NAMED_WEIGHTS.fullmatch(source):
         note = load(model, source, config)
         return note, {"source": source, "loaded": note}
     fs.check_filesystem(source, "--pretrained")

@@ -215,7 +215,8 @@ def test_pretrained_mistakes_are_one_line_each(tmp_path):
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.variables))
     for flags, message in [
             (dict(model="resnet18", pretrained="imagenet"),
-             r"--pretrained needs a model that reads pretrained weights \(keras/\*\); --model=resnet18 reads none"),
+             r"--pretrained needs a model that reads pretrained weights "
+             r"\(keras/\*, vit_b16, vit_l16, vit_s16, vit_ti16\); --model=resnet18 reads none"),
             (dict(model="keras/ResNet50", pretrained="imagenet", init_checkpoint=str(tmp_path)),
              "--pretrained and --init_checkpoint both say where the weights start"),
             (dict(model="keras/ResNet50", normalize="imagenet"),

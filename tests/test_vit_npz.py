@@ -220,3 +220,25 @@ def test_init_checkpoint_from_a_vit_run_at_another_image_size(shallow_models, mo
     for i, value in enumerate(held[:position + 2]):  # The class token and the patch embedding are read as they are.
         if i != position:
             np.testing.assert_array_equal(probe[i], value)
+
+
+def test_pretrained_npz_starts_a_vit_run_through_the_families_hook(shallow_models, mock_tfds, capsys, tmp_path):
+    """--pretrained=FILE.npz on vit_ti16 (the registry's hook, research/models/vit.py): the run's first checkpoint
+    holds the file's patch embedding (after the pipeline's [0, 1] pixels are folded in) and a zero head for
+    CIFAR-10's classes, at learning rate ~0; a word is refused in one line."""
+    path = save(vit_file(0, (2, 2), classes=1000), str(tmp_path / "augreg.npz"))
+    model, config = built(classes=10)
+    _vit_npz.load(model, path, config)
+    run = make_config(tmp_path / "run", model="vit_ti16", dataset="cifar10", pretrained=path, train_steps=1,
+                      learning_rate=1e-12, eval_every=1, checkpoint_every=1)
+    trainer.train_and_evaluate(run)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Initialised weights"))
+    assert "augreg.npz (a ViT in AugReg names)" in line and "made fresh (zeros): the head" in line
+    trained = latest_values(run.model_dir)
+    assert len(trained) == len(model.variables)
+    for value, variable in zip(trained, model.variables):
+        np.testing.assert_allclose(value, variable.numpy(), atol=1e-6, err_msg=variable.path)
+    assert not np.any(model.classifier.kernel.numpy())  # 1000 classes in the file, 10 here: fresh, at zero.
+    with pytest.raises(UserError, match="--pretrained=imagenet: vit_\\* models know no named weights"):
+        trainer.train_and_evaluate(make_config(tmp_path / "word", model="vit_ti16", dataset="cifar10",
+                                               pretrained="imagenet", train_steps=1))

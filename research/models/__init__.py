@@ -39,7 +39,7 @@ if sys.argv[:1] == ["-m"]:  # Imported on the way to `python -m research.models`
 import tensorflow as tf  # noqa: E402
 
 from research.models._registry import (  # noqa: E402, F401 - the package's API.
-    capabilities, create, describe, families, has, having, names, register)
+    NAMED_WEIGHTS, capabilities, create, describe, families, has, having, names, register)
 from research.models import _shared  # noqa: E402
 
 

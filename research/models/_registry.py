@@ -26,6 +26,7 @@ research/transfer.py calls it at a fresh start only, never on a resume (which co
 """
 
 import dataclasses
+import re
 
 from research import UserError, config as config_lib
 
@@ -48,6 +49,8 @@ class Capabilities:
                  if getattr(self, name)]
         return " ".join(words + [f"channels={','.join(map(str, self.channels)) if self.channels else 'any'}"])
 
+
+NAMED_WEIGHTS = re.compile(r"[A-Za-z0-9_-]+")  # --pretrained=WORD names weights a family knows; else a path.
 
 _BUILDERS = {}  # Model name -> builder(config, dataset).
 _CAPABILITIES = {}  # Model name -> Capabilities.

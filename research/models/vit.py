@@ -29,7 +29,8 @@ from absl import flags
 
 from research import UserError
 from research.config import CHECKPOINT, declare
-from research.models._registry import register
+from research.models import _vit_npz
+from research.models._registry import NAMED_WEIGHTS, register
 from research.models._shared import drop_rates
 
 layers = tf.keras.layers
@@ -208,7 +209,15 @@ def _register_vit(size):
                    stochastic_depth=config.stochastic_depth, name=f"vit_{size}16")
     build.__doc__ = ("ViT-{0}/16: {2} blocks of width {1}, {3} heads; --vit_pooling, --stochastic_depth."
                      .format(size.capitalize(), *SIZES[size]))
-    register(f"vit_{size}16", stochastic_depth=True, blocks=True)(build)
+    register(f"vit_{size}16", stochastic_depth=True, blocks=True, pretrained=_load_pretrained)(build)
+
+
+def _load_pretrained(model, source, config):
+    """--pretrained for vit_*: a big_vision / AugReg .npz file (research/models/_vit_npz.py); no named weights."""
+    if NAMED_WEIGHTS.fullmatch(source):
+        raise UserError(f"--pretrained={source}: vit_* models know no named weights; give a big_vision or AugReg "
+                        ".npz file, --pretrained=PATH.npz")
+    return _vit_npz.load(model, source, config)
 
 
 for _size in SIZES:
