@@ -144,6 +144,7 @@ def test_a_linear_probe_leaves_every_other_variable_bit_identical(mock_tfds, pre
     np.testing.assert_array_equal(model.variables[0].numpy(), held[0])
 
 
+@pytest.mark.slow
 def test_a_probed_vit_trains_its_head_alone():
     """ViT's own weights (class token, position embeddings) freeze with its layers."""
     config = make_config("unused", trainable="head", **VIT)

@@ -253,6 +253,7 @@ def test_resuming_another_model_without_flags_txt_names_the_misfit(finished):
     assert checkpoint_lib.candidates(finished.model_dir)[0].endswith("ckpt-12")  # Untouched.
 
 
+@pytest.mark.slow
 def test_after_a_nonfinite_restore_the_learning_rate_is_the_steps(mock_tfds, tmp_path, monkeypatch):
     """--on_nonfinite=restore rolls the optimizer back to the checkpoint, step count included: the schedule (a
     function of the optimizer's iterations) must still give each later step its own rate."""

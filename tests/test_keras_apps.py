@@ -131,6 +131,7 @@ def test_a_weights_file_gives_the_applications_own_features_in_colour_and_graysc
                           "loaded": line}
 
 
+@pytest.mark.slow
 def test_imagenet_offline_names_the_file_to_fetch_then_keras_reads_it_from_its_cache(tmp_path, monkeypatch):
     """keras/MobileNetV2 on 1000 classes takes Keras' ImageNet file with its top. Offline (a proxy that refuses),
     one line names the URL and the place in Keras' cache, at once; a file put there (Keras' own .h5 format; Keras

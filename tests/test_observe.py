@@ -160,6 +160,7 @@ def test_every_model_comes_back_whole_from_a_training_style_checkpoint(name, tmp
 
 
 # ---------------------------------------------------------------------------------------------- Evaluate
+@pytest.mark.slow
 def test_evaluate_reproduces_the_final_training_evaluation(run, mock_tfds, capsys):
     """The run keeps a moving average of its weights, which its evaluations used: so must this one."""
     report = evaluate.evaluate(run.dir)
