@@ -26,7 +26,7 @@ from keras.src.utils import file_utils
 from conftest import make_config
 from research import UserError, evaluate, export, models, optim, trainer, transfer
 from research.models import keras_apps
-from test_resume import _assert_same_weights
+from test_resume import stop_resume_and_compare
 
 SMALLEST = [architecture.names[0] for architecture in keras_apps.ARCHITECTURES]
 MINIMUM_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}  # Keras' own minimums; 32 for the rest.
@@ -359,8 +359,4 @@ def test_a_keras_application_run_resumes_exactly(mock_tfds, tmp_path):
     flags = dict(model="keras/EfficientNetB0", dataset="cifar10", pretrained=path, stochastic_depth="0.2",
                  dropout="0.2", layer_decay="0.8", ema_decay="0.9", grad_accum_steps=2, batch_size=8,
                  steps_per_loop=3, eval_every=6, checkpoint_every=3)
-    straight = trainer.train_and_evaluate(make_config(tmp_path / "straight", train_steps=6, **flags))
-    trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=3, **flags))
-    resumed = trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=6, **flags))
-    _assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
-    assert straight["eval"] == resumed["eval"]
+    stop_resume_and_compare(tmp_path, 3, 6, **flags)

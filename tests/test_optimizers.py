@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from conftest import make_config
 from research import UserError, config as config_lib, models, optim, trainer
-from test_resume import _assert_same_weights
+from test_resume import stop_resume_and_compare
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
@@ -68,8 +68,4 @@ def test_lion_and_lamb_with_layer_decay_resume_exactly(mock_tfds, tmp_path, name
     """Stopped at step 3 (mid-loop, mid-epoch) and resumed to 6: bit-identical weights and optimizer slots."""
     flags = dict(model="resnet_small", widths="4,8", optimizer=name, layer_decay=0.7, weight_decay=0.01,
                  steps_per_loop=2, checkpoint_every=3, eval_every=6)
-    straight = trainer.train_and_evaluate(make_config(tmp_path / "straight", train_steps=6, **flags))
-    trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=3, **flags))
-    resumed = trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=6, **flags))
-    _assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
-    assert straight["eval"] == resumed["eval"]
+    stop_resume_and_compare(tmp_path, 3, 6, **flags)

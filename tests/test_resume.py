@@ -59,6 +59,16 @@ def _assert_same_weights(a, b):
         np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
 
 
+def stop_resume_and_compare(tmp_path, stop, total, **flags):
+    """In this process: a run straight to step `total`, and the same run stopped at `stop` and resumed to `total`;
+    asserts both end with the same weights and optimizer state (bit for bit) and the same evaluation."""
+    straight = trainer.train_and_evaluate(make_config(tmp_path / "straight", train_steps=total, **flags))
+    trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=stop, **flags))
+    resumed = trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=total, **flags))
+    _assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+    assert straight["eval"] == resumed["eval"]
+
+
 def kill_resume_and_compare(tmp_path, *flags):
     """Trains a run straight through and the same run killed with SIGKILL after a random checkpoint and rerun;
     asserts both end with the same weights (bit for bit) and results. Returns the rerun's stdout."""
@@ -89,12 +99,8 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path):
 def test_interrupted_mirrored_run_equals_uninterrupted(mock_tfds, tmp_path):
     """Two replicas, dropout, augmentation and EMA: stop at step 10 (mid-epoch), resume to 24."""
     # (No --deterministic: it switches TF op determinism on for the whole test process, for good.)
-    flags = dict(strategy="mirrored", dropout=0.3, augment="translate,crop", ema_decay=0.9, steps_per_loop=3)
-    straight = trainer.train_and_evaluate(make_config(tmp_path / "straight", train_steps=24, **flags))
-    trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=10, **flags))
-    resumed = trainer.train_and_evaluate(make_config(tmp_path / "resumed", train_steps=24, **flags))
-    _assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
-    assert straight["eval"] == resumed["eval"]
+    stop_resume_and_compare(tmp_path, 10, 24, strategy="mirrored", dropout=0.3, augment="translate,crop",
+                            ema_decay=0.9, steps_per_loop=3)
 
 
 @pytest.mark.slow
