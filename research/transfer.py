@@ -40,7 +40,8 @@ declare(CHECKPOINT, flags.DEFINE_string(
     "Start a new run from published weights, which the model's family reads (research/models/_registry.py): a word "
     "names weights the family knows (keras/*: imagenet, Keras' ImageNet weights, fetched into ~/.keras/models/ on a "
     "machine with internet), anything else is the path of a weights file, local or on any TensorFlow filesystem "
-    "(keras/*: one that keras.applications.<Name>(weights=PATH) loads). The head starts fresh unless the weights have "
+    "(keras/*: one that keras.applications.<Name>(weights=PATH) loads; vit_*: a big_vision or AugReg .npz file). "
+    "The head starts fresh unless the weights have "
     "one for the run's classes; provenance.jsonl records the file's SHA-256. Read at a fresh start only: a resume "
     "continues from its own checkpoint."))
 
